@@ -1,0 +1,74 @@
+"""Benchmarks of fm_engine (installed as ``fm_engine.benchmarks``; ``python -m benchmarks`` in the repo).
+
+One case module per op family (``benchmarks/<op>.py`` defining ``cases(device, quick)``), model
+training-step cases in ``benchmarks/models.py``, the runner in ``benchmarks/harness.py`` and the GPU
+suite in ``benchmarks/gpu_suite.sh``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from . import harness
+
+_NOT_CASE_MODULES = {"harness", "models", "__main__"}
+
+
+def op_modules() -> dict[str, object]:
+    """Case modules by op name."""
+    mods = {}
+    for m in pkgutil.iter_modules(__path__):
+        if m.name.startswith("_") or m.name in _NOT_CASE_MODULES:
+            continue
+        mods[m.name] = importlib.import_module(f"{__name__}.{m.name}")
+    return mods
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--op", action="append", help="op family to benchmark (repeatable); default: all")
+    p.add_argument("--model", action="append", help="registered model whose training step to benchmark (repeatable)")
+    p.add_argument("--backend", action="append", help="only these backend labels (the reference always runs)")
+    p.add_argument("--out", type=Path, default=None, help="output folder for results.json / .md / .png")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="tiny cases (default on CPU): a smoke test, no speed claims")
+    size.add_argument("--full", action="store_true", help="real sizes (default on a GPU)")
+    p.add_argument("--list", action="store_true", help="list op families and exit")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="fm-engine bench", description="Benchmark fm_engine ops and model training steps.")
+    add_arguments(p)
+    return run_args(p.parse_args(argv))
+
+
+def run_args(a: argparse.Namespace) -> int:
+    mods = op_modules()
+    if a.list:
+        print("ops:", ", ".join(sorted(mods)))
+        return 0
+    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    quick = a.quick or (not a.full and device.type != "cuda")
+    cases: list[harness.Case] = []
+    ops = a.op if a.op else ([] if a.model else sorted(mods))
+    for name in ops:
+        if name not in mods:
+            raise SystemExit(f"--op: unknown op family {name!r}; known: {', '.join(sorted(mods))}")
+        cases += mods[name].cases(device, quick)  # type: ignore[attr-defined]
+    if a.model:
+        from . import models
+
+        for name in a.model:
+            cases += models.cases(name, device, quick)
+    if quick:
+        print("quick run (smoke test): timings below are not speed claims")
+    harness.run(cases, device, quick, out_dir=a.out, labels=a.backend)
+    if a.out:
+        print(f"wrote {a.out}/results.json, results.md")
+    return 0

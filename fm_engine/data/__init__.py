@@ -1,0 +1,1 @@
+"""DICOM reading, synthetic DICOM generation and datasets (pydicom is imported lazily)."""

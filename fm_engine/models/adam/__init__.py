@@ -1,0 +1,1 @@
+"""adam models (registered in fm_engine.models.registry on import)."""

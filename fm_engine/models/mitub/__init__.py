@@ -1,0 +1,1 @@
+"""mitub models (registered in fm_engine.models.registry on import)."""

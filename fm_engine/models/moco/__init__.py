@@ -1,0 +1,1 @@
+"""moco models (registered in fm_engine.models.registry on import)."""

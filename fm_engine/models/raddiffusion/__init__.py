@@ -1,0 +1,1 @@
+"""raddiffusion models (registered in fm_engine.models.registry on import)."""

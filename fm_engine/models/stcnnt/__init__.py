@@ -1,0 +1,1 @@
+"""stcnnt models (registered in fm_engine.models.registry on import)."""

@@ -1,0 +1,10 @@
+"""nn.Module wrappers over fm_engine.ops; state_dict names match the reference models.
+
+Each module takes ``backend=None`` (automatic) or a backend name, passed to its ops.
+"""
+
+from fm_engine.nn.attention import Attention
+from fm_engine.nn.mlp import ReLU2, ReLU2MLP
+from fm_engine.nn.stems import AdaptiveStem2d, PatchEmbed2d
+
+__all__ = ["AdaptiveStem2d", "Attention", "PatchEmbed2d", "ReLU2", "ReLU2MLP"]

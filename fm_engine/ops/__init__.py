@@ -1,0 +1,30 @@
+"""Functional API: one module per op family (reference, validation, backends, dispatch).
+
+Every function takes ``backend=None | "reference" | "triton" | "cuda"``; see
+:mod:`fm_engine.ops._dispatch` for how the backend is chosen and :func:`explain` for why.
+"""
+
+from fm_engine.ops._dispatch import (
+    BACKENDS,
+    BackendUnsupportedError,
+    explain,
+    get_op,
+    registered_ops,
+    use_backend,
+)
+from fm_engine.ops.cross_attention import cross_attention
+from fm_engine.ops.patch_embed import patch_embed
+from fm_engine.ops.relu2 import relu2, relu2_mlp
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnsupportedError",
+    "cross_attention",
+    "explain",
+    "get_op",
+    "patch_embed",
+    "registered_ops",
+    "relu2",
+    "relu2_mlp",
+    "use_backend",
+]

@@ -1,0 +1,185 @@
+"""Test support: the parity rule of KERNELS.md and the Triton interpreter patch.
+
+Parity rule (KERNELS.md, "Numerics and the parity rule"): compare the fast backend and the
+reference computed in the same low precision against a reference computed in fp64 on upcast
+inputs. For fp16 / bf16 the fast backend's max abs error must be at most
+
+    2 * (max abs error of the same-dtype reference) + floor,    floor = eps(dtype) * max|ref64|
+
+(one unit of the dtype's rounding at the output's scale). For fp32 the normwise relative error
+max|fast - ref64| / max|ref64| must be at most 1e-5. The same rule applies to every gradient.
+Non-finite values where the fp64 reference is finite always fail.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+FP32_RTOL = 1e-5
+
+
+def _eps(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps
+
+
+def parity_error(
+    fast: torch.Tensor, ref_lowp: torch.Tensor, ref_hi: torch.Tensor, dtype: torch.dtype
+) -> tuple[float, float, bool]:
+    """(error, bound, ok) of ``fast`` under the parity rule for ``dtype``."""
+    hi = ref_hi.double()
+    f = fast.double()
+    if f.shape != hi.shape:
+        raise AssertionError(f"shape {tuple(f.shape)} != reference shape {tuple(hi.shape)}")
+    finite_ref = torch.isfinite(hi)
+    if bool((finite_ref & ~torch.isfinite(f)).any()):
+        return float("inf"), 0.0, False
+    scale = float(hi[finite_ref].abs().max()) if bool(finite_ref.any()) else 0.0
+    err = float((f - hi)[finite_ref].abs().max()) if bool(finite_ref.any()) else 0.0
+    if dtype == torch.float64:
+        bound = 1e-12 * max(scale, 1e-300)
+    elif dtype == torch.float32:
+        bound = FP32_RTOL * scale
+    else:
+        ref_err = float((ref_lowp.double() - hi)[finite_ref].abs().max()) if bool(finite_ref.any()) else 0.0
+        bound = 2.0 * ref_err + _eps(dtype) * scale
+    # an all-zero reference must be matched exactly (bound 0 would otherwise reject rounding noise of 0)
+    return err, bound, err <= bound
+
+
+def assert_parity_tensor(
+    name: str, fast: torch.Tensor, ref_lowp: torch.Tensor, ref_hi: torch.Tensor, dtype: torch.dtype
+) -> None:
+    err, bound, ok = parity_error(fast, ref_lowp, ref_hi, dtype)
+    if not ok:
+        raise AssertionError(
+            f"{name}: max error {err:.3e} exceeds the parity bound {bound:.3e} ({dtype}); "
+            f"same-dtype reference error {float((ref_lowp.double() - ref_hi.double()).abs().max()):.3e}"
+        )
+
+
+def _as_tuple(x: Any) -> tuple[torch.Tensor, ...]:
+    if isinstance(x, torch.Tensor):
+        return (x,)
+    return tuple(t for t in x if isinstance(t, torch.Tensor))
+
+
+def assert_parity(
+    fast: Callable[..., Any],
+    reference: Callable[..., Any],
+    inputs: Sequence[Any],
+    *,
+    grad: Sequence[bool] | bool = True,
+    dtype: torch.dtype | None = None,
+    name: str = "op",
+    hi_dtype: torch.dtype = torch.float64,
+) -> None:
+    """Check outputs and all gradients of ``fast(*inputs)`` against ``reference`` under the rule.
+
+    ``inputs`` may mix tensors and other values; floating tensors are the differentiable inputs
+    (select with ``grad``). The reference runs twice: on the inputs as given (same low precision)
+    and on copies upcast to ``hi_dtype`` (fp64 by default). One random output gradient, drawn
+    once, is used for all three backward passes.
+    """
+    tensors = [i for i, x in enumerate(inputs) if isinstance(x, torch.Tensor) and x.is_floating_point()]
+    if isinstance(grad, bool):
+        grad_idx = tensors if grad else []
+    else:
+        grad_idx = [i for i, g in zip(tensors, grad, strict=True) if g]
+    dtype = dtype or inputs[tensors[0]].dtype
+
+    def prep(cast: torch.dtype | None) -> list[Any]:
+        out = []
+        for i, x in enumerate(inputs):
+            if isinstance(x, torch.Tensor):
+                x = x.detach()
+                if cast is not None and x.is_floating_point():
+                    x = x.to(cast)
+                x = x.clone().requires_grad_(i in grad_idx)
+            out.append(x)
+        return out
+
+    runs = []
+    for fn, cast in ((fast, None), (reference, None), (reference, hi_dtype)):
+        args = prep(cast)
+        outs = _as_tuple(fn(*args))
+        runs.append((args, outs))
+    n_out = len(runs[0][1])
+    if any(len(r[1]) != n_out for r in runs):
+        raise AssertionError(f"{name}: fast and reference return different numbers of tensors")
+    for k in range(n_out):
+        assert_parity_tensor(f"{name} output {k}", runs[0][1][k], runs[1][1][k], runs[2][1][k], dtype)
+    if not grad_idx:
+        return
+    diff_outs = [k for k in range(n_out) if runs[0][1][k].requires_grad]
+    if not diff_outs:
+        raise AssertionError(f"{name}: no output requires grad although gradients were requested")
+    gen = torch.Generator(device="cpu").manual_seed(1234)
+    cot = [torch.randn(runs[2][1][k].shape, generator=gen, dtype=torch.float64) for k in diff_outs]
+    grads = []
+    for args, outs in runs:
+        o = [outs[k] for k in diff_outs]
+        g = torch.autograd.grad(o, [args[i] for i in grad_idx], [c.to(t.dtype).to(t.device) for c, t in zip(cot, o)],
+                                allow_unused=True)
+        grads.append(g)
+    for j, i in enumerate(grad_idx):
+        gf, gl, gh = grads[0][j], grads[1][j], grads[2][j]
+        if gh is None:
+            if gf is not None and bool(gf.abs().max() > 0):
+                raise AssertionError(f"{name}: gradient of input {i} should be zero/None")
+            continue
+        if gf is None:
+            raise AssertionError(f"{name}: fast backend gave no gradient for input {i}")
+        assert_parity_tensor(f"{name} grad of input {i}", gf, gl, gh, dtype)
+
+
+# --- Triton interpreter -----------------------------------------------------------------------
+
+def patch_triton_interpreter() -> None:
+    """Work around the interpreter's bf16 ``tl.dot`` (it multiplies the raw uint16 bit patterns).
+
+    Test-only: upcasts bf16 operands to fp32 before the matmul, which is what the GPU's tensor cores
+    compute (bf16 products are exact in fp32). Idempotent.
+    """
+    try:
+        from triton.runtime import interpreter as _interp
+    except Exception:  # pragma: no cover - triton missing
+        return
+    builder = getattr(_interp, "InterpreterBuilder", None)
+    if builder is None or getattr(builder.create_dot, "_fm_engine_patched", False):
+        return
+    import numpy as np
+    import triton.language as tl
+
+    orig = builder.create_dot
+
+    def create_dot(self: Any, a: Any, b: Any, d: Any, input_precision: Any, max_num_imprecise_acc: Any) -> Any:
+        def up(h: Any) -> Any:
+            if getattr(h.dtype, "scalar", h.dtype) == tl.bfloat16:
+                data = (h.data.astype(np.uint32) << 16).view(np.float32)
+                return _interp.TensorHandle(data, tl.float32)
+            return h
+
+        return orig(self, up(a), up(b), d, input_precision, max_num_imprecise_acc)
+
+    create_dot._fm_engine_patched = True  # type: ignore[attr-defined]
+    builder.create_dot = create_dot
+
+
+def setup_interpreter_if_no_gpu() -> bool:
+    """Set TRITON_INTERPRET=1 when no CUDA GPU is present (call before importing kernels)."""
+    if "TRITON_INTERPRET" not in os.environ:
+        has_gpu = False
+        try:
+            has_gpu = torch.cuda.is_available()
+        except Exception:
+            has_gpu = False
+        if not has_gpu:
+            os.environ["TRITON_INTERPRET"] = "1"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        patch_triton_interpreter()
+        return True
+    return False

@@ -1,0 +1,113 @@
+"""Registry of Triton kernel launch configurations for the ahead-of-time compile gate.
+
+A kernel module calls :func:`register` once per kernel with the argument signatures it is launched
+with (one per dtype combination) and its configs (constexpr values plus ``num_warps`` /
+``num_stages``). The gate compiles the cross product for sm_80 and sm_90 with
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", cap, 32))`` and checks the shared memory
+each compiled kernel needs against the device limit. New kernels join the gate by registering
+here; the test never needs editing.
+
+Also here: :func:`runtime_configs`, the config list that ``@triton.autotune`` should use: every
+config on a GPU, only the interpreter config under ``TRITON_INTERPRET=1`` (the interpreter has no
+timer worth autotuning with, and small tiles make edge cases cheap to reach in tests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import pkgutil
+from typing import Any
+
+import triton
+
+# Max dynamic shared memory per block (bytes): A100 (sm_80) 163 KB, H100 (sm_90) 227 KB.
+SMEM_LIMIT = {80: 166912, 90: 232448}
+ARCHS = (80, 90)
+
+
+@dataclasses.dataclass(frozen=True)
+class AOTCase:
+    name: str
+    fn: Any  # triton.JITFunction
+    signature: dict[str, str]
+    constexprs: dict[str, Any]
+    num_warps: int
+    num_stages: int
+
+    @property
+    def id(self) -> str:
+        cx = ",".join(f"{k}={v}" for k, v in sorted(self.constexprs.items()))
+        types = ",".join(v for v in self.signature.values() if v != "constexpr")
+        return f"{self.name}[{types}][{cx},w{self.num_warps},s{self.num_stages}]"
+
+
+_CASES: list[AOTCase] = []
+
+
+def _unwrap(kernel: Any) -> Any:
+    while not isinstance(kernel, triton.runtime.JITFunction):
+        kernel = kernel.fn  # Autotuner / Heuristics wrap the JITFunction
+    return kernel
+
+
+def register(
+    kernel: Any,
+    *,
+    signatures: list[dict[str, str]],
+    configs: list[dict[str, Any]],
+    name: str | None = None,
+) -> None:
+    """Register every (signature x config) combination of ``kernel`` for the compile gate.
+
+    ``signatures``: maps of non-constexpr argument name -> Triton type ("*bf16", "i32", "fp32", ...).
+    ``configs``: maps holding every constexpr argument plus optional "num_warps" / "num_stages".
+    """
+    fn = _unwrap(kernel)
+    for sig in signatures:
+        for cfg in configs:
+            cfg = dict(cfg)
+            nw = int(cfg.pop("num_warps", 4))
+            ns = int(cfg.pop("num_stages", 2))
+            full_sig = {}
+            for arg in fn.arg_names:
+                if arg in cfg:
+                    full_sig[arg] = "constexpr"
+                elif arg in sig:
+                    full_sig[arg] = sig[arg]
+                else:
+                    raise ValueError(f"compile gate: {fn.__name__} argument {arg!r} has no type or constexpr value")
+            _CASES.append(AOTCase(name or fn.__name__, fn, full_sig, cfg, nw, ns))
+
+
+def config_dicts(configs: list[triton.Config]) -> list[dict[str, Any]]:
+    """triton.Config objects -> dicts for :func:`register`."""
+    return [{**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages} for c in configs]
+
+
+def runtime_configs(gpu_configs: list[triton.Config], interpreter_config: triton.Config) -> list[triton.Config]:
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return [interpreter_config]
+    return gpu_configs
+
+
+def all_cases() -> list[AOTCase]:
+    """Import every kernel module (so each registers itself) and return all cases."""
+    pkg = importlib.import_module("fm_engine.kernels")
+    for mod in pkgutil.iter_modules(pkg.__path__):
+        if not mod.name.startswith("_"):
+            importlib.import_module(f"fm_engine.kernels.{mod.name}")
+    return list(_CASES)
+
+
+def compile_case(case: AOTCase, arch: int) -> Any:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    src = ASTSource(fn=case.fn, signature=case.signature, constexprs=case.constexprs)
+    return triton.compile(
+        src,
+        target=GPUTarget("cuda", arch, 32),
+        options={"num_warps": case.num_warps, "num_stages": case.num_stages},
+    )

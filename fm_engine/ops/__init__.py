@@ -10,6 +10,7 @@ from fm_engine.ops._dispatch import (
     explain,
     get_op,
     registered_ops,
+    trace,
     use_backend,
 )
 from fm_engine.ops.cross_attention import cross_attention
@@ -26,5 +27,6 @@ __all__ = [
     "registered_ops",
     "relu2",
     "relu2_mlp",
+    "trace",
     "use_backend",
 ]

@@ -37,6 +37,8 @@ _context_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 
 _OPS: dict[str, Op] = {}
 
+_trace: contextvars.ContextVar[list[tuple[str, str]] | None] = contextvars.ContextVar("fm_engine_trace", default=None)
+
 
 class BackendUnsupportedError(ValueError):
     """An explicitly requested backend cannot run the given inputs (the message says why)."""
@@ -57,6 +59,18 @@ def use_backend(name: str) -> Iterator[None]:
         yield
     finally:
         _context_backend.reset(token)
+
+
+@contextlib.contextmanager
+def trace() -> Iterator[list[tuple[str, str]]]:
+    """Record ``(op name, backend)`` for every op call inside the block (tests use this to prove
+    that a "fast" run really ran the fast kernels)."""
+    calls: list[tuple[str, str]] = []
+    token = _trace.set(calls)
+    try:
+        yield calls
+    finally:
+        _trace.reset(token)
 
 
 def interpreting() -> bool:
@@ -183,6 +197,9 @@ class Op:
     def __call__(self, *args: Any, backend: str | None = None, **kwargs: Any) -> Any:
         self.validate(*args, **kwargs)
         name = self.choose(args, kwargs, backend)
+        calls = _trace.get()
+        if calls is not None:
+            calls.append((self.name, name))
         return self.backends[name].fn(*args, **kwargs)
 
     def explain(self, *args: Any, backend: str | None = None, **kwargs: Any) -> Explanation:

@@ -30,8 +30,9 @@ def parity_error(
     fast: torch.Tensor, ref_lowp: torch.Tensor, ref_hi: torch.Tensor, dtype: torch.dtype
 ) -> tuple[float, float, bool]:
     """(error, bound, ok) of ``fast`` under the parity rule for ``dtype``."""
-    hi = ref_hi.double()
-    f = fast.double()
+    hi = ref_hi.detach().double()
+    f = fast.detach().double()
+    ref_lowp = ref_lowp.detach()
     if f.shape != hi.shape:
         raise AssertionError(f"shape {tuple(f.shape)} != reference shape {tuple(hi.shape)}")
     finite_ref = torch.isfinite(hi)
@@ -139,10 +140,11 @@ def assert_parity(
 # --- Triton interpreter -----------------------------------------------------------------------
 
 def patch_triton_interpreter() -> None:
-    """Work around the interpreter's bf16 ``tl.dot`` (it multiplies the raw uint16 bit patterns).
+    """Make Triton's interpreter compute bf16 the way the GPU does (test-only; idempotent).
 
-    Test-only: upcasts bf16 operands to fp32 before the matmul, which is what the GPU's tensor cores
-    compute (bf16 products are exact in fp32). Idempotent.
+    * ``tl.dot`` on bf16 operands multiplied the raw uint16 bit patterns: upcast them to fp32 first
+      (bf16 products are exact in fp32, as on tensor cores);
+    * ``.to(tl.bfloat16)`` from fp32 truncated the mantissa: round to nearest even, as the GPU does.
     """
     try:
         from triton.runtime import interpreter as _interp
@@ -154,19 +156,31 @@ def patch_triton_interpreter() -> None:
     import numpy as np
     import triton.language as tl
 
-    orig = builder.create_dot
+    def bf16_to_f32(h: Any) -> Any:
+        if getattr(h.dtype, "scalar", h.dtype) == tl.bfloat16:
+            return _interp.TensorHandle((h.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+        return h
+
+    orig_dot = builder.create_dot
 
     def create_dot(self: Any, a: Any, b: Any, d: Any, input_precision: Any, max_num_imprecise_acc: Any) -> Any:
-        def up(h: Any) -> Any:
-            if getattr(h.dtype, "scalar", h.dtype) == tl.bfloat16:
-                data = (h.data.astype(np.uint32) << 16).view(np.float32)
-                return _interp.TensorHandle(data, tl.float32)
-            return h
+        return orig_dot(self, bf16_to_f32(a), bf16_to_f32(b), d, input_precision, max_num_imprecise_acc)
 
-        return orig(self, up(a), up(b), d, input_precision, max_num_imprecise_acc)
+    orig_cast = builder.cast_impl
+
+    def cast_impl(self: Any, src: Any, dst_type: Any) -> Any:
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            bits = np.ascontiguousarray(src.data, dtype=np.float32).view(np.uint32)
+            rounded = ((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+            nan = np.isnan(src.data)
+            out = np.where(nan, (bits >> np.uint32(16)) | np.uint32(0x40), rounded).astype(np.uint16)
+            return _interp.TensorHandle(out, dst_type.scalar)
+        return orig_cast(self, src, dst_type)
 
     create_dot._fm_engine_patched = True  # type: ignore[attr-defined]
     builder.create_dot = create_dot
+    builder.cast_impl = cast_impl
+    # the create_fp_trunc / create_fp_to_fp lambdas look cast_impl up on self, so they see the patch
 
 
 def setup_interpreter_if_no_gpu() -> bool:

@@ -39,7 +39,7 @@ class AOTCase:
     @property
     def id(self) -> str:
         cx = ",".join(f"{k}={v}" for k, v in sorted(self.constexprs.items()))
-        types = ",".join(v for v in self.signature.values() if v != "constexpr")
+        types = ",".join(v for v in self.signature.values() if v.startswith("*"))
         return f"{self.name}[{types}][{cx},w{self.num_warps},s{self.num_stages}]"
 
 
@@ -63,7 +63,11 @@ def register(
 
     ``signatures``: maps of non-constexpr argument name -> Triton type ("*bf16", "i32", "fp32", ...).
     ``configs``: maps holding every constexpr argument plus optional "num_warps" / "num_stages".
+    Under the interpreter, kernels are not JITFunctions and nothing is recorded: the gate compiles in a
+    process of its own without ``TRITON_INTERPRET``.
     """
+    if interpreting():
+        return
     fn = _unwrap(kernel)
     for sig in signatures:
         for cfg in configs:
@@ -86,8 +90,12 @@ def config_dicts(configs: list[triton.Config]) -> list[dict[str, Any]]:
     return [{**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages} for c in configs]
 
 
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def runtime_configs(gpu_configs: list[triton.Config], interpreter_config: triton.Config) -> list[triton.Config]:
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if interpreting():
         return [interpreter_config]
     return gpu_configs
 
@@ -111,3 +119,62 @@ def compile_case(case: AOTCase, arch: int) -> Any:
         target=GPUTarget("cuda", arch, 32),
         options={"num_warps": case.num_warps, "num_stages": case.num_stages},
     )
+
+
+def unregistered_kernels() -> list[str]:
+    """Launchable JIT kernels of the kernel modules that registered no compile-gate case.
+
+    A kernel is launchable when one of its arguments is a pointer named ``*_ptr`` (the project's
+    convention); ``@triton.jit`` helpers called from kernels take values. A helper that does take
+    pointers is listed in its module's ``AOT_HELPERS`` set of names.
+    """
+    all_cases()
+    seen = {id(c.fn) for c in _CASES}
+    missing = []
+    pkg = importlib.import_module("fm_engine.kernels")
+    for mod in pkgutil.iter_modules(pkg.__path__):
+        if mod.name.startswith("_"):
+            continue
+        m = importlib.import_module(f"fm_engine.kernels.{mod.name}")
+        helpers = getattr(m, "AOT_HELPERS", set())
+        for attr, obj in vars(m).items():
+            if attr in helpers or not isinstance(obj, (triton.runtime.JITFunction, triton.runtime.Autotuner)):
+                continue
+            fn = _unwrap(obj)
+            if fn.__module__ != m.__name__ or not any(a.endswith("_ptr") for a in fn.arg_names):
+                continue
+            if id(fn) not in seen:
+                missing.append(f"{m.__name__}.{attr}")
+    return missing
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Compile shard ``i`` of ``n`` of every registered case for one architecture (used by the gate test)."""
+    import argparse
+
+    p = argparse.ArgumentParser(description="ahead-of-time compile gate for fm_engine's Triton kernels")
+    p.add_argument("--arch", type=int, required=True, choices=ARCHS)
+    p.add_argument("--shard", type=int, default=0)
+    p.add_argument("--shards", type=int, default=1)
+    a = p.parse_args(argv)
+    if interpreting():
+        raise SystemExit("the compile gate must run without TRITON_INTERPRET=1")
+    cases = all_cases()[a.shard :: a.shards]
+    failures = []
+    for case in cases:
+        try:
+            k = compile_case(case, a.arch)
+            shared = int(k.metadata.shared)
+            if shared > SMEM_LIMIT[a.arch]:
+                failures.append(f"{case.id} sm_{a.arch}: needs {shared} B shared memory > limit {SMEM_LIMIT[a.arch]}")
+        except Exception as e:  # report every failing case, not just the first
+            msg = str(e).strip().splitlines()
+            failures.append(f"{case.id} sm_{a.arch}: {type(e).__name__}: {msg[-1] if msg else ''}")
+    print(f"compiled {len(cases) - len(failures)}/{len(cases)} cases for sm_{a.arch} (shard {a.shard}/{a.shards})")
+    for f in failures:
+        print("FAIL", f)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

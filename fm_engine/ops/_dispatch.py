@@ -20,7 +20,6 @@ only ever picks among backends that compute the same function.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import dataclasses
 import os
 from collections.abc import Callable, Iterator
@@ -31,13 +30,13 @@ import torch
 BACKENDS = ("reference", "triton", "cuda")
 _AUTO = "auto"
 
-_context_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "fm_engine_backend", default=None
-)
+# Plain module state rather than ContextVars: torch.compile (dynamo) traces reads of module globals
+# and guards on them, but cannot trace ContextVar.get. The stacks are per process, not per thread.
+_backend_stack: list[str] = []
 
 _OPS: dict[str, Op] = {}
 
-_trace: contextvars.ContextVar[list[tuple[str, str]] | None] = contextvars.ContextVar("fm_engine_trace", default=None)
+_trace_stack: list[list[tuple[str, str]]] = []
 
 
 class BackendUnsupportedError(ValueError):
@@ -54,11 +53,11 @@ def _check_backend_name(name: str, where: str) -> str:
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Run the ops inside the block with backend ``name`` ("reference", "triton", "cuda", "auto")."""
-    token = _context_backend.set(_check_backend_name(name, "use_backend(name)"))
+    _backend_stack.append(_check_backend_name(name, "use_backend(name)"))
     try:
         yield
     finally:
-        _context_backend.reset(token)
+        _backend_stack.pop()
 
 
 @contextlib.contextmanager
@@ -66,11 +65,11 @@ def trace() -> Iterator[list[tuple[str, str]]]:
     """Record ``(op name, backend)`` for every op call inside the block (tests use this to prove
     that a "fast" run really ran the fast kernels)."""
     calls: list[tuple[str, str]] = []
-    token = _trace.set(calls)
+    _trace_stack.append(calls)
     try:
         yield calls
     finally:
-        _trace.reset(token)
+        _trace_stack.pop()
 
 
 def interpreting() -> bool:
@@ -81,9 +80,8 @@ def interpreting() -> bool:
 def requested_backend(explicit: str | None = None) -> str:
     if explicit is not None:
         return _check_backend_name(explicit, "backend")
-    ctx = _context_backend.get()
-    if ctx is not None:
-        return ctx
+    if _backend_stack:
+        return _backend_stack[-1]
     env = os.environ.get("FM_ENGINE_BACKEND")
     if env:
         return _check_backend_name(env, "FM_ENGINE_BACKEND")
@@ -197,9 +195,8 @@ class Op:
     def __call__(self, *args: Any, backend: str | None = None, **kwargs: Any) -> Any:
         self.validate(*args, **kwargs)
         name = self.choose(args, kwargs, backend)
-        calls = _trace.get()
-        if calls is not None:
-            calls.append((self.name, name))
+        if _trace_stack:
+            _trace_stack[-1].append((self.name, name))
         return self.backends[name].fn(*args, **kwargs)
 
     def explain(self, *args: Any, backend: str | None = None, **kwargs: Any) -> Explanation:

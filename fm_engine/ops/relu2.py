@@ -82,3 +82,162 @@ def relu2_mlp(
 
 public(RELU2, relu2)
 public(RELU2_MLP, relu2_mlp)
+
+
+# --- fast backends: torch custom ops over kernels/relu2.py and csrc/relu2.cu -------------------------
+
+from fm_engine.ops import _cuda  # noqa: E402
+from fm_engine.ops._dispatch import cuda_ext_available, triton_available, triton_device_ok  # noqa: E402
+
+
+def _elementwise_supports(x: torch.Tensor) -> str | None:
+    if x.dtype not in _FAST_DTYPES:
+        return f"x: dtype {x.dtype} (fast backends take float32, float16, bfloat16)"
+    if not x.is_contiguous():
+        return "x: non-contiguous input (the fast kernels read a flat contiguous buffer)"
+    return None
+
+
+@torch.library.custom_op("fm_engine::relu2_triton", mutates_args=())
+def _relu2_triton(x: torch.Tensor) -> torch.Tensor:
+    from fm_engine.kernels import relu2 as K
+
+    return K.relu2_forward(x)
+
+
+@torch.library.custom_op("fm_engine::relu2_bwd_triton", mutates_args=())
+def _relu2_bwd_triton(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    from fm_engine.kernels import relu2 as K
+
+    return K.relu2_backward(x, dy.contiguous())
+
+
+@torch.library.custom_op("fm_engine::relu2_cuda", mutates_args=())
+def _relu2_cuda(x: torch.Tensor) -> torch.Tensor:
+    from fm_engine import _alloc
+
+    y = _alloc.empty_like(x)
+    _cuda.ext().relu2_forward(_cuda.ptr(x), _cuda.ptr(y), x.numel(), _cuda.DTYPE_CODES[x.dtype], _cuda.stream(x.device))
+    return y
+
+
+@torch.library.custom_op("fm_engine::relu2_bwd_cuda", mutates_args=())
+def _relu2_bwd_cuda(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    from fm_engine import _alloc
+
+    dy = dy.contiguous()
+    dx = _alloc.empty_like(x)
+    _cuda.ext().relu2_backward(
+        _cuda.ptr(x), _cuda.ptr(dy), _cuda.ptr(dx), x.numel(), _cuda.DTYPE_CODES[x.dtype], _cuda.stream(x.device)
+    )
+    return dx
+
+
+for _op in (_relu2_triton, _relu2_cuda):
+    _op.register_fake(lambda x: torch.empty_like(x))
+for _op in (_relu2_bwd_triton, _relu2_bwd_cuda):
+    _op.register_fake(lambda x, dy: torch.empty_like(x))
+
+
+def _save_x(ctx, inputs, output) -> None:  # noqa: ANN001
+    ctx.save_for_backward(inputs[0])
+
+
+_relu2_triton.register_autograd(
+    lambda ctx, dy: _relu2_bwd_triton(ctx.saved_tensors[0], dy), setup_context=_save_x
+)
+_relu2_cuda.register_autograd(lambda ctx, dy: _relu2_bwd_cuda(ctx.saved_tensors[0], dy), setup_context=_save_x)
+
+
+def _relu2_triton_supports(x: torch.Tensor) -> str | None:
+    return triton_device_ok(x) or _elementwise_supports(x)
+
+
+def _relu2_cuda_supports(x: torch.Tensor) -> str | None:
+    if x.device.type != "cuda":
+        return f"x: on {x.device} (the CUDA kernel needs a CUDA tensor)"
+    return _elementwise_supports(x)
+
+
+RELU2.register("triton", _relu2_triton, available=triton_available, supports=_relu2_triton_supports)
+RELU2.register("cuda", _relu2_cuda, available=cuda_ext_available, supports=_relu2_cuda_supports)
+
+
+# The MLP: the forward draws a dropout seed from torch's CPU generator (so torch.manual_seed makes it
+# reproducible) and returns it as a tensor, which backward reads to regenerate the same mask.
+_SEED_MAX = 2**31 - 1
+
+
+@torch.library.custom_op("fm_engine::relu2_mlp_fwd_triton", mutates_args=())
+def _mlp_fwd_triton(
+    x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, dropout_p: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from fm_engine.kernels import relu2 as K
+
+    seed = int(torch.randint(0, _SEED_MAX, (1,)).item()) if dropout_p > 0 else 0
+    y, r = K.mlp_forward(x, w1, w2, dropout_p, seed)
+    return y, r, torch.tensor([seed], dtype=torch.int64)
+
+
+@_mlp_fwd_triton.register_fake
+def _(x, w1, w2, dropout_p):  # noqa: ANN001, ANN202
+    return x.new_empty(x.shape[0], w2.shape[0]), x.new_empty(x.shape[0], w1.shape[0]), torch.empty(1, dtype=torch.int64)
+
+
+@torch.library.custom_op("fm_engine::relu2_mlp_bwd_triton", mutates_args=())
+def _mlp_bwd_triton(
+    dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, r: torch.Tensor, seed: torch.Tensor,
+    dropout_p: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from fm_engine.kernels import relu2 as K
+
+    return K.mlp_backward(dy, x, w1, w2, r, dropout_p, int(seed.item()))
+
+
+@_mlp_bwd_triton.register_fake
+def _(dy, x, w1, w2, r, seed, dropout_p):  # noqa: ANN001, ANN202
+    return torch.empty_like(x), torch.empty_like(w1), torch.empty_like(w2)
+
+
+def _mlp_setup(ctx, inputs, output) -> None:  # noqa: ANN001
+    x, w1, w2, p = inputs
+    _, r, seed = output
+    ctx.save_for_backward(x, w1, w2, r, seed)  # r: the one hidden-sized tensor kept
+    ctx.p = p
+
+
+def _mlp_backward(ctx, dy, _dr, _dseed):  # noqa: ANN001, ANN202
+    x, w1, w2, r, seed = ctx.saved_tensors
+    dx, dw1, dw2 = _mlp_bwd_triton(dy, x, w1, w2, r, seed, ctx.p)
+    return dx, dw1, dw2, None
+
+
+_mlp_fwd_triton.register_autograd(_mlp_backward, setup_context=_mlp_setup)
+
+
+def _relu2_mlp_triton(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
+    lead = x.shape[:-1]
+    y, _, _ = _mlp_fwd_triton(x.reshape(-1, x.shape[-1]), w1, w2, float(dropout_p))
+    return y.reshape(*lead, w2.shape[0])
+
+
+def relu2_mlp_triton_with_seed(
+    x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, dropout_p: float
+) -> tuple[torch.Tensor, int]:
+    """The Triton MLP on x [M, D] plus the dropout seed it drew (tests rebuild the mask from it)."""
+    y, _, seed = _mlp_fwd_triton(x, w1, w2, float(dropout_p))
+    return y, int(seed.item())
+
+
+def _relu2_mlp_triton_supports(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, dropout_p: float = 0.0) -> str | None:
+    reason = triton_device_ok(x, w1, w2)
+    if reason:
+        return reason
+    if x.dtype not in _FAST_DTYPES:
+        return f"x: dtype {x.dtype} (the Triton MLP takes float32, float16, bfloat16)"
+    if dropout_p > 0 and x.numel() // max(x.shape[-1], 1) * w1.shape[0] >= 2**31:
+        return "dropout with tokens x hidden >= 2^31 elements (the Philox offsets are 32-bit)"
+    return None
+
+
+RELU2_MLP.register("triton", _relu2_mlp_triton, available=triton_available, supports=_relu2_mlp_triton_supports)

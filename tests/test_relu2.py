@@ -1,0 +1,273 @@
+"""ReLU² family: relu2 (Triton, CUDA) and relu2_mlp (Triton) against the eager reference."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fm_engine
+from fm_engine import ops
+from fm_engine.ops.relu2 import relu2_mlp_reference, relu2_mlp_triton_with_seed
+from fm_engine.testing import assert_parity, assert_parity_tensor
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+TILE = 16  # interpreter tile of the MLP kernels (kernels/relu2.py: MM_TILE)
+EW_BLOCK = 256  # interpreter block of the element-wise kernels
+
+
+def triton_relu2(x: torch.Tensor) -> torch.Tensor:
+    return ops.relu2(x, backend="triton")
+
+
+def triton_mlp(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    return ops.relu2_mlp(x, w1, w2, backend="triton")
+
+
+def mlp_weights(d: int, h: int, dout: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
+    w1 = torch.randn(h, d, device=device) / d**0.5
+    w2 = torch.randn(dout, h, device=device) / h**0.5
+    return w1.to(dtype), w2.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, EW_BLOCK - 1, EW_BLOCK, EW_BLOCK + 1, 3 * EW_BLOCK + 17])
+def test_relu2_triton_parity(dtype: torch.dtype, n: int, device: torch.device) -> None:
+    x = torch.randn(n, device=device).to(dtype)
+    assert_parity(triton_relu2, lambda t: torch.relu(t) ** 2, [x], name=f"relu2 n={n}")
+
+
+def test_relu2_triton_shapes_and_nan(device: torch.device) -> None:
+    x = torch.randn(3, 5, 7, device=device)
+    x[0, 0, 0] = float("nan")
+    x[1, 1, 1] = float("inf")
+    x[2, 2, 2] = -float("inf")
+    y = triton_relu2(x)
+    assert y.shape == x.shape
+    torch.testing.assert_close(y, torch.relu(x) ** 2, equal_nan=True)
+    assert torch.isnan(y[0, 0, 0])
+
+
+def test_relu2_empty(device: torch.device) -> None:
+    x = torch.empty(0, 4, device=device)
+    assert triton_relu2(x).shape == (0, 4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "m,d,h,dout",
+    [
+        (1, 16, 16, 16),
+        (TILE - 1, TILE + 1, 3 * TILE, TILE - 1),
+        (TILE, TILE, TILE, TILE),
+        (TILE + 1, 2 * TILE + 3, 2 * TILE - 1, 2 * TILE + 1),
+        (3 * TILE + 5, 24, 72, 24),
+    ],
+)
+def test_relu2_mlp_triton_parity(dtype: torch.dtype, m: int, d: int, h: int, dout: int, device: torch.device) -> None:
+    x = torch.randn(m, d, device=device).to(dtype)
+    w1, w2 = mlp_weights(d, h, dout, dtype, device)
+    assert_parity(triton_mlp, relu2_mlp_reference, [x, w1, w2], name=f"relu2_mlp {m}x{d}->{h}->{dout}")
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 20), (20,), (1, 1, 20)])
+def test_relu2_mlp_leading_shapes(shape: tuple[int, ...], device: torch.device) -> None:
+    x = torch.randn(*shape, device=device)
+    w1, w2 = mlp_weights(20, 36, 20, torch.float32, device)
+    assert_parity(triton_mlp, relu2_mlp_reference, [x, w1, w2], name=f"relu2_mlp {shape}")
+    assert triton_mlp(x, w1, w2).shape == (*shape[:-1], 20)
+
+
+def test_relu2_mlp_noncontiguous(device: torch.device) -> None:
+    # the GEMMs read through strides: a transposed input and transposed weights need no copies
+    x = torch.randn(24, 33, device=device).t()  # [33, 24], not contiguous
+    w1 = torch.randn(40, 24, device=device).div(5).t().contiguous().t()
+    w2 = torch.randn(40, 24, device=device).div(6).t()  # [24, 40], not contiguous
+    assert not x.is_contiguous() and not w2.is_contiguous()
+    assert_parity(triton_mlp, relu2_mlp_reference, [x, w1, w2], name="relu2_mlp non-contiguous")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_relu2_mlp_dropout_matches_mask(dtype: torch.dtype, device: torch.device) -> None:
+    """The kernels' dropout equals the reference with the same keep mask, forward and backward."""
+    from fm_engine.kernels.relu2 import dropout_keep_mask
+
+    p = 0.3
+    m, d, h = 37, 24, 40
+    x = torch.randn(m, d, device=device).to(dtype)
+    w1, w2 = mlp_weights(d, h, d, dtype, device)
+    _, seed = relu2_mlp_triton_with_seed(x, w1, w2, p)
+    keep = dropout_keep_mask(seed, m, h, p, device)
+    frac = keep.float().mean().item()
+    assert 0.55 < frac < 0.85, f"keep fraction {frac} for p={p}"
+
+    def fast(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+        torch.manual_seed(1)  # same seed draw as below
+        return relu2_mlp_triton_with_seed(x, w1, w2, p)[0]
+
+    torch.manual_seed(1)
+    _, seed1 = relu2_mlp_triton_with_seed(x, w1, w2, p)
+    keep1 = dropout_keep_mask(seed1, m, h, p, device)
+
+    def masked_reference(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+        hid = torch.relu(x @ w1.t()) ** 2
+        return (hid * keep1.to(hid.dtype) / (1 - p)) @ w2.t()
+
+    assert_parity(fast, masked_reference, [x, w1, w2], name="relu2_mlp dropout")
+
+
+def test_relu2_mlp_dropout_reproducible(device: torch.device) -> None:
+    x = torch.randn(9, 16, device=device)
+    w1, w2 = mlp_weights(16, 32, 16, torch.float32, device)
+    torch.manual_seed(5)
+    a = ops.relu2_mlp(x, w1, w2, 0.5, backend="triton")
+    torch.manual_seed(5)
+    b = ops.relu2_mlp(x, w1, w2, 0.5, backend="triton")
+    c = ops.relu2_mlp(x, w1, w2, 0.5, backend="triton")
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def _saved_hidden_tensors(fn, x, w1, w2) -> int:  # noqa: ANN001
+    """How many tensors of hidden size autograd keeps for backward."""
+    m, h = x.numel() // x.shape[-1], w1.shape[0]
+    count = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal count
+        if t.numel() == m * h:
+            count += 1
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(x, w1, w2).sum()
+    return count
+
+
+def test_relu2_mlp_keeps_one_hidden_tensor(device: torch.device) -> None:
+    x = torch.randn(33, 16, device=device, requires_grad=True)
+    w1, w2 = (w.requires_grad_() for w in mlp_weights(16, 48, 16, torch.float32, device))
+    assert _saved_hidden_tensors(triton_mlp, x, w1, w2) == 1
+    assert _saved_hidden_tensors(lambda *a: relu2_mlp_reference(*a), x, w1, w2) >= 2
+
+
+def test_relu2_mlp_under_torch_compile(device: torch.device) -> None:
+    x = torch.randn(2, 9, 16, device=device, requires_grad=True)
+    w1, w2 = (w.requires_grad_() for w in mlp_weights(16, 32, 16, torch.float32, device))
+
+    def f(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+        return ops.relu2_mlp(x, w1, w2, backend="triton") + ops.relu2(x, backend="triton")
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    y = compiled(x, w1, w2)
+    y.square().sum().backward()
+    grads = [t.grad.clone() for t in (x, w1, w2)]
+    for t in (x, w1, w2):
+        t.grad = None
+    (relu2_mlp_reference(x, w1, w2) + torch.relu(x) ** 2).square().sum().backward()
+    for g, t in zip(grads, (x, w1, w2)):
+        torch.testing.assert_close(g, t.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_relu2_mlp_module_loads_eager_state_dict(device: torch.device) -> None:
+    class EagerMLP(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1 = nn.Linear(24, 64, bias=False)
+            self.fc2 = nn.Linear(64, 24, bias=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc2(torch.relu(self.fc1(x)) ** 2)
+
+    eager = EagerMLP().to(device)
+    mod = fm_engine.nn.ReLU2MLP(24, 64, dropout=0.1).to(device)
+    mod.load_state_dict(eager.state_dict(), strict=True)
+    mod.eval()  # dropout off in eval
+    x = torch.randn(3, 7, 24, device=device)
+    with ops.trace() as calls:
+        y = mod(x)
+    assert calls == [("relu2_mlp", "triton")]
+    ref = eager(x)
+    ref_hi = copy.deepcopy(eager).double()(x.double())
+    assert_parity_tensor("ReLU2MLP", y, ref, ref_hi, torch.float32)
+
+
+def test_relu2_module_and_backend_argument(device: torch.device) -> None:
+    x = torch.randn(4, 8, device=device)
+    with ops.trace() as calls:
+        fm_engine.nn.ReLU2(backend="reference")(x)
+        fm_engine.nn.ReLU2(backend="triton")(x)
+    assert calls == [("relu2", "reference"), ("relu2", "triton")]
+
+
+# --- bad inputs -------------------------------------------------------------------------------
+
+
+def test_bad_inputs_name_the_problem(device: torch.device) -> None:
+    x = torch.randn(4, 8, device=device)
+    w1, w2 = mlp_weights(8, 16, 8, torch.float32, device)
+    with pytest.raises(ValueError, match=r"x: dtype int64 is not supported"):
+        ops.relu2(torch.ones(3, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"w1: shape \(16, 8\) does not match x's last dim 9"):
+        ops.relu2_mlp(torch.randn(4, 9, device=device), w1, w2)
+    with pytest.raises(ValueError, match=r"w2: shape .* does not match hidden size 16"):
+        ops.relu2_mlp(x, w1, torch.randn(8, 15, device=device))
+    with pytest.raises(ValueError, match=r"w1: expected a 2-D tensor"):
+        ops.relu2_mlp(x, w1[None], w2)
+    with pytest.raises(ValueError, match=r"tensors must share one dtype"):
+        ops.relu2_mlp(x, w1.half(), w2)
+    with pytest.raises(ValueError, match=r"tensors must be on one device"):
+        ops.relu2_mlp(x, w1.to("meta"), w2)
+    with pytest.raises(ValueError, match=r"dropout_p: expected a probability in \[0, 1\), got 1.0"):
+        ops.relu2_mlp(x, w1, w2, 1.0)
+    with pytest.raises(ValueError, match=r"x: expected a torch.Tensor"):
+        ops.relu2([1.0, 2.0])
+
+
+def test_unsupported_backend_says_why(device: torch.device) -> None:
+    xt = torch.randn(8, 6, device=device).t()
+    with pytest.raises(ops.BackendUnsupportedError, match=r"triton.*non-contiguous"):
+        ops.relu2(xt, backend="triton")
+    # automatic dispatch takes the reference for it: same math, no error
+    torch.testing.assert_close(ops.relu2(xt), torch.relu(xt) ** 2)
+    with pytest.raises(ops.BackendUnsupportedError, match=r"triton.*float64"):
+        ops.relu2_mlp(torch.randn(2, 4, dtype=torch.float64), torch.randn(4, 4, dtype=torch.float64),
+                      torch.randn(4, 4, dtype=torch.float64), backend="triton")
+    if not torch.cuda.is_available():
+        with pytest.raises(ops.BackendUnsupportedError, match=r"cuda"):
+            ops.relu2(torch.randn(4), backend="cuda")
+
+
+# --- GPU (skipped without CUDA) ------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("offset", [0, 1])
+def test_relu2_cuda_parity(dtype: torch.dtype, offset: int) -> None:
+    # offset 1 misaligns the pointers: the CUDA kernel must take its scalar path
+    x = torch.randn(1 << 20 | 5, device="cuda").to(dtype)[offset:]
+    assert_parity(lambda t: ops.relu2(t, backend="cuda"), lambda t: torch.relu(t) ** 2, [x], name="relu2 cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_relu2_mlp_triton_parity_real_size(dtype: torch.dtype) -> None:
+    x = torch.randn(8 * 768, 512, device="cuda").to(dtype)
+    w1, w2 = mlp_weights(512, 2048, 512, dtype, torch.device("cuda"))
+    assert_parity(triton_mlp, relu2_mlp_reference, [x, w1, w2], name="relu2_mlp 6144x512->2048->512")
+
+
+@pytest.mark.gpu
+def test_relu2_mlp_triton_deterministic() -> None:
+    x = torch.randn(4096, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w1, w2 = (w.requires_grad_() for w in mlp_weights(512, 2048, 512, torch.bfloat16, torch.device("cuda")))
+    outs = []
+    for _ in range(2):
+        y = triton_mlp(x, w1, w2)
+        gx, g1, g2 = torch.autograd.grad(y.float().square().sum(), (x, w1, w2))
+        outs.append((y, gx, g1, g2))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)

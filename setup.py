@@ -44,9 +44,14 @@ class CMakeBuild(build_ext):
         build_dir.mkdir(parents=True, exist_ok=True)
         archs = os.environ.get("FM_ENGINE_CUDA_ARCHS", "80;90a")
         cfg = [
-            "cmake", str(ROOT), f"-DCMAKE_CUDA_COMPILER={nvcc}", f"-DPython_EXECUTABLE={sys.executable}",
-            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}", f"-DCMAKE_CUDA_ARCHITECTURES={archs}",
-            "-DCMAKE_BUILD_TYPE=Release", f"-DFM_ENGINE_OUTPUT_DIR={out.parent}",
+            "cmake",
+            str(ROOT),
+            f"-DCMAKE_CUDA_COMPILER={nvcc}",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+            f"-DCMAKE_CUDA_ARCHITECTURES={archs}",
+            "-DCMAKE_BUILD_TYPE=Release",
+            f"-DFM_ENGINE_OUTPUT_DIR={out.parent}",
             f"-DFM_ENGINE_OUTPUT_NAME={out.name}",
         ]
         if shutil.which("ninja"):

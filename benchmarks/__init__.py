@@ -49,6 +49,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run_args(a: argparse.Namespace) -> int:
+    from fm_engine.ops._dispatch import interpreting
+
+    if interpreting():  # Triton kernels in the CPU interpreter: make its bf16 arithmetic match the GPU's
+        from fm_engine.testing import patch_triton_interpreter
+
+        patch_triton_interpreter()
     mods = op_modules()
     if a.list:
         print("ops:", ", ".join(sorted(mods)))

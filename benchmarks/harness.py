@@ -80,6 +80,7 @@ def standard_labels(reference: Callable[..., Any], quick: bool) -> dict[str, Cal
 
 # --- timing -----------------------------------------------------------------------------------
 
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -109,22 +110,25 @@ def _outputs(x: Any) -> list[torch.Tensor]:
     return [t for t in x if isinstance(t, torch.Tensor)]
 
 
+def _matmul_tflops(device: torch.device, n: int = 8192) -> float:
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    return 2 * n**3 / _time(lambda: a @ b, device, 0, 0) / 1e9
+
+
+def _copy_gbs(device: torch.device, numel: int = 2**28) -> float:
+    src = torch.empty(numel, device=device, dtype=torch.float32)  # 1 GiB
+    dst = torch.empty_like(src)
+    return 2 * numel * 4 / _time(lambda: dst.copy_(src), device, 0, 0) / 1e6
+
+
 def measure_ceilings(device: torch.device, quick: bool) -> dict[str, float]:
     """Measured bf16 matmul TFLOP/s and device copy GB/s (reads + writes) on this device."""
     if device.type != "cuda" or quick:
         return {}
-    n = 8192
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    ms = _time(lambda: a @ b, device, 0, 0)
-    tflops = 2 * n**3 / ms / 1e9
-    src = torch.empty(2**28, device=device, dtype=torch.float32)  # 1 GiB
-    dst = torch.empty_like(src)
-    ms_copy = _time(lambda: dst.copy_(src), device, 0, 0)
-    gbs = 2 * src.numel() * 4 / ms_copy / 1e6
-    del a, b, src, dst
+    out = {"bf16_matmul_tflops": _matmul_tflops(device), "copy_gbs": _copy_gbs(device)}
     torch.cuda.empty_cache()
-    return {"bf16_matmul_tflops": tflops, "copy_gbs": gbs}
+    return out
 
 
 def run_case(case: Case, label: str, device: torch.device, quick: bool) -> dict[str, Any]:
@@ -198,9 +202,16 @@ def environment(device: torch.device) -> dict[str, Any]:
     except Exception:
         env["triton"] = None
     try:
-        env["git"] = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, check=False
-        ).stdout.strip() or None
+        env["git"] = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+                cwd=Path(__file__).parent,
+                check=False,
+            ).stdout.strip()
+            or None
+        )
     except OSError:
         env["git"] = None
     return env
@@ -227,7 +238,9 @@ def run(
             rows.append(row)
             log(_row_text(row))
         for label, why in case.notes.items():
-            rows.append({"op": case.op, "case": case.name, "backend": label, "kind": case.kind, "status": f"not run: {why}"})
+            rows.append(
+                {"op": case.op, "case": case.name, "backend": label, "kind": case.kind, "status": f"not run: {why}"}
+            )
             log(f"{case.op:<18} {case.name:<40} {label:<16} not run: {why}")
     _ratios(rows)
     result = {
@@ -284,10 +297,14 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["**Smoke run (quick cases): these numbers are not speed claims.**", ""]
     c = result["ceilings"]
     if c:
-        lines += [f"Measured ceilings: bf16 matmul {c['bf16_matmul_tflops']:.0f} TFLOP/s; "
-                  f"device copy {c['copy_gbs']:.0f} GB/s (reads + writes).", ""]
+        lines += [
+            f"Measured ceilings: bf16 matmul {c['bf16_matmul_tflops']:.0f} TFLOP/s; "
+            f"device copy {c['copy_gbs']:.0f} GB/s (reads + writes).",
+            "",
+        ]
     lines += [
-        "| op | case | backend | fwd ms | fwd+bwd ms | fwd TFLOP/s | fwd+bwd GB/s | % matmul peak (f+b) | % copy BW (f+b) "
+        "| op | case | backend | fwd ms | fwd+bwd ms | fwd TFLOP/s | fwd+bwd GB/s | % matmul peak (f+b) "
+        "| % copy BW (f+b) "
         "| peak MB | x reference (f+b) | status |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]

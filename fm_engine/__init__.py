@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 
 _C_error: str | None = None
 try:  # the CUDA extension is optional: built only where nvcc was found at install time
-    from fm_engine import _C  # type: ignore[attr-defined]  # noqa: F401
+    from fm_engine import _C  # type: ignore[attr-defined]
 except ImportError as _e:  # pragma: no cover - depends on the build
     _C = None
     _C_error = f"CUDA extension fm_engine._C not built ({_e})"

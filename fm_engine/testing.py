@@ -123,8 +123,9 @@ def assert_parity(
     grads = []
     for args, outs in runs:
         o = [outs[k] for k in diff_outs]
-        g = torch.autograd.grad(o, [args[i] for i in grad_idx], [c.to(t.dtype).to(t.device) for c, t in zip(cot, o)],
-                                allow_unused=True)
+        g = torch.autograd.grad(
+            o, [args[i] for i in grad_idx], [c.to(t.dtype).to(t.device) for c, t in zip(cot, o)], allow_unused=True
+        )
         grads.append(g)
     for j, i in enumerate(grad_idx):
         gf, gl, gh = grads[0][j], grads[1][j], grads[2][j]
@@ -138,6 +139,7 @@ def assert_parity(
 
 
 # --- Triton interpreter -----------------------------------------------------------------------
+
 
 def patch_triton_interpreter() -> None:
     """Make Triton's interpreter compute bf16 the way the GPU does (test-only; idempotent).
@@ -171,7 +173,7 @@ def patch_triton_interpreter() -> None:
     def cast_impl(self: Any, src: Any, dst_type: Any) -> Any:
         if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
             bits = np.ascontiguousarray(src.data, dtype=np.float32).view(np.uint32)
-            rounded = ((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+            rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
             nan = np.isnan(src.data)
             out = np.where(nan, (bits >> np.uint32(16)) | np.uint32(0x40), rounded).astype(np.uint16)
             return _interp.TensorHandle(out, dst_type.scalar)

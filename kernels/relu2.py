@@ -22,9 +22,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from fm_engine.kernels import _aot
 
 from fm_engine import _alloc
-from fm_engine.kernels import _aot
 
 # --- element-wise ------------------------------------------------------------------------------
 
@@ -107,12 +107,34 @@ def _keep(seed, row, col, hidden, p):
 )
 @triton.jit
 def _mm(
-    a_ptr, b_ptr, c_ptr, r_ptr,
-    M, N, K,
-    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_rm, stride_rn,
-    seed, p, scale, hidden,
-    A_RELU2: tl.constexpr, B_RELU2: tl.constexpr, EPI: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    r_ptr,
+    M,
+    N,
+    K,
+    stride_am,
+    stride_ak,
+    stride_bk,
+    stride_bn,
+    stride_cm,
+    stride_cn,
+    stride_rm,
+    stride_rn,
+    seed,
+    p,
+    scale,
+    hidden,
+    A_RELU2: tl.constexpr,
+    B_RELU2: tl.constexpr,
+    EPI: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    IEEE: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     # grouped tile order: GROUP_M row-tiles share each column of B while it is in L2
     pid = tl.program_id(0)
@@ -178,10 +200,22 @@ def _keep_mask_kernel(out_ptr, M, H, seed, p, BLOCK: tl.constexpr):
 
 
 def _mm_launch(
-    a: torch.Tensor, a_strides: tuple[int, int], b: torch.Tensor, b_strides: tuple[int, int],
-    M: int, N: int, K: int, out_dtype: torch.dtype, *, r: torch.Tensor | None = None,
-    a_relu2: bool = False, b_relu2: bool = False, epi: int = EPI_NONE,
-    seed: int = 0, p: float = 0.0, hidden: int = 1,
+    a: torch.Tensor,
+    a_strides: tuple[int, int],
+    b: torch.Tensor,
+    b_strides: tuple[int, int],
+    M: int,
+    N: int,
+    K: int,
+    out_dtype: torch.dtype,
+    *,
+    r: torch.Tensor | None = None,
+    a_relu2: bool = False,
+    b_relu2: bool = False,
+    epi: int = EPI_NONE,
+    seed: int = 0,
+    p: float = 0.0,
+    hidden: int = 1,
 ) -> torch.Tensor:
     c = _alloc.empty(M, N, dtype=out_dtype, device=a.device)
     if M == 0 or N == 0:
@@ -191,12 +225,32 @@ def _mm_launch(
     r_arg = r if r is not None else c
     r_strides = (r.stride(0), r.stride(1)) if r is not None else (0, 0)
     dropout = p > 0.0
-    grid = lambda meta: (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)
     _mm[grid](
-        a, b, c, r_arg, M, N, K,
-        a_strides[0], a_strides[1], b_strides[0], b_strides[1], c.stride(0), c.stride(1), r_strides[0], r_strides[1],
-        seed, p, 1.0 / (1.0 - p), hidden,
-        A_RELU2=a_relu2, B_RELU2=b_relu2, EPI=epi, DROPOUT=dropout, IEEE=a.dtype == torch.float32,
+        a,
+        b,
+        c,
+        r_arg,
+        M,
+        N,
+        K,
+        a_strides[0],
+        a_strides[1],
+        b_strides[0],
+        b_strides[1],
+        c.stride(0),
+        c.stride(1),
+        r_strides[0],
+        r_strides[1],
+        seed,
+        p,
+        1.0 / (1.0 - p),
+        hidden,
+        A_RELU2=a_relu2,
+        B_RELU2=b_relu2,
+        EPI=epi,
+        DROPOUT=dropout,
+        IEEE=a.dtype == torch.float32,
     )
     return c
 
@@ -209,8 +263,9 @@ def mlp_forward(
     H = w1.shape[0]
     Dout = w2.shape[0]
     r = _mm_launch(x, x.stride(), w1, (w1.stride(1), w1.stride(0)), M, H, D, x.dtype, epi=EPI_RELU)
-    y = _mm_launch(r, r.stride(), w2, (w2.stride(1), w2.stride(0)), M, Dout, H, x.dtype,
-                   a_relu2=True, seed=seed, p=p, hidden=H)
+    y = _mm_launch(
+        r, r.stride(), w2, (w2.stride(1), w2.stride(0)), M, Dout, H, x.dtype, a_relu2=True, seed=seed, p=p, hidden=H
+    )
     return y, r
 
 
@@ -221,10 +276,12 @@ def mlp_backward(
     M, D = x.shape
     H = w1.shape[0]
     Dout = w2.shape[0]
-    da = _mm_launch(dy, dy.stride(), w2, w2.stride(), M, H, Dout, x.dtype, r=r, epi=EPI_DRELU2,
-                    seed=seed, p=p, hidden=H)
-    dw2 = _mm_launch(dy, (dy.stride(1), dy.stride(0)), r, r.stride(), Dout, H, M, w2.dtype,
-                     b_relu2=True, seed=seed, p=p, hidden=H)
+    da = _mm_launch(
+        dy, dy.stride(), w2, w2.stride(), M, H, Dout, x.dtype, r=r, epi=EPI_DRELU2, seed=seed, p=p, hidden=H
+    )
+    dw2 = _mm_launch(
+        dy, (dy.stride(1), dy.stride(0)), r, r.stride(), Dout, H, M, w2.dtype, b_relu2=True, seed=seed, p=p, hidden=H
+    )
     dw1 = _mm_launch(da, (da.stride(1), da.stride(0)), x, x.stride(), H, D, M, w1.dtype)
     dx = _mm_launch(da, da.stride(), w1, w1.stride(), M, D, H, x.dtype)
     return dx, dw1, dw2
@@ -242,18 +299,43 @@ def dropout_keep_mask(seed: int, M: int, H: int, p: float, device: torch.device)
 
 _DT = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
 for _kern in (relu2_fwd_kernel,):
-    _aot.register(_kern, signatures=[{"x_ptr": t, "y_ptr": t, "n": "i64"} for t in _DT.values()],
-                  configs=[{"BLOCK": EW_BLOCK, "num_warps": 4}, {"BLOCK": 256, "num_warps": 4}])
-_aot.register(relu2_bwd_kernel, signatures=[{"x_ptr": t, "dy_ptr": t, "dx_ptr": t, "n": "i64"} for t in _DT.values()],
-              configs=[{"BLOCK": EW_BLOCK, "num_warps": 4}, {"BLOCK": 256, "num_warps": 4}])
-_aot.register(_keep_mask_kernel, signatures=[{"out_ptr": "*i8", "M": "i32", "H": "i32", "seed": "i32", "p": "fp32"}],
-              configs=[{"BLOCK": 1024, "num_warps": 4}])
+    _aot.register(
+        _kern,
+        signatures=[{"x_ptr": t, "y_ptr": t, "n": "i64"} for t in _DT.values()],
+        configs=[{"BLOCK": EW_BLOCK, "num_warps": 4}, {"BLOCK": 256, "num_warps": 4}],
+    )
+_aot.register(
+    relu2_bwd_kernel,
+    signatures=[{"x_ptr": t, "dy_ptr": t, "dx_ptr": t, "n": "i64"} for t in _DT.values()],
+    configs=[{"BLOCK": EW_BLOCK, "num_warps": 4}, {"BLOCK": 256, "num_warps": 4}],
+)
+_aot.register(
+    _keep_mask_kernel,
+    signatures=[{"out_ptr": "*i8", "M": "i32", "H": "i32", "seed": "i32", "p": "fp32"}],
+    configs=[{"BLOCK": 1024, "num_warps": 4}],
+)
 
 _MM_SCALARS = {
-    "M": "i32", "N": "i32", "K": "i32",
-    **{s: "i32" for s in ("stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_cm", "stride_cn",
-                          "stride_rm", "stride_rn")},
-    "seed": "i32", "p": "fp32", "scale": "fp32", "hidden": "i32",
+    "M": "i32",
+    "N": "i32",
+    "K": "i32",
+    **{
+        s: "i32"
+        for s in (
+            "stride_am",
+            "stride_ak",
+            "stride_bk",
+            "stride_bn",
+            "stride_cm",
+            "stride_cn",
+            "stride_rm",
+            "stride_rn",
+        )
+    },
+    "seed": "i32",
+    "p": "fp32",
+    "scale": "fp32",
+    "hidden": "i32",
 }
 # The four launch modes x dtypes x every config (fp32 uses ieee dot, half types the tensor cores).
 _MODES = [
@@ -268,6 +350,9 @@ for _name, _t in _DT.items():
         _aot.register(
             _mm,
             signatures=[_sig],
-            configs=[{**c, **_mode, "IEEE": int(_name == "fp32")} for c in _aot.config_dicts([*GPU_CONFIGS, INTERPRETER_CONFIG])],
+            configs=[
+                {**c, **_mode, "IEEE": int(_name == "fp32")}
+                for c in _aot.config_dicts([*GPU_CONFIGS, INTERPRETER_CONFIG])
+            ],
             name=f"relu2_mlp_mm[A{_mode['A_RELU2']}B{_mode['B_RELU2']}E{_mode['EPI']}D{_mode['DROPOUT']}]",
         )

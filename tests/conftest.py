@@ -13,7 +13,7 @@ import os
 
 os.environ.setdefault("FM_ENGINE_POISON", "1")
 
-from fm_engine.testing import setup_interpreter_if_no_gpu  # noqa: E402
+from fm_engine.testing import setup_interpreter_if_no_gpu
 
 INTERPRET = setup_interpreter_if_no_gpu()
 

@@ -48,7 +48,9 @@ def test_every_kernel_is_registered() -> None:
 def test_triton_kernels_compile(arch: int, shard: int) -> None:
     r = _run(
         "import sys; from fm_engine.kernels import _aot; sys.exit(_aot.main(sys.argv[1:]))",
-        f"--arch={arch}", f"--shard={shard}", f"--shards={SHARDS}",
+        f"--arch={arch}",
+        f"--shard={shard}",
+        f"--shards={SHARDS}",
     )
     assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
     assert "compiled" in r.stdout
@@ -64,8 +66,21 @@ def test_csrc_compiles_with_nvcc(arch: str, tmp_path: Path) -> None:
     assert sources, "no CUDA sources in csrc/"
     for src in sources:
         r = subprocess.run(
-            [NVCC, "-c", str(src), f"-arch={arch}", "-std=c++17", "-O2", "-I", str(ROOT / "csrc"),
-             "-o", str(tmp_path / (src.stem + ".o"))],
-            capture_output=True, text=True, timeout=600, check=False,
+            [
+                NVCC,
+                "-c",
+                str(src),
+                f"-arch={arch}",
+                "-std=c++17",
+                "-O2",
+                "-I",
+                str(ROOT / "csrc"),
+                "-o",
+                str(tmp_path / (src.stem + ".o")),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
         )
         assert r.returncode == 0, f"{src.name} for {arch}:\n{r.stderr[-4000:]}"

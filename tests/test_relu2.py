@@ -130,7 +130,7 @@ def test_relu2_mlp_dropout_reproducible(device: torch.device) -> None:
     assert not torch.equal(a, c)
 
 
-def _saved_hidden_tensors(fn, x, w1, w2) -> int:  # noqa: ANN001
+def _saved_hidden_tensors(fn, x, w1, w2) -> int:
     """How many tensors of hidden size autograd keeps for backward."""
     m, h = x.numel() // x.shape[-1], w1.shape[0]
     count = 0
@@ -233,8 +233,12 @@ def test_unsupported_backend_says_why(device: torch.device) -> None:
     # automatic dispatch takes the reference for it: same math, no error
     torch.testing.assert_close(ops.relu2(xt), torch.relu(xt) ** 2)
     with pytest.raises(ops.BackendUnsupportedError, match=r"triton.*float64"):
-        ops.relu2_mlp(torch.randn(2, 4, dtype=torch.float64), torch.randn(4, 4, dtype=torch.float64),
-                      torch.randn(4, 4, dtype=torch.float64), backend="triton")
+        ops.relu2_mlp(
+            torch.randn(2, 4, dtype=torch.float64),
+            torch.randn(4, 4, dtype=torch.float64),
+            torch.randn(4, 4, dtype=torch.float64),
+            backend="triton",
+        )
     if not torch.cuda.is_available():
         with pytest.raises(ops.BackendUnsupportedError, match=r"cuda"):
             ops.relu2(torch.randn(4), backend="cuda")

@@ -16,7 +16,9 @@ def tensor(name: str, x: object) -> torch.Tensor:
 def floating(name: str, x: torch.Tensor, dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES) -> None:
     if x.dtype not in dtypes:
         allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise ValueError(f"{name}: dtype {str(x.dtype).replace('torch.', '')} is not supported; expected one of {allowed}")
+        raise ValueError(
+            f"{name}: dtype {str(x.dtype).replace('torch.', '')} is not supported; expected one of {allowed}"
+        )
 
 
 def ndim(name: str, x: torch.Tensor, n: int | tuple[int, ...], layout: str) -> None:

@@ -8,7 +8,7 @@ import torch
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
-def ext():  # noqa: ANN201 - the pybind11 module
+def ext():
     from fm_engine import _C
 
     if _C is None:

@@ -237,6 +237,7 @@ def explain(op: str | Callable[..., Any], *args: Any, backend: str | None = None
 
 # --- availability checks shared by the fast backends -----------------------------------------
 
+
 def triton_available() -> str | None:
     """None when Triton kernels can run here (a CUDA GPU, or the interpreter), else why not."""
     try:

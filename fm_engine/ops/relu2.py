@@ -22,13 +22,12 @@ _FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # --- reference ---------------------------------------------------------------------------------
 
+
 def relu2_reference(x: torch.Tensor) -> torch.Tensor:
     return torch.relu(x) ** 2
 
 
-def relu2_mlp_reference(
-    x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, dropout_p: float = 0.0
-) -> torch.Tensor:
+def relu2_mlp_reference(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
     h = torch.relu(F.linear(x, w1)) ** 2
     if dropout_p > 0.0:
         h = F.dropout(h, dropout_p, training=True)
@@ -36,6 +35,7 @@ def relu2_mlp_reference(
 
 
 # --- validation (once, for every backend) -------------------------------------------------------
+
 
 def _validate_relu2(x: torch.Tensor) -> None:
     _checks.tensor("x", x)
@@ -49,11 +49,16 @@ def _validate_mlp(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, dropout_p
     _checks.ndim("w1", w1, 2, "[hidden, dim]")
     _checks.ndim("w2", w2, 2, "[dim_out, hidden]")
     if x.dim() < 1:
-        raise ValueError(f"x: expected shape [..., dim], got a 0-D tensor")
+        raise ValueError("x: expected shape [..., dim], got a 0-D tensor")
     if x.shape[-1] != w1.shape[1]:
-        raise ValueError(f"w1: shape {tuple(w1.shape)} does not match x's last dim {x.shape[-1]} (expected [hidden, {x.shape[-1]}])")
+        raise ValueError(
+            f"w1: shape {tuple(w1.shape)} does not match x's last dim {x.shape[-1]} (expected [hidden, {x.shape[-1]}])"
+        )
     if w2.shape[1] != w1.shape[0]:
-        raise ValueError(f"w2: shape {tuple(w2.shape)} does not match hidden size {w1.shape[0]} of w1 (expected [dim_out, {w1.shape[0]}])")
+        raise ValueError(
+            f"w2: shape {tuple(w2.shape)} does not match hidden size {w1.shape[0]} of w1 "
+            f"(expected [dim_out, {w1.shape[0]}])"
+        )
     _checks.same_device(x=x, w1=w1, w2=w2)
     _checks.same_dtype(x=x, w1=w1, w2=w2)
     _checks.probability("dropout_p", dropout_p)
@@ -139,13 +144,11 @@ for _op in (_relu2_bwd_triton, _relu2_bwd_cuda):
     _op.register_fake(lambda x, dy: torch.empty_like(x))
 
 
-def _save_x(ctx, inputs, output) -> None:  # noqa: ANN001
+def _save_x(ctx, inputs, output) -> None:
     ctx.save_for_backward(inputs[0])
 
 
-_relu2_triton.register_autograd(
-    lambda ctx, dy: _relu2_bwd_triton(ctx.saved_tensors[0], dy), setup_context=_save_x
-)
+_relu2_triton.register_autograd(lambda ctx, dy: _relu2_bwd_triton(ctx.saved_tensors[0], dy), setup_context=_save_x)
 _relu2_cuda.register_autograd(lambda ctx, dy: _relu2_bwd_cuda(ctx.saved_tensors[0], dy), setup_context=_save_x)
 
 
@@ -180,13 +183,18 @@ def _mlp_fwd_triton(
 
 
 @_mlp_fwd_triton.register_fake
-def _(x, w1, w2, dropout_p):  # noqa: ANN001, ANN202
+def _(x, w1, w2, dropout_p):
     return x.new_empty(x.shape[0], w2.shape[0]), x.new_empty(x.shape[0], w1.shape[0]), torch.empty(1, dtype=torch.int64)
 
 
 @torch.library.custom_op("fm_engine::relu2_mlp_bwd_triton", mutates_args=())
 def _mlp_bwd_triton(
-    dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, r: torch.Tensor, seed: torch.Tensor,
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    r: torch.Tensor,
+    seed: torch.Tensor,
     dropout_p: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from fm_engine.kernels import relu2 as K
@@ -195,18 +203,18 @@ def _mlp_bwd_triton(
 
 
 @_mlp_bwd_triton.register_fake
-def _(dy, x, w1, w2, r, seed, dropout_p):  # noqa: ANN001, ANN202
+def _(dy, x, w1, w2, r, seed, dropout_p):
     return torch.empty_like(x), torch.empty_like(w1), torch.empty_like(w2)
 
 
-def _mlp_setup(ctx, inputs, output) -> None:  # noqa: ANN001
+def _mlp_setup(ctx, inputs, output) -> None:
     x, w1, w2, p = inputs
     _, r, seed = output
     ctx.save_for_backward(x, w1, w2, r, seed)  # r: the one hidden-sized tensor kept
     ctx.p = p
 
 
-def _mlp_backward(ctx, dy, _dr, _dseed):  # noqa: ANN001, ANN202
+def _mlp_backward(ctx, dy, _dr, _dseed):
     x, w1, w2, r, seed = ctx.saved_tensors
     dx, dw1, dw2 = _mlp_bwd_triton(dy, x, w1, w2, r, seed, ctx.p)
     return dx, dw1, dw2, None
@@ -229,7 +237,9 @@ def relu2_mlp_triton_with_seed(
     return y, int(seed.item())
 
 
-def _relu2_mlp_triton_supports(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, dropout_p: float = 0.0) -> str | None:
+def _relu2_mlp_triton_supports(
+    x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, dropout_p: float = 0.0
+) -> str | None:
     reason = triton_device_ok(x, w1, w2)
     if reason:
         return reason

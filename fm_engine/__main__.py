@@ -1,0 +1,5 @@
+import sys
+
+from fm_engine.cli import main
+
+sys.exit(main())

@@ -1,0 +1,85 @@
+"""The ``fm-engine`` command: ``info``, ``bench``, ``train``, ``convert-avit``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import platform
+import shutil
+import sys
+from collections.abc import Sequence
+
+# Modules that add subcommands: each defines register(subparsers).
+_SUBCOMMAND_MODULES = ("fm_engine.train.cli",)
+
+
+def _info(_: argparse.Namespace) -> int:
+    import torch
+
+    import fm_engine
+    from fm_engine.ops import registered_ops
+    from fm_engine.ops._dispatch import BACKENDS
+
+    print(f"fm_engine {fm_engine.__version__}")
+    print(f"python    {platform.python_version()}")
+    print(f"torch     {torch.__version__} (CUDA {torch.version.cuda})")
+    try:
+        import triton
+
+        print(f"triton    {triton.__version__}")
+    except Exception as e:
+        print(f"triton    not importable ({e})")
+    print(f"nvcc      {shutil.which('nvcc') or 'not found'}")
+    status = fm_engine._C_status()
+    print(f"CUDA ext  {'built' if status is None else status}")
+    gpu = torch.cuda.is_available()
+    print(f"GPU       {torch.cuda.get_device_name(0) if gpu else 'none'}")
+    from fm_engine.ops._dispatch import interpreting
+
+    if interpreting():
+        print("TRITON_INTERPRET=1: Triton kernels run in the CPU interpreter")
+    print("\nop backends (implemented; 'available' = can run in this process):")
+    for name, op in sorted(registered_ops().items()):
+        cells = []
+        for b in BACKENDS:
+            if b not in op.backends:
+                cells.append(f"{b}: -")
+                continue
+            why = op.backends[b].available()
+            cells.append(f"{b}: {'available' if why is None else 'not available (' + why + ')'}")
+        print(f"  {name:<20} " + "; ".join(cells))
+    return 0
+
+
+def _bench(a: argparse.Namespace) -> int:
+    from fm_engine import benchmarks
+
+    return benchmarks.run_args(a)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fm-engine",
+        description="fm_engine: compiled kernels, modules and reference models for medical-imaging foundation models.",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    info = sub.add_parser("info", help="versions, CUDA extension, GPU, and the backends of every op")
+    info.set_defaults(func=_info)
+    from fm_engine import benchmarks
+
+    bench = sub.add_parser("bench", help="benchmark ops (--op) or model training steps (--model)")
+    benchmarks.add_arguments(bench)
+    bench.set_defaults(func=_bench)
+    for mod in _SUBCOMMAND_MODULES:
+        importlib.import_module(mod).register(sub)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

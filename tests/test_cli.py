@@ -1,0 +1,67 @@
+"""The fm-engine command: help, info, and the benchmark harness smoke run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "fm_engine", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+        check=False,
+    )
+
+
+def test_help_lists_commands() -> None:
+    r = run_cli("--help")
+    assert r.returncode == 0, r.stderr
+    for cmd in ("info", "bench", "train", "convert-avit"):
+        assert cmd in r.stdout
+
+
+def test_info() -> None:
+    r = run_cli("info")
+    assert r.returncode == 0, r.stderr
+    assert "fm_engine" in r.stdout and "torch" in r.stdout and "CUDA ext" in r.stdout
+    assert "relu2_mlp" in r.stdout and "reference: available" in r.stdout
+
+
+def test_bench_smoke_writes_reports(tmp_path: Path) -> None:
+    # interpreter run, fast backends only (torch.compile on CPU is too slow for the suite)
+    r = run_cli(
+        "bench",
+        "--op",
+        "relu2",
+        "--quick",
+        "--backend",
+        "triton",
+        "--backend",
+        "cuda",
+        "--out",
+        str(tmp_path),
+        env={"TRITON_INTERPRET": "1"},
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["quick"] is True and res["environment"]["torch"]
+    rows = {(row["op"], row["backend"]): row for row in res["rows"]}
+    for key in (("relu2_mlp", "reference"), ("relu2_mlp", "triton"), ("relu2", "triton")):
+        assert rows[key]["status"] == "ok", rows[key]
+        assert rows[key]["fwd_ms"] > 0 and rows[key]["fwd_bwd_ms"] > 0
+    assert rows[("relu2_mlp", "triton")]["speedup_fwd_bwd"]["reference"] > 0
+    md = (tmp_path / "results.md").read_text()
+    assert "not speed claims" in md and "4·M·D·H" in md
+    assert (tmp_path / "results.png").stat().st_size > 1000  # matplotlib is a dev dependency
+
+
+def test_bench_rejects_unknown_op() -> None:
+    r = run_cli("bench", "--op", "nope", "--quick")
+    assert r.returncode != 0 and "unknown op family 'nope'" in (r.stdout + r.stderr)

@@ -1,0 +1,91 @@
+"""Backend dispatch: choice order, explain(), refusals that say why, the op registry."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fm_engine
+from fm_engine import ops
+from fm_engine.ops._dispatch import BACKENDS, Op, registered_ops
+
+
+def backend_of(fn, *args, **kwargs) -> str:
+    with ops.trace() as calls:
+        fn(*args, **kwargs)
+    assert len(calls) == 1
+    return calls[0][1]
+
+
+def test_choice_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = torch.randn(8)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delenv("FM_ENGINE_BACKEND", raising=False)
+    assert backend_of(ops.relu2, x) == "triton"  # automatic on CPU with the interpreter
+    monkeypatch.setenv("FM_ENGINE_BACKEND", "reference")
+    assert backend_of(ops.relu2, x) == "reference"  # environment
+    with fm_engine.use_backend("triton"):
+        assert backend_of(ops.relu2, x) == "triton"  # context beats environment
+        with fm_engine.use_backend("reference"):
+            assert backend_of(ops.relu2, x) == "reference"  # innermost context
+        assert backend_of(ops.relu2, x, backend="reference") == "reference"  # argument beats context
+    assert backend_of(ops.relu2, x) == "reference"  # context popped
+
+
+def test_auto_on_cpu_without_interpreter_is_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.delenv("FM_ENGINE_BACKEND", raising=False)
+    x = torch.randn(8)
+    if not torch.cuda.is_available():
+        assert backend_of(ops.relu2, x) == "reference"
+        with pytest.raises(ops.BackendUnsupportedError, match="TRITON_INTERPRET"):
+            ops.relu2(x, backend="triton")
+
+
+def test_unknown_backend_names_fail() -> None:
+    x = torch.randn(4)
+    with pytest.raises(ValueError, match="backend: unknown backend 'cudnn'"):
+        ops.relu2(x, backend="cudnn")
+    with pytest.raises(ValueError, match=r"use_backend\(name\): unknown backend"):
+        with fm_engine.use_backend("fast"):
+            pass
+
+
+def test_unknown_env_backend_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FM_ENGINE_BACKEND", "speedy")
+    with pytest.raises(ValueError, match="FM_ENGINE_BACKEND: unknown backend 'speedy'"):
+        ops.relu2(torch.randn(3))
+
+
+def test_explain_lists_every_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delenv("FM_ENGINE_BACKEND", raising=False)
+    x = torch.randn(4, 6).t()  # non-contiguous: the element-wise fast kernels refuse it
+    e = ops.explain(ops.relu2, x)
+    assert [v.backend for v in e.verdicts] == list(BACKENDS)
+    verdict = {v.backend: v for v in e.verdicts}
+    assert verdict["reference"].ok
+    assert not verdict["triton"].ok and "non-contiguous" in verdict["triton"].reason
+    assert e.chosen == "reference"
+    text = str(e)
+    assert "relu2" in text and "non-contiguous" in text
+    assert ops.explain("relu2", x.contiguous()).chosen == "triton"
+
+
+def test_explain_reports_invalid_input() -> None:
+    e = ops.explain("relu2_mlp", torch.randn(2, 3), torch.randn(4, 5), torch.randn(3, 4))
+    assert e.chosen is None and "w1" in (e.error or "")
+    with pytest.raises(KeyError, match="unknown op 'nope'"):
+        ops.explain("nope", torch.randn(2))
+
+
+def test_registry_is_consistent() -> None:
+    regs = registered_ops()
+    assert {"relu2", "relu2_mlp", "cross_attention", "patch_embed"} <= set(regs)
+    for name, op in regs.items():
+        assert "reference" in op.backends, name
+        for b in op.backends.values():
+            why = b.available()
+            assert why is None or (isinstance(why, str) and why), (name, b.name)
+    with pytest.raises(ValueError, match="registered twice"):
+        Op("relu2", lambda x: x)

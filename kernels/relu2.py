@@ -83,16 +83,16 @@ def relu2_backward(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
 EPI_NONE, EPI_RELU, EPI_DRELU2 = 0, 1, 2
 
 # BK = 32 everywhere so every config also fits fp32 operands in shared memory on sm_80 (the gate
-# checks: 128x256x32 fp32 with 3 stages is 144 KiB < 163 KiB).
+# checks: 128x128x32 fp32 with 4 stages is 128 KiB < 163 KiB). Three configs keep the compile gate
+# (every mode x dtype x config, twice) near 160 kernels.
 GPU_CONFIGS = [
     triton.Config({"BM": 128, "BN": 128, "BK": 32, "GROUP_M": 8}, num_warps=8, num_stages=4),
-    triton.Config({"BM": 128, "BN": 256, "BK": 32, "GROUP_M": 8}, num_warps=8, num_stages=3),
     triton.Config({"BM": 128, "BN": 64, "BK": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
     triton.Config({"BM": 64, "BN": 128, "BK": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
-    triton.Config({"BM": 64, "BN": 64, "BK": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
 ]
 INTERPRETER_CONFIG = triton.Config({"BM": 16, "BN": 16, "BK": 16, "GROUP_M": 2}, num_warps=4, num_stages=2)
 MM_TILE = 16  # tile edge in the interpreter: tests size their shapes around it
+K_SPLIT_ALIGN = 256  # split-K slices start at multiples of every config's BK
 
 
 @triton.jit
@@ -122,6 +122,8 @@ def _mm(
     stride_cn,
     stride_rm,
     stride_rn,
+    stride_cs,
+    k_split,
     seed,
     p,
     scale,
@@ -154,9 +156,13 @@ def _mm(
     a_row = a_ptr + rm[:, None].to(tl.int64) * stride_am
     b_col = b_ptr + rn[None, :].to(tl.int64) * stride_bn
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, K, BK):
+    # split-K: program (tile, s) sums K range [s*k_split, (s+1)*k_split) into its own slice of c
+    pid_k = tl.program_id(1)
+    k_lo = pid_k * k_split
+    k_hi = tl.minimum(K, k_lo + k_split)
+    for k0 in range(k_lo, k_hi, BK):
         kk = k0 + rk
-        k_ok = kk < K
+        k_ok = kk < k_hi
         a = tl.load(a_row + kk[None, :].to(tl.int64) * stride_ak, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_col + kk[:, None].to(tl.int64) * stride_bk, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         if A_RELU2:  # a = r[m, k] (hidden index k): square, drop, rescale
@@ -186,7 +192,12 @@ def _mm(
         acc = acc * 2.0 * r
         if DROPOUT:
             acc = tl.where(_keep(seed, rm[:, None], rn[None, :], hidden, p), acc * scale, 0.0)
-    c = c_ptr + rm[:, None].to(tl.int64) * stride_cm + rn[None, :].to(tl.int64) * stride_cn
+    c = (
+        c_ptr
+        + pid_k.to(tl.int64) * stride_cs
+        + rm[:, None].to(tl.int64) * stride_cm
+        + rn[None, :].to(tl.int64) * stride_cn
+    )
     tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
@@ -216,20 +227,28 @@ def _mm_launch(
     seed: int = 0,
     p: float = 0.0,
     hidden: int = 1,
+    split_k: int = 1,
 ) -> torch.Tensor:
-    c = _alloc.empty(M, N, dtype=out_dtype, device=a.device)
-    if M == 0 or N == 0:
-        return c
-    if K == 0:
-        return c.zero_()
-    r_arg = r if r is not None else c
+    """C [M, N] = A [M, K] @ B [K, N] (operands given by pointer + strides) with the selected
+    prologue / epilogue. ``split_k`` > 1 (plain epilogue only) sums K in that many fp32 slices."""
+    if split_k > 1 and epi != EPI_NONE:
+        raise ValueError("split_k: a split-K product cannot apply an epilogue")
+    if M == 0 or N == 0 or K == 0:
+        return torch.zeros(M, N, dtype=out_dtype, device=a.device)
+    k_split = K
+    if split_k > 1:
+        k_split = triton.cdiv(triton.cdiv(K, split_k), K_SPLIT_ALIGN) * K_SPLIT_ALIGN
+        split_k = triton.cdiv(K, k_split)
+    c_out = _alloc.empty(split_k, M, N, dtype=torch.float32 if split_k > 1 else out_dtype, device=a.device)
+    c = c_out[0] if split_k == 1 else c_out
+    r_arg = r if r is not None else a  # not read without EPI_DRELU2; keeps one pointer type per dtype
     r_strides = (r.stride(0), r.stride(1)) if r is not None else (0, 0)
     dropout = p > 0.0
-    grid = lambda meta: (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)
+    grid = lambda meta: (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]), split_k)
     _mm[grid](
         a,
         b,
-        c,
+        c_out,
         r_arg,
         M,
         N,
@@ -238,10 +257,12 @@ def _mm_launch(
         a_strides[1],
         b_strides[0],
         b_strides[1],
-        c.stride(0),
-        c.stride(1),
+        c_out.stride(1),
+        c_out.stride(2),
         r_strides[0],
         r_strides[1],
+        c_out.stride(0),
+        k_split,
         seed,
         p,
         1.0 / (1.0 - p),
@@ -252,7 +273,23 @@ def _mm_launch(
         DROPOUT=dropout,
         IEEE=a.dtype == torch.float32,
     )
-    return c
+    return c if split_k == 1 else c.sum(0).to(out_dtype)
+
+
+def weight_grad_split(M: int, N: int, K: int, device: torch.device) -> int:
+    """How many K slices a weight-gradient product (few output tiles, long K) should use.
+
+    dW1 / dW2 of the MiT-UB MLP at 64 images x 768 tokens have 2048 x 512 outputs (64 tiles of
+    128 x 128) and K = 49152: one program per tile would leave half of an H100's 132 SMs idle, so
+    K is split until there are about two programs per SM.
+    """
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    tiles = triton.cdiv(M, 128) * triton.cdiv(N, 128)
+    if tiles >= sms or K < 8 * K_SPLIT_ALIGN:
+        return 1
+    return max(1, min(triton.cdiv(2 * sms, tiles), K // (4 * K_SPLIT_ALIGN)))
 
 
 def mlp_forward(
@@ -270,19 +307,41 @@ def mlp_forward(
 
 
 def mlp_backward(
-    dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, r: torch.Tensor, p: float, seed: int
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    r: torch.Tensor,
+    p: float,
+    seed: int,
+    split_k: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients (dx [M, D], dw1 [H, D], dw2 [Dout, H]) of y = mlp_forward(...)[0]."""
+    """Gradients (dx [M, D], dw1 [H, D], dw2 [Dout, H]) of y = mlp_forward(...)[0].
+
+    ``split_k``: K slices of the two weight-gradient products (None: :func:`weight_grad_split`)."""
     M, D = x.shape
     H = w1.shape[0]
     Dout = w2.shape[0]
     da = _mm_launch(
         dy, dy.stride(), w2, w2.stride(), M, H, Dout, x.dtype, r=r, epi=EPI_DRELU2, seed=seed, p=p, hidden=H
     )
+    split = split_k if split_k is not None else weight_grad_split(Dout, H, M, x.device)
     dw2 = _mm_launch(
-        dy, (dy.stride(1), dy.stride(0)), r, r.stride(), Dout, H, M, w2.dtype, b_relu2=True, seed=seed, p=p, hidden=H
+        dy,
+        (dy.stride(1), dy.stride(0)),
+        r,
+        r.stride(),
+        Dout,
+        H,
+        M,
+        w2.dtype,
+        b_relu2=True,
+        seed=seed,
+        p=p,
+        hidden=H,
+        split_k=split,
     )
-    dw1 = _mm_launch(da, (da.stride(1), da.stride(0)), x, x.stride(), H, D, M, w1.dtype)
+    dw1 = _mm_launch(da, (da.stride(1), da.stride(0)), x, x.stride(), H, D, M, w1.dtype, split_k=split)
     dx = _mm_launch(da, da.stride(), w1, w1.stride(), M, D, H, x.dtype)
     return dx, dw1, dw2
 
@@ -330,6 +389,8 @@ _MM_SCALARS = {
             "stride_cn",
             "stride_rm",
             "stride_rn",
+            "stride_cs",
+            "k_split",
         )
     },
     "seed": "i32",
@@ -337,22 +398,22 @@ _MM_SCALARS = {
     "scale": "fp32",
     "hidden": "i32",
 }
-# The four launch modes x dtypes x every config (fp32 uses ieee dot, half types the tensor cores).
+# Every launch mode (with and without dropout) x dtype x GPU config; fp32 uses the ieee dot.
+# INTERPRETER_CONFIG only ever runs in the interpreter, so it is not compiled here.
 _MODES = [
+    {"A_RELU2": 0, "B_RELU2": 0, "EPI": EPI_NONE, "DROPOUT": 0},
     {"A_RELU2": 0, "B_RELU2": 0, "EPI": EPI_RELU, "DROPOUT": 0},
-    {"A_RELU2": 1, "B_RELU2": 0, "EPI": EPI_NONE, "DROPOUT": 1},
-    {"A_RELU2": 0, "B_RELU2": 0, "EPI": EPI_DRELU2, "DROPOUT": 1},
-    {"A_RELU2": 0, "B_RELU2": 1, "EPI": EPI_NONE, "DROPOUT": 0},
+    *({"A_RELU2": 1, "B_RELU2": 0, "EPI": EPI_NONE, "DROPOUT": d} for d in (0, 1)),
+    *({"A_RELU2": 0, "B_RELU2": 0, "EPI": EPI_DRELU2, "DROPOUT": d} for d in (0, 1)),
+    *({"A_RELU2": 0, "B_RELU2": 1, "EPI": EPI_NONE, "DROPOUT": d} for d in (0, 1)),
 ]
 for _name, _t in _DT.items():
-    _sig = {"a_ptr": _t, "b_ptr": _t, "c_ptr": _t, "r_ptr": _t, **_MM_SCALARS}
     for _mode in _MODES:
+        # plain-epilogue products may be split-K, writing fp32 slices
+        outs = {_t, "*fp32"} if _mode["EPI"] == EPI_NONE and not _mode["A_RELU2"] else {_t}
         _aot.register(
             _mm,
-            signatures=[_sig],
-            configs=[
-                {**c, **_mode, "IEEE": int(_name == "fp32")}
-                for c in _aot.config_dicts([*GPU_CONFIGS, INTERPRETER_CONFIG])
-            ],
+            signatures=[{"a_ptr": _t, "b_ptr": _t, "c_ptr": o, "r_ptr": _t, **_MM_SCALARS} for o in sorted(outs)],
+            configs=[{**c, **_mode, "IEEE": int(_name == "fp32")} for c in _aot.config_dicts(GPU_CONFIGS)],
             name=f"relu2_mlp_mm[A{_mode['A_RELU2']}B{_mode['B_RELU2']}E{_mode['EPI']}D{_mode['DROPOUT']}]",
         )

@@ -12,6 +12,7 @@ import importlib
 import pkgutil
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -20,7 +21,7 @@ from . import harness
 _NOT_CASE_MODULES = {"harness", "models", "__main__"}
 
 
-def op_modules() -> dict[str, object]:
+def op_modules() -> dict[str, ModuleType]:
     """Case modules by op name."""
     mods = {}
     for m in pkgutil.iter_modules(__path__):

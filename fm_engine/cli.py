@@ -52,7 +52,7 @@ def _info(_: argparse.Namespace) -> int:
 
 
 def _bench(a: argparse.Namespace) -> int:
-    from fm_engine import benchmarks
+    from fm_engine import benchmarks  # type: ignore[attr-defined]  # installed from benchmarks/
 
     return benchmarks.run_args(a)
 
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     info = sub.add_parser("info", help="versions, CUDA extension, GPU, and the backends of every op")
     info.set_defaults(func=_info)
-    from fm_engine import benchmarks
+    from fm_engine import benchmarks  # type: ignore[attr-defined]  # installed from benchmarks/
 
     bench = sub.add_parser("bench", help="benchmark ops (--op) or model training steps (--model)")
     benchmarks.add_arguments(bench)

@@ -136,7 +136,7 @@ def unregistered_kernels() -> list[str]:
         if mod.name.startswith("_"):
             continue
         m = importlib.import_module(f"fm_engine.kernels.{mod.name}")
-        helpers = getattr(m, "AOT_HELPERS", set())
+        helpers: set[str] = getattr(m, "AOT_HELPERS", set())
         for attr, obj in vars(m).items():
             if attr in helpers or not isinstance(obj, (triton.runtime.JITFunction, triton.runtime.Autotuner)):
                 continue

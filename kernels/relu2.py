@@ -212,9 +212,9 @@ def _keep_mask_kernel(out_ptr, M, H, seed, p, BLOCK: tl.constexpr):
 
 def _mm_launch(
     a: torch.Tensor,
-    a_strides: tuple[int, int],
+    a_strides: tuple[int, ...],
     b: torch.Tensor,
-    b_strides: tuple[int, int],
+    b_strides: tuple[int, ...],
     M: int,
     N: int,
     K: int,

@@ -32,7 +32,9 @@ def op_modules() -> dict[str, ModuleType]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--op", action="append", help="op family to benchmark (repeatable); default: all")
+    p.add_argument(
+        "--op", action="append", help="op family to benchmark (repeatable; 'all' for every one); default: all"
+    )
     p.add_argument("--model", action="append", help="registered model whose training step to benchmark (repeatable)")
     p.add_argument("--backend", action="append", help="only these backend labels (the reference always runs)")
     p.add_argument("--out", type=Path, default=None, help="output folder for results.json / .md / .png")
@@ -63,7 +65,9 @@ def run_args(a: argparse.Namespace) -> int:
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     quick = a.quick or (not a.full and device.type != "cuda")
     cases: list[harness.Case] = []
-    ops = a.op if a.op else ([] if a.model else sorted(mods))
+    ops = a.op if a.op else ([] if a.model else ["all"])
+    if "all" in ops:
+        ops = sorted(mods)
     for name in ops:
         if name not in mods:
             raise SystemExit(f"--op: unknown op family {name!r}; known: {', '.join(sorted(mods))}")

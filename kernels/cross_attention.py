@@ -406,7 +406,8 @@ def forward(
         op = _alloc.empty(splits, b * hq, nq, d, dtype=torch.float32, device=q.device)
         lsep = _alloc.empty(splits, b * hq, nq, dtype=torch.float32, device=q.device)
     else:
-        op, lsep = o, lse  # unused by the kernel when SPLIT is off
+        # unused when SPLIT is off; an fp32 tensor keeps the launch signature the compile gate built
+        op, lsep = lse, lse
     _fwd_kernel[(grid_m, b * hq, splits)](
         q,
         k,
@@ -544,7 +545,8 @@ def backward(
     splits, per = _split_plan(n_kb, splits)
     dq = _alloc.empty(b, hq, nq, d, dtype=q.dtype, device=q.device)
     split = splits > 1
-    dqp = _alloc.empty(splits, b, hq, nq, d, dtype=torch.float32, device=q.device) if split else dq
+    # unused when SPLIT is off; an fp32 tensor keeps the launch signature the compile gate built
+    dqp = _alloc.empty(splits, b, hq, nq, d, dtype=torch.float32, device=q.device) if split else delta
     _dq_kernel[(grid_m, b * hq, splits)](
         q,
         k,

@@ -1,24 +1,27 @@
 """Triton kernels for the full-precision stem (KERNELS.md K5, MODELS.md 1.2 / 1.4).
 
-Forward, one program per ``BLOCK_T`` output tokens of one image holding the whole feature row
-(``BLOCK_D`` >= dim) so that LayerNorm needs no second pass:
+Forward, two kernels:
 
-1. gather each token's patch straight from the raw image (uint8 / uint16 / int16 / fp32 / bf16),
-   apply the intensity affine in fp32, and multiply by the conv weight [dim, C*p*p] with ieee fp32
-   dots (10- to 16-bit pixel values are exact in fp32, not in TF32 or bf16), plus the conv bias;
-2. with pooling, repeat 1 for every conv token of the token's AdaptiveMaxPool2d bin
-   (start = floor(i*In/Out), end = ceil((i+1)*In/Out)) and keep the first maximum in PyTorch's scan
-   order (rows, then columns) and its conv-token index;
-3. LayerNorm in fp32, plus the position pos_weight[:, 0]*u_i + pos_weight[:, 1]*v_j + pos_bias with
-   u_i = 2i/(Ht-1) - 1 computed from the token index (0 on an axis of length 1), cast to the output dtype.
-It also writes what backward needs: the pooled pre-norm features (fp32), their mean and 1/std, and
-the argmax conv-token index when pooling.
+1. ``_conv_kernel``, one program per ``BLOCK_T`` output tokens x ``BLOCK_D`` channels of one image:
+   gather each token's patch straight from the raw image (uint8 / uint16 / int16 / fp32 / bf16),
+   apply the intensity affine in fp32 and multiply by the conv weight [dim, C*p*p] with ieee fp32
+   dots (10- to 16-bit pixel values are exact in fp32, not in TF32 or bf16), plus the conv bias.
+   With pooling it does this for every conv token of the token's AdaptiveMaxPool2d bin
+   (start = floor(i*In/Out), end = ceil((i+1)*In/Out)) and keeps the first maximum in PyTorch's
+   scan order (rows, then columns) and its conv-token index. Writes the (pooled) features in fp32,
+   which backward needs anyway; the image is read once per path when the bins do not overlap.
+2. ``_norm_kernel``: LayerNorm of each feature row in fp32, plus the position
+   pos_weight[:, 0]*u_i + pos_weight[:, 1]*v_j + pos_bias with u_i = 2i/(Ht-1) - 1 computed from the
+   token index (0 on an axis of length 1), cast to the output dtype; also writes mean and 1/std.
+Splitting the channels across programs (instead of one program holding a whole row for LayerNorm)
+gives the pooled AViT query path (768 tokens x 512 channels) 192 programs per image instead of 48.
 
 Backward: ``_dweight_kernel`` computes the conv weight gradient dW[d, k] = sum_t dconv[t, d] * x[t, k]
-as an ieee fp32 GEMM over tokens that gathers the patches from the raw image again (no unfolded copy),
-with the token range split across programs and the fp32 partials summed afterwards. The rest of the
-backward (LayerNorm, position, bias, routing through the max pool) is element-wise work and
-reductions done in plain torch in fp32 by ``fm_engine.ops.patch_embed``.
+as an ieee fp32 GEMM over tokens that gathers the patches from the raw image again (no unfolded copy);
+with pooling, ``_dweight_pooled_kernel`` gathers, per pooled token and channel, the patch of the conv
+token the max came from. Both split the token range across programs and sum the fp32 partials after.
+The rest of the backward (LayerNorm, position, bias) is element-wise work and reductions done in
+plain torch in fp32 by ``fm_engine.ops.patch_embed``.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ def _conv_tile(
     gh,
     gw,
     t_ok,
+    offs_d,
     s_ic,
     s_ih,
     s_iw,
@@ -69,8 +73,7 @@ def _conv_tile(
     BLOCK_D: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """conv features [BLOCK_T, BLOCK_D] (fp32) of the conv tokens at grid cells (gh, gw)."""
-    offs_d = tl.arange(0, BLOCK_D)
+    """conv features [BLOCK_T, BLOCK_D] (fp32) of the conv tokens at grid cells (gh, gw), channels offs_d."""
     d_ok = offs_d < D
     acc = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
     row = (gh * P).to(tl.int64) * s_ih + (gw * P).to(tl.int64) * s_iw
@@ -82,8 +85,7 @@ def _conv_tile(
         px = offs_k % P
         col = c.to(tl.int64) * s_ic + py * s_ih + px * s_iw
         pix = tl.load(img_ptr + row[:, None] + col[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0)
-        x = pix.to(tl.float32) * scale + offset
-        x = tl.where(k_ok[None, :], x, 0.0)
+        x = tl.where(k_ok[None, :], pix.to(tl.float32) * scale + offset, 0.0)
         w = tl.load(w_ptr + offs_d[None, :] * K + offs_k[:, None], mask=d_ok[None, :] & k_ok[:, None], other=0.0)
         acc += tl.dot(x, w, input_precision="ieee")
     bias = tl.load(bias_ptr + offs_d, mask=d_ok, other=0.0)
@@ -91,18 +93,11 @@ def _conv_tile(
 
 
 @triton.jit
-def _fwd_kernel(
+def _conv_kernel(
     img_ptr,
     w_ptr,
     bias_ptr,
-    nw_ptr,
-    nb_ptr,
-    pw_ptr,
-    pb_ptr,
-    y_ptr,
     feat_ptr,
-    mean_ptr,
-    rstd_ptr,
     arg_ptr,
     s_ib,
     s_ic,
@@ -118,25 +113,22 @@ def _fwd_kernel(
     K,
     scale,
     offset,
-    eps,
-    u_step,
-    u_off,
-    v_step,
-    v_off,
     P: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_K: tl.constexpr,
     POOL: tl.constexpr,
 ):
+    """FEAT[b, t, d] = conv (+ adaptive max pool) features in fp32; ARG = the pooled conv-token index."""
     pid_t = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    pid_d = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
     nt = TH * TW
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     t_ok = offs_t < nt
     ti = offs_t // TW
     tj = offs_t % TW
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     img_b = img_ptr + b * s_ib
     if POOL:
@@ -158,6 +150,7 @@ def _fwd_kernel(
                     gh,
                     gw,
                     ok,
+                    offs_d,
                     s_ic,
                     s_ih,
                     s_iw,
@@ -174,33 +167,80 @@ def _fwd_kernel(
                 take = ok[:, None] & (f > feat)
                 feat = tl.where(take, f, feat)
                 arg = tl.where(take, (gh * GW + gw)[:, None], arg)
-        feat = tl.where(t_ok[:, None], feat, 0.0)
     else:
         feat = _conv_tile(
-            img_b, w_ptr, bias_ptr, ti, tj, t_ok, s_ic, s_ih, s_iw, D, K, scale, offset, P, BLOCK_T, BLOCK_D, BLOCK_K
+            img_b,
+            w_ptr,
+            bias_ptr,
+            ti,
+            tj,
+            t_ok,
+            offs_d,
+            s_ic,
+            s_ih,
+            s_iw,
+            D,
+            K,
+            scale,
+            offset,
+            P,
+            BLOCK_T,
+            BLOCK_D,
+            BLOCK_K,
         )
-    feat = tl.where(d_ok[None, :], feat, 0.0)
+    mask = t_ok[:, None] & d_ok[None, :]
+    idx = (b * nt + offs_t)[:, None].to(tl.int64) * D + offs_d[None, :]
+    tl.store(feat_ptr + idx, feat, mask=mask)
+    if POOL:
+        tl.store(arg_ptr + idx, arg, mask=mask)
+
+
+@triton.jit
+def _norm_kernel(
+    feat_ptr,
+    nw_ptr,
+    nb_ptr,
+    pw_ptr,
+    pb_ptr,
+    y_ptr,
+    mean_ptr,
+    rstd_ptr,
+    NROWS,
+    TW,
+    NT,
+    D,
+    eps,
+    u_step,
+    u_off,
+    v_step,
+    v_off,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Y = LayerNorm(FEAT) * nw + nb + position(token), fp32, cast to Y's dtype; also mean and 1/std."""
+    offs_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = offs_r < NROWS
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    mask = r_ok[:, None] & d_ok[None, :]
+    idx = offs_r[:, None] * D + offs_d[None, :]
+    feat = tl.load(feat_ptr + idx, mask=mask, other=0.0)
     mean = tl.sum(feat, 1) / D
     xc = tl.where(d_ok[None, :], feat - mean[:, None], 0.0)
-    var = tl.sum(xc * xc, 1) / D
-    rstd = 1.0 / tl.sqrt(var + eps)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 1) / D + eps)
     nw = tl.load(nw_ptr + offs_d, mask=d_ok, other=0.0)
     nb = tl.load(nb_ptr + offs_d, mask=d_ok, other=0.0)
     pw0 = tl.load(pw_ptr + offs_d * 2, mask=d_ok, other=0.0)
     pw1 = tl.load(pw_ptr + offs_d * 2 + 1, mask=d_ok, other=0.0)
     pb = tl.load(pb_ptr + offs_d, mask=d_ok, other=0.0)
-    u = ti.to(tl.float32) * u_step + u_off
-    v = tj.to(tl.float32) * v_step + v_off
+    t = offs_r % NT
+    u = (t // TW).to(tl.float32) * u_step + u_off
+    v = (t % TW).to(tl.float32) * v_step + v_off
     pos = u[:, None] * pw0[None, :] + v[:, None] * pw1[None, :] + pb[None, :]
     y = xc * rstd[:, None] * nw[None, :] + nb[None, :] + pos
-    mask = t_ok[:, None] & d_ok[None, :]
-    row = (b * nt + offs_t).to(tl.int64)
-    tl.store(y_ptr + row[:, None] * D + offs_d[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
-    tl.store(feat_ptr + row[:, None] * D + offs_d[None, :], feat, mask=mask)
-    tl.store(mean_ptr + row, mean, mask=t_ok)
-    tl.store(rstd_ptr + row, rstd, mask=t_ok)
-    if POOL:
-        tl.store(arg_ptr + row[:, None] * D + offs_d[None, :], arg, mask=mask)
+    tl.store(y_ptr + idx, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(mean_ptr + offs_r, mean, mask=r_ok)
+    tl.store(rstd_ptr + offs_r, rstd, mask=r_ok)
 
 
 @triton.jit
@@ -264,23 +304,77 @@ def _dweight_kernel(
     )
 
 
+@triton.jit
+def _dweight_pooled_kernel(
+    img_ptr,
+    g_ptr,
+    arg_ptr,
+    dwp_ptr,
+    s_ib,
+    s_ic,
+    s_ih,
+    s_iw,
+    GW,
+    NT,
+    TOTAL,
+    D,
+    K,
+    TOKENS_PER_SPLIT,
+    scale,
+    offset,
+    P: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """DWP[s, d, k] = sum over this split's pooled tokens t of G[t, d] * x[b(t), ARG[t, d], k].
+
+    Each pooled output routes its gradient to one conv token per channel (its argmax), so the weight
+    gradient is a gather, not a GEMM over all conv tokens: 36x less work at 192x144 -> 32x24."""
+    pid_d = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    d_ok = offs_d < D
+    k_ok = offs_k < K
+    c = offs_k // (P * P)
+    py = (offs_k // P) % P
+    px = offs_k % P
+    col = c.to(tl.int64) * s_ic + py * s_ih + px * s_iw
+    acc = tl.zeros([BLOCK_D, BLOCK_K], tl.float32)
+    t_start = pid_s * TOKENS_PER_SPLIT
+    t_end = tl.minimum(t_start + TOKENS_PER_SPLIT, TOTAL)
+    for t in range(t_start, t_end):
+        t64 = tl.cast(t, tl.int64)
+        g = tl.load(g_ptr + t64 * D + offs_d, mask=d_ok, other=0.0)
+        idx = tl.load(arg_ptr + t64 * D + offs_d, mask=d_ok, other=0)
+        row = (t64 // NT) * s_ib + ((idx // GW) * P).to(tl.int64) * s_ih + ((idx % GW) * P).to(tl.int64) * s_iw
+        pix = tl.load(img_ptr + row[:, None] + col[None, :], mask=d_ok[:, None] & k_ok[None, :], other=0)
+        acc += g[:, None] * (pix.to(tl.float32) * scale + offset)
+    tl.store(
+        dwp_ptr + (pid_s.to(tl.int64) * D + offs_d[:, None]) * K + offs_k[None, :],
+        acc,
+        mask=d_ok[:, None] & k_ok[None, :],
+    )
+
+
 # --- launch configurations ----------------------------------------------------------------------
 
 
-def fwd_tiles(dim: int, interpret: bool | None = None) -> dict[str, int]:
-    block_d = max(16, triton.next_power_of_2(dim))
+def conv_tiles(pool: bool, interpret: bool | None = None) -> dict[str, int]:
+    """Tile of the conv (+ pool) kernel: BLOCK_T tokens x BLOCK_D channels, BLOCK_K patch elements per step."""
     if _interpreting() if interpret is None else interpret:
-        return {"BLOCK_T": 16, "BLOCK_D": block_d, "BLOCK_K": 16, "num_warps": 4, "num_stages": 1}
-    # the whole feature row stays in registers for LayerNorm: fewer tokens per program as dim grows
-    # (BLOCK_T x BLOCK_D fp32 accumulator plus, when pooling, the running max and its index)
-    block_t = 32 if block_d <= 256 else 16
-    return {
-        "BLOCK_T": block_t,
-        "BLOCK_D": block_d,
-        "BLOCK_K": 32,
-        "num_warps": 4 if block_d <= 256 else 8,
-        "num_stages": 2,
-    }
+        return {"BLOCK_T": 16, "BLOCK_D": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 1}
+    # pooled: 768 query tokens per image, so 32-token tiles (x 8 channel tiles of 64 at dim 512) give
+    # 192 programs per image where 64-token tiles would leave most of 132 SMs idle at batch 1
+    return {"BLOCK_T": 32 if pool else 64, "BLOCK_D": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2}
+
+
+def norm_tiles(dim: int) -> dict[str, int]:
+    """Rows per program of the LayerNorm + position kernel (a whole feature row per program row)."""
+    block_d = max(16, triton.next_power_of_2(dim))
+    rows = max(1, min(16, 4096 // block_d))
+    return {"BLOCK_R": rows, "BLOCK_D": block_d, "num_warps": 4 if block_d <= 1024 else 8, "num_stages": 1}
 
 
 def dweight_tiles(interpret: bool | None = None) -> dict[str, int]:
@@ -325,7 +419,7 @@ def forward(
     th, tw = (pool_h, pool_w) if pool else (gh, gw)
     nt = th * tw
     wmat = weight.reshape(d, k).contiguous()
-    params = [t.contiguous() for t in (bias, norm_weight, norm_bias, pos_weight, pos_bias)]
+    params = [t.contiguous() for t in (norm_weight, norm_bias, pos_weight, pos_bias)]
     dev = image.device
     y = _alloc.empty(b, nt, d, dtype=out_dtype, device=dev)
     feat = _alloc.empty(b, nt, d, dtype=torch.float32, device=dev)
@@ -334,90 +428,72 @@ def forward(
     arg = (
         _alloc.empty(b, nt, d, dtype=torch.int32, device=dev) if pool else torch.empty(0, dtype=torch.int32, device=dev)
     )
-    cfg = fwd_tiles(d)
+    cfg = conv_tiles(pool)
     kh = max_bin(gh, th) if pool else 1
     kw = max_bin(gw, tw) if pool else 1
-    _fwd_kernel[(triton.cdiv(nt, cfg["BLOCK_T"]), b)](
-        image,
-        wmat,
-        *params,
-        y,
-        feat,
-        mean,
-        rstd,
-        arg if pool else feat,
-        *image.stride(),
-        gh,
-        gw,
-        th,
-        tw,
-        kh,
-        kw,
-        d,
-        k,
-        float(intensity_scale),
-        float(intensity_offset),
-        float(eps),
-        *_axis(th),
-        *_axis(tw),
-        P=patch,
-        BLOCK_T=cfg["BLOCK_T"],
-        BLOCK_D=cfg["BLOCK_D"],
-        BLOCK_K=cfg["BLOCK_K"],
-        POOL=pool,
-        num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
-    )
+    grid = (triton.cdiv(nt, cfg["BLOCK_T"]), triton.cdiv(d, cfg["BLOCK_D"]), b)
+    _conv_kernel[grid](
+        image, wmat, bias.contiguous(), feat, arg if pool else feat, *image.stride(),
+        gh, gw, th, tw, kh, kw, d, k, float(intensity_scale), float(intensity_offset),
+        P=patch, BLOCK_T=cfg["BLOCK_T"], BLOCK_D=cfg["BLOCK_D"], BLOCK_K=cfg["BLOCK_K"], POOL=pool,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )  # fmt: skip
+    ncfg = norm_tiles(d)
+    _norm_kernel[(triton.cdiv(b * nt, ncfg["BLOCK_R"]),)](
+        feat, *params, y, mean, rstd, b * nt, tw, nt, d, float(eps), *_axis(th), *_axis(tw),
+        BLOCK_R=ncfg["BLOCK_R"], BLOCK_D=ncfg["BLOCK_D"], num_warps=ncfg["num_warps"], num_stages=1,
+    )  # fmt: skip
     return y, feat, mean, rstd, arg
 
 
 def weight_grad(
     image: torch.Tensor,
-    dconv: torch.Tensor,
+    grad: torch.Tensor,
+    arg: torch.Tensor,
     patch: int,
     intensity_scale: float,
     intensity_offset: float,
     splits: int | None = None,
 ) -> torch.Tensor:
-    """dW [D, C, p, p] (fp32) = sum over conv tokens of dconv [B, GH*GW, D] x patch pixels (after the affine)."""
+    """Conv weight gradient dW [D, C, p, p] (fp32).
+
+    Without pooling (``arg`` empty): grad [B, GH*GW, D] is the gradient of the conv features and
+    dW = sum over conv tokens of grad x patch pixels (after the affine), an ieee GEMM. With pooling:
+    grad [B, T, D] is the gradient of the pooled features and arg [B, T, D] the conv-token index each
+    one came from; dW gathers those patches."""
     b, c, h, w = image.shape
     gh, gw = h // patch, w // patch
-    d = dconv.shape[-1]
+    d = grad.shape[-1]
     k = c * patch * patch
-    total = b * gh * gw
+    pool = arg.numel() > 0
+    total = grad.shape[0] * grad.shape[1]
     cfg = dweight_tiles()
-    bt = cfg["BLOCK_T"]
-    grid_dk = triton.cdiv(d, cfg["BLOCK_D"]) * triton.cdiv(k, cfg["BLOCK_K"])
+    step = 1 if pool else cfg["BLOCK_T"]
+    grid_dk = (triton.cdiv(d, cfg["BLOCK_D"]), triton.cdiv(k, cfg["BLOCK_K"]))
     if splits is None:
         if image.device.type == "cuda":
             sms = torch.cuda.get_device_properties(image.device).multi_processor_count
-            splits = max(1, min(triton.cdiv(2 * sms, grid_dk), triton.cdiv(total, 1024)))
+            # at least 256 tokens per split for the GEMM, 32 for the serial per-token gather
+            per_min = 32 if pool else 256
+            splits = max(1, min(triton.cdiv(4 * sms, grid_dk[0] * grid_dk[1]), triton.cdiv(total, per_min)))
         else:
-            splits = min(3, triton.cdiv(total, bt))
-    per = triton.cdiv(triton.cdiv(total, splits), bt) * bt
+            splits = min(3, triton.cdiv(total, step))
+    per = triton.cdiv(triton.cdiv(total, splits), step) * step
     splits = triton.cdiv(total, per)
     dwp = _alloc.empty(splits, d, k, dtype=torch.float32, device=image.device)
-    dconv = dconv.contiguous()
-    _dweight_kernel[(triton.cdiv(d, cfg["BLOCK_D"]), triton.cdiv(k, cfg["BLOCK_K"]), splits)](
-        image,
-        dconv,
-        dwp,
-        *image.stride(),
-        b,
-        gw,
-        gh * gw,
-        d,
-        k,
-        per,
-        float(intensity_scale),
-        float(intensity_offset),
-        P=patch,
-        BLOCK_T=bt,
-        BLOCK_D=cfg["BLOCK_D"],
-        BLOCK_K=cfg["BLOCK_K"],
-        num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
-    )
+    grad = grad.contiguous()
+    scale, offset = float(intensity_scale), float(intensity_offset)
+    launch = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    if pool:
+        _dweight_pooled_kernel[(*grid_dk, splits)](
+            image, grad, arg.contiguous(), dwp, *image.stride(), gw, grad.shape[1], total, d, k, per, scale, offset,
+            P=patch, BLOCK_D=cfg["BLOCK_D"], BLOCK_K=cfg["BLOCK_K"], **launch,
+        )  # fmt: skip
+    else:
+        _dweight_kernel[(*grid_dk, splits)](
+            image, grad, dwp, *image.stride(), b, gw, gh * gw, d, k, per, scale, offset,
+            P=patch, BLOCK_T=cfg["BLOCK_T"], BLOCK_D=cfg["BLOCK_D"], BLOCK_K=cfg["BLOCK_K"], **launch,
+        )  # fmt: skip
     return dwp.sum(0).reshape(d, c, patch, patch)
 
 
@@ -428,40 +504,30 @@ def _register() -> None:
     i32, f32 = "i32", "fp32"
     # the AViT stems: patch 16, dim 512 (query path, pooled) and kv_dim 256 (full path), uint16 images
     # and the float images of the ViT pipeline
-    fwd_cases = [
-        (torch.uint16, torch.bfloat16, 512, True),
-        (torch.uint16, torch.bfloat16, 256, False),
-        (torch.float32, torch.float32, 512, False),
-    ]
-    for img_dt, out_dt, dim, pool in fwd_cases:
-        sig = {"img_ptr": IMAGE_PTR[img_dt], "y_ptr": OUT_PTR[out_dt], "arg_ptr": "*i32" if pool else "*fp32"}
-        sig.update(
-            {
-                n: "*fp32"
-                for n in (
-                    "w_ptr",
-                    "bias_ptr",
-                    "nw_ptr",
-                    "nb_ptr",
-                    "pw_ptr",
-                    "pb_ptr",
-                    "feat_ptr",
-                    "mean_ptr",
-                    "rstd_ptr",
-                )
-            }
-        )
-        sig.update(
-            {n: i32 for n in ("s_ib", "s_ic", "s_ih", "s_iw", "GH", "GW", "TH", "TW", "KH_MAX", "KW_MAX", "D", "K")}
-        )
-        sig.update({n: f32 for n in ("scale", "offset", "eps", "u_step", "u_off", "v_step", "v_off")})
+    conv_cases = [(torch.uint16, True), (torch.uint16, False), (torch.float32, False), (torch.bfloat16, False)]
+    for img_dt, pool in conv_cases:
+        sig = {"img_ptr": IMAGE_PTR[img_dt], "arg_ptr": "*i32" if pool else "*fp32", "scale": f32, "offset": f32}
+        sig.update({n: "*fp32" for n in ("w_ptr", "bias_ptr", "feat_ptr")})
+        names = ("s_ib", "s_ic", "s_ih", "s_iw", "GH", "GW", "TH", "TW", "KH_MAX", "KW_MAX", "D", "K")
+        sig.update({n: i32 for n in names})
         _aot.register(
-            _fwd_kernel, signatures=[sig], configs=[{**fwd_tiles(dim, interpret=False), "P": 16, "POOL": pool}]
+            _conv_kernel, signatures=[sig], configs=[{**conv_tiles(pool, interpret=False), "P": 16, "POOL": pool}]
         )
+    for out_dt, dim in ((torch.bfloat16, 512), (torch.bfloat16, 256), (torch.float32, 768)):
+        sig = {n: "*fp32" for n in ("feat_ptr", "nw_ptr", "nb_ptr", "pw_ptr", "pb_ptr", "mean_ptr", "rstd_ptr")}
+        sig["y_ptr"] = OUT_PTR[out_dt]
+        sig.update({n: i32 for n in ("NROWS", "TW", "NT", "D")})
+        sig.update({n: f32 for n in ("eps", "u_step", "u_off", "v_step", "v_off")})
+        _aot.register(_norm_kernel, signatures=[sig], configs=[norm_tiles(dim)])
     for img_dt in (torch.uint16, torch.float32):
         sig = {"img_ptr": IMAGE_PTR[img_dt], "dconv_ptr": "*fp32", "dwp_ptr": "*fp32", "scale": f32, "offset": f32}
         sig.update({n: i32 for n in ("s_ib", "s_ic", "s_ih", "s_iw", "B", "GW", "NT", "D", "K", "TOKENS_PER_SPLIT")})
         _aot.register(_dweight_kernel, signatures=[sig], configs=[{**dweight_tiles(interpret=False), "P": 16}])
+    sig = {"img_ptr": "*u16", "g_ptr": "*fp32", "arg_ptr": "*i32", "dwp_ptr": "*fp32", "scale": f32, "offset": f32}
+    sig.update({n: i32 for n in ("s_ib", "s_ic", "s_ih", "s_iw", "GW", "NT", "TOTAL", "D", "K", "TOKENS_PER_SPLIT")})
+    cfg = dweight_tiles(interpret=False)
+    del cfg["BLOCK_T"]
+    _aot.register(_dweight_pooled_kernel, signatures=[sig], configs=[{**cfg, "P": 16}])
 
 
 _register()

@@ -14,7 +14,8 @@ class Attention(nn.Module):
     x: [B, N, dim]; kv: [B, Nk, kv_dim] (defaults to x: self-attention) -> [B, N, dim].
     Parameters: ``q_proj`` Linear(dim, heads*head_dim), ``k_proj`` / ``v_proj`` Linear(kv_dim,
     kv_heads*head_dim), ``out_proj`` Linear(heads*head_dim, dim); bias-free unless ``bias=True``.
-    ``key_padding_mask``: [B, Nk] bool, True = padding. Attention dropout acts in training only.
+    ``key_padding_mask``: [B, Nk] bool, True = padding. Attention dropout acts in training only
+    (**fixed**: the original applied it in eval too, including the EMA target pass).
     """
 
     def __init__(
@@ -51,7 +52,12 @@ class Attention(nn.Module):
         k = self.k_proj(kv).view(b, nk, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(kv).view(b, nk, self.kv_heads, self.head_dim).transpose(1, 2)
         o = ops.cross_attention(
-            q, k, v, kv_heads=self.kv_heads, dropout_p=self.dropout if self.training else 0.0,
-            key_padding_mask=key_padding_mask, backend=self.backend,
+            q,
+            k,
+            v,
+            kv_heads=self.kv_heads,
+            dropout_p=self.dropout if self.training else 0.0,
+            key_padding_mask=key_padding_mask,
+            backend=self.backend,
         )
         return self.out_proj(o.transpose(1, 2).reshape(b, n, self.heads * self.head_dim))

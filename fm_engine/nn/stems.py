@@ -22,7 +22,9 @@ class PatchEmbed2d(nn.Module):
     ) -> None:
         super().__init__()
         self.patch = patch
-        self.pool_to = tuple(pool_to) if pool_to is not None else None
+        if pool_to is not None and len(pool_to) != 2:
+            raise ValueError(f"pool_to: expected two sizes (Ht, Wt), got {pool_to}")
+        self.pool_to: tuple[int, int] | None = (int(pool_to[0]), int(pool_to[1])) if pool_to is not None else None
         self.proj = nn.Conv2d(in_ch, dim, patch, stride=patch, bias=True)
         self.norm = nn.LayerNorm(dim)
         self.pos = nn.Linear(2, dim)
@@ -40,9 +42,20 @@ class PatchEmbed2d(nn.Module):
         out_dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
         return ops.patch_embed(
-            image, self.proj.weight, self.proj.bias, self.norm.weight, self.norm.bias, self.pos.weight,
-            self.pos.bias, patch=self.patch, pool_to=self.pool_to, intensity_scale=intensity_scale,
-            intensity_offset=intensity_offset, out_dtype=out_dtype, eps=self.norm.eps, backend=self.backend,
+            image,
+            self.proj.weight,
+            self.proj.bias,  # type: ignore[arg-type]  # bias=True above
+            self.norm.weight,
+            self.norm.bias,
+            self.pos.weight,
+            self.pos.bias,
+            patch=self.patch,
+            pool_to=self.pool_to,
+            intensity_scale=intensity_scale,
+            intensity_offset=intensity_offset,
+            out_dtype=out_dtype,
+            eps=self.norm.eps,
+            backend=self.backend,
         )
 
 
@@ -71,8 +84,19 @@ class AdaptiveStem2d(PatchEmbed2d):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         q = super().forward(image, intensity_scale, intensity_offset, out_dtype)
         kv = ops.patch_embed(
-            image, self.kv_proj.weight, self.kv_proj.bias, self.kv_norm.weight, self.kv_norm.bias, self.kv_pos.weight,
-            self.kv_pos.bias, patch=self.patch, pool_to=None, intensity_scale=intensity_scale,
-            intensity_offset=intensity_offset, out_dtype=out_dtype, eps=self.kv_norm.eps, backend=self.backend,
+            image,
+            self.kv_proj.weight,
+            self.kv_proj.bias,  # type: ignore[arg-type]  # bias=True above
+            self.kv_norm.weight,
+            self.kv_norm.bias,
+            self.kv_pos.weight,
+            self.kv_pos.bias,
+            patch=self.patch,
+            pool_to=None,
+            intensity_scale=intensity_scale,
+            intensity_offset=intensity_offset,
+            out_dtype=out_dtype,
+            eps=self.kv_norm.eps,
+            backend=self.backend,
         )
         return q, kv

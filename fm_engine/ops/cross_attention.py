@@ -4,15 +4,25 @@
 q: [B, Hq, Nq, D]; k, v: [B, Hkv, Nk, D] with Hkv == kv_heads and Hq a multiple of Hkv (query head h
 uses KV head h // (Hq // Hkv)); key_padding_mask: [B, Nk] bool, True = padding (ignored key).
 Returns [B, Hq, Nq, D]. Self-attention is the case k, v computed from the same tokens as q.
+
+Backends: reference (SDPA on repeated KV heads) and triton (kernels/cross_attention.py: key-split
+forward with an exact log-sum-exp merge, FlashAttention-2 style backward with fp32 dQ partials).
+The Triton backend takes fp16 / bf16 (tensor-core dots, fp32 accumulation) and fp32 (ieee dots),
+head dims 16, 32, 64, 128, and refuses dropout and key_padding_mask (the reference runs those).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from fm_engine.ops import _checks
-from fm_engine.ops._dispatch import Op, public
+from fm_engine.ops._dispatch import Op, public, triton_available, triton_device_ok
+
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_TRITON_HEAD_DIMS = (16, 32, 64, 128)
 
 
 def cross_attention_reference(
@@ -92,3 +102,111 @@ def cross_attention(
 
 
 public(CROSS_ATTENTION, cross_attention)
+
+
+# --- Triton backend ------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fm_engine::cross_attention_fwd", mutates_args=())
+def _fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_heads: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from fm_engine.kernels import cross_attention as K
+
+    return K.forward(q, k, v, kv_heads, scale)
+
+
+@_fwd.register_fake
+def _(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_heads: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("fm_engine::cross_attention_bwd", mutates_args=())
+def _bwd(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    kv_heads: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from fm_engine.kernels import cross_attention as K
+
+    return K.backward(do, q, k, v, o, lse, kv_heads, scale)
+
+
+@_bwd.register_fake
+def _(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    kv_heads: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+    q, k, v, kv_heads, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.kv_heads, ctx.scale = kv_heads, scale
+
+
+def _backward(ctx: Any, do: torch.Tensor, _dlse: torch.Tensor) -> tuple:
+    q, k, v, o, lse = ctx.saved_tensors
+    dq, dk, dv = _bwd(do, q, k, v, o, lse, ctx.kv_heads, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _triton_supports(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    kv_heads: int,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    key_padding_mask: torch.Tensor | None = None,
+) -> str | None:
+    reason = triton_device_ok(q, k, v)
+    if reason:
+        return reason
+    if q.dtype not in _TRITON_DTYPES:
+        return f"dtype {q.dtype} (the Triton kernels take float16, bfloat16, float32)"
+    if q.shape[-1] not in _TRITON_HEAD_DIMS:
+        return f"head_dim {q.shape[-1]} (the Triton kernels take {_TRITON_HEAD_DIMS})"
+    if dropout_p > 0.0:
+        return "dropout_p > 0 (the Triton kernels draw no dropout mask; the reference applies it)"
+    if key_padding_mask is not None:
+        return "key_padding_mask (the Triton kernels have no key mask; the reference applies it)"
+    if k.shape[2] == 0 or q.shape[2] == 0 or q.shape[0] == 0:
+        return "an empty batch, query or key sequence"
+    return None
+
+
+def _triton_cross_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    kv_heads: int,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    key_padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    s = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    return _fwd(q, k, v, kv_heads, s)[0]
+
+
+CROSS_ATTENTION.register("triton", _triton_cross_attention, available=triton_available, supports=_triton_supports)

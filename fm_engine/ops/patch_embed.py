@@ -13,17 +13,33 @@ AdaptiveMaxPool2d(pool_to) on the raw conv features; LayerNorm(eps); + pos, wher
 pos(i, j) = pos_weight[:, 0] * u_i + pos_weight[:, 1] * v_j + pos_bias with u = linspace(-1, 1, Ht),
 v = linspace(-1, 1, Wt) (an axis of length 1 gives 0, **fixed**: the original produced NaN).
 Output dtype: ``out_dtype``, else the autocast dtype when autocast is on, else the parameters' dtype.
+
+Backends: reference (conv2d with TF32 off, adaptive_max_pool2d, layer_norm, all with autocast off)
+and triton (kernels/patch_embed.py): a conv (+ max pool) kernel reading the raw image (once per path
+when bins do not overlap) with ieee fp32 dots, then a LayerNorm + position kernel, so TF32 and autocast settings
+cannot change its result. Its backward gives gradients for every parameter (weight, bias,
+norm_weight, norm_bias, pos_weight, pos_bias; the image gets none): the conv weight gradient is a
+Triton ieee-fp32 kernel that gathers patches from the raw image (with pooling, only the patches the
+maxima came from); the LayerNorm, position and bias gradients are plain torch in fp32 (element-wise
+work and reductions, no matmul).
+The Triton backend takes fp32 parameters, images of uint8 / uint16 / int16 / float32 / bfloat16,
+dims up to 4096 and fp32 / bf16 / fp16 outputs; an image that requires grad goes to the reference.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from fm_engine.ops import _checks
-from fm_engine.ops._dispatch import Op, public
+from fm_engine.ops._dispatch import Op, public, triton_available, triton_device_ok
 
 IMAGE_DTYPES = (torch.uint8, torch.uint16, torch.int16, torch.float32, torch.bfloat16, torch.float64)
+_TRITON_IMAGE_DTYPES = (torch.uint8, torch.uint16, torch.int16, torch.float32, torch.bfloat16)
+_TRITON_OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_TRITON_MAX_DIM = 4096  # the LayerNorm kernel holds a token's whole feature row in registers
 
 
 def grid_coords(n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -33,15 +49,15 @@ def grid_coords(n: int, device: torch.device, dtype: torch.dtype) -> torch.Tenso
     return torch.linspace(-1.0, 1.0, n, device=device, dtype=dtype)
 
 
-def factorized_position(
-    grid: tuple[int, int], pos_weight: torch.Tensor, pos_bias: torch.Tensor
-) -> torch.Tensor:
+def factorized_position(grid: tuple[int, int], pos_weight: torch.Tensor, pos_bias: torch.Tensor) -> torch.Tensor:
     """Position encoding [Ht*Wt, D] for a token grid (Ht, Wt), row-major."""
     ht, wt = grid
     u = grid_coords(ht, pos_weight.device, pos_weight.dtype)
     v = grid_coords(wt, pos_weight.device, pos_weight.dtype)
-    coords = torch.stack(torch.meshgrid(u, v, indexing="ij"), dim=-1).reshape(-1, 2)
-    return F.linear(coords, pos_weight, pos_bias)
+    # W[:, 0] u_i + W[:, 1] v_j + b, i.e. Linear(2, D) on the (u, v) grid, written element-wise so it
+    # runs in full precision whatever the TF32 / matmul-precision settings are
+    pos = u[:, None, None] * pos_weight[:, 0] + v[None, :, None] * pos_weight[:, 1] + pos_bias
+    return pos.reshape(ht * wt, -1)
 
 
 def output_dtype(image: torch.Tensor, param_dtype: torch.dtype, out_dtype: torch.dtype | None) -> torch.dtype:
@@ -75,22 +91,19 @@ def patch_embed_reference(
 ) -> torch.Tensor:
     cdt = torch.promote_types(weight.dtype, torch.float32)
     odt = output_dtype(image, weight.dtype, out_dtype)
-    with torch.autocast(image.device.type, enabled=False), torch.backends.cudnn.flags(
-        enabled=torch.backends.cudnn.enabled, allow_tf32=False
+    # TF32 off for the conv; the position is element-wise (no matmul), so no global matmul flag is touched
+    with (
+        torch.autocast(image.device.type, enabled=False),
+        torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False),
     ):
-        prev = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = False
-        try:
-            x = image.to(cdt) * intensity_scale + intensity_offset
-            feat = F.conv2d(x, weight.to(cdt), bias.to(cdt), stride=patch)
-            if pool_to is not None:
-                feat = F.adaptive_max_pool2d(feat, tuple(pool_to))
-            grid = (feat.shape[-2], feat.shape[-1])
-            tokens = feat.flatten(2).transpose(1, 2)
-            tokens = F.layer_norm(tokens, (tokens.shape[-1],), norm_weight.to(cdt), norm_bias.to(cdt), eps)
-            tokens = tokens + factorized_position(grid, pos_weight.to(cdt), pos_bias.to(cdt))
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = prev
+        x = image.to(cdt) * intensity_scale + intensity_offset
+        feat = F.conv2d(x, weight.to(cdt), bias.to(cdt), stride=patch)
+        if pool_to is not None:
+            feat = F.adaptive_max_pool2d(feat, tuple(pool_to))
+        grid = (feat.shape[-2], feat.shape[-1])
+        tokens = feat.flatten(2).transpose(1, 2)
+        tokens = F.layer_norm(tokens, (tokens.shape[-1],), norm_weight.to(cdt), norm_bias.to(cdt), eps)
+        tokens = tokens + factorized_position(grid, pos_weight.to(cdt), pos_bias.to(cdt))
     return tokens.to(odt)
 
 
@@ -163,10 +176,224 @@ def patch_embed(
 ) -> torch.Tensor:
     """Full-precision stem. image [B, C, H, W] -> tokens [B, Ht*Wt, D] (see module docstring)."""
     return PATCH_EMBED(
-        image, weight, bias, norm_weight, norm_bias, pos_weight, pos_bias, patch=patch, pool_to=pool_to,
-        intensity_scale=intensity_scale, intensity_offset=intensity_offset, out_dtype=out_dtype, eps=eps,
+        image,
+        weight,
+        bias,
+        norm_weight,
+        norm_bias,
+        pos_weight,
+        pos_bias,
+        patch=patch,
+        pool_to=pool_to,
+        intensity_scale=intensity_scale,
+        intensity_offset=intensity_offset,
+        out_dtype=out_dtype,
+        eps=eps,
         backend=backend,
     )
 
 
 public(PATCH_EMBED, patch_embed)
+
+
+# --- Triton backend ------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fm_engine::patch_embed_fwd", mutates_args=())
+def _fwd(
+    image: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    norm_weight: torch.Tensor,
+    norm_bias: torch.Tensor,
+    pos_weight: torch.Tensor,
+    pos_bias: torch.Tensor,
+    patch: int,
+    pool_h: int,
+    pool_w: int,
+    intensity_scale: float,
+    intensity_offset: float,
+    out_dtype: torch.dtype,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from fm_engine.kernels import patch_embed as K
+
+    return K.forward(
+        image,
+        weight,
+        bias,
+        norm_weight,
+        norm_bias,
+        pos_weight,
+        pos_bias,
+        patch,
+        pool_h,
+        pool_w,
+        intensity_scale,
+        intensity_offset,
+        out_dtype,
+        eps,
+    )
+
+
+@_fwd.register_fake
+def _(
+    image: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    norm_weight: torch.Tensor,
+    norm_bias: torch.Tensor,
+    pos_weight: torch.Tensor,
+    pos_bias: torch.Tensor,
+    patch: int,
+    pool_h: int,
+    pool_w: int,
+    intensity_scale: float,
+    intensity_offset: float,
+    out_dtype: torch.dtype,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    b, d = image.shape[0], weight.shape[0]
+    th, tw = (pool_h, pool_w) if pool_h > 0 else (image.shape[2] // patch, image.shape[3] // patch)
+    nt = th * tw
+    feat = weight.new_empty((b, nt, d), dtype=torch.float32)
+    arg = weight.new_empty((b, nt, d) if pool_h > 0 else (0,), dtype=torch.int32)
+    return (weight.new_empty((b, nt, d), dtype=out_dtype), feat, feat.new_empty((b, nt)), feat.new_empty((b, nt)), arg)
+
+
+@torch.library.custom_op("fm_engine::patch_embed_weight_grad", mutates_args=())
+def _weight_grad(
+    image: torch.Tensor,
+    grad: torch.Tensor,
+    arg: torch.Tensor,
+    patch: int,
+    intensity_scale: float,
+    intensity_offset: float,
+) -> torch.Tensor:
+    from fm_engine.kernels import patch_embed as K
+
+    return K.weight_grad(image, grad, arg, patch, intensity_scale, intensity_offset)
+
+
+@_weight_grad.register_fake
+def _(
+    image: torch.Tensor,
+    grad: torch.Tensor,
+    arg: torch.Tensor,
+    patch: int,
+    intensity_scale: float,
+    intensity_offset: float,
+) -> torch.Tensor:
+    return grad.new_empty((grad.shape[-1], image.shape[1], patch, patch))
+
+
+def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+    image, _w, _b, norm_weight, _nb, _pw, _pb, patch, pool_h, pool_w, scale, offset, _odt, _eps = inputs
+    _y, feat, mean, rstd, arg = output
+    ctx.mark_non_differentiable(feat, mean, rstd, arg)
+    ctx.save_for_backward(image, norm_weight, feat, mean, rstd, arg)
+    ctx.patch, ctx.pool, ctx.scale, ctx.offset = patch, (pool_h, pool_w), scale, offset
+
+
+def _backward(ctx: Any, dy: torch.Tensor, *_unused: torch.Tensor) -> tuple:
+    image, norm_weight, feat, mean, rstd, arg = ctx.saved_tensors
+    h, w = image.shape[-2:]
+    gh, gw = h // ctx.patch, w // ctx.patch
+    th, tw = ctx.pool if ctx.pool[0] > 0 else (gh, gw)
+    g = dy.float()
+    # position: d pos_bias = sum g; d pos_weight[:, 0] = sum g * u_i, [:, 1] = sum g * v_j
+    g_tok = g.sum(0).view(th, tw, -1)
+    u = grid_coords(th, g.device, torch.float32)
+    v = grid_coords(tw, g.device, torch.float32)
+    d_pos_bias = g_tok.sum((0, 1))
+    d_pos_weight = torch.stack(((g_tok.sum(1) * u[:, None]).sum(0), (g_tok.sum(0) * v[:, None]).sum(0)), dim=1)
+    # LayerNorm
+    xhat = (feat - mean[..., None]) * rstd[..., None]
+    d_norm_bias = d_pos_bias.clone()  # same values, but two parameters must not share one .grad tensor
+    d_norm_weight = (g * xhat).sum((0, 1))
+    gx = g * norm_weight
+    dfeat = rstd[..., None] * (gx - gx.mean(-1, keepdim=True) - xhat * (gx * xhat).mean(-1, keepdim=True))
+    d_bias = dfeat.sum((0, 1))  # every pooled output routes to exactly one conv output, which carries the bias
+    # with pooling, the kernel follows each pooled gradient to the conv token it came from (bins may overlap)
+    d_weight = _weight_grad(image, dfeat, arg, ctx.patch, ctx.scale, ctx.offset)
+    return (None, d_weight, d_bias, d_norm_weight, d_norm_bias, d_pos_weight, d_pos_bias) + (None,) * 7
+
+
+_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _triton_supports(
+    image: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    norm_weight: torch.Tensor,
+    norm_bias: torch.Tensor,
+    pos_weight: torch.Tensor,
+    pos_bias: torch.Tensor,
+    *,
+    patch: int,
+    pool_to: tuple[int, int] | None = None,
+    intensity_scale: float = 1.0,
+    intensity_offset: float = 0.0,
+    out_dtype: torch.dtype | None = None,
+    eps: float = 1e-5,
+) -> str | None:
+    params = (weight, bias, norm_weight, norm_bias, pos_weight, pos_bias)
+    reason = triton_device_ok(image, *params)
+    if reason:
+        return reason
+    if image.dtype not in _TRITON_IMAGE_DTYPES:
+        return f"image dtype {image.dtype} (the Triton stem reads uint8, uint16, int16, float32, bfloat16)"
+    if any(p.dtype != torch.float32 for p in params):
+        return "parameters not all float32 (the Triton stem keeps fp32 parameters)"
+    odt = output_dtype(image, weight.dtype, out_dtype)
+    if odt not in _TRITON_OUT_DTYPES:
+        return f"output dtype {odt} (the Triton stem writes float32, bfloat16, float16)"
+    if weight.shape[0] > _TRITON_MAX_DIM:
+        return (
+            f"dim {weight.shape[0]} > {_TRITON_MAX_DIM} (the LayerNorm kernel keeps a token's feature row in registers)"
+        )
+    if image.requires_grad:
+        return "image requires grad (the Triton stem gives parameter gradients only)"
+    if image.shape[0] == 0:
+        return "an empty batch"
+    return None
+
+
+def _triton_patch_embed(
+    image: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    norm_weight: torch.Tensor,
+    norm_bias: torch.Tensor,
+    pos_weight: torch.Tensor,
+    pos_bias: torch.Tensor,
+    *,
+    patch: int,
+    pool_to: tuple[int, int] | None = None,
+    intensity_scale: float = 1.0,
+    intensity_offset: float = 0.0,
+    out_dtype: torch.dtype | None = None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    odt = output_dtype(image, weight.dtype, out_dtype)
+    ph, pw = (int(pool_to[0]), int(pool_to[1])) if pool_to is not None else (0, 0)
+    return _fwd(
+        image,
+        weight,
+        bias,
+        norm_weight,
+        norm_bias,
+        pos_weight,
+        pos_bias,
+        patch,
+        ph,
+        pw,
+        float(intensity_scale),
+        float(intensity_offset),
+        odt,
+        float(eps),
+    )[0]
+
+
+PATCH_EMBED.register("triton", _triton_patch_embed, available=triton_available, supports=_triton_supports)

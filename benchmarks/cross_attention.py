@@ -1,0 +1,146 @@
+"""Pooled grouped-query cross-attention benchmarks (KERNELS.md K4), at the AViT shape.
+
+q [B, Hq, Nq, D], k / v [B, Hkv, Nk, D]; AViT: Nq 768, Nk 27,648, Hq 8, Hkv 4, D 64, bf16, B 1 / 4 / 8.
+  FLOP  fwd = 4·B·Hq·Nq·Nk·D            (QKᵀ and PV)
+        bwd = 10·B·Hq·Nq·Nk·D           (QKᵀ recomputed, dV, dP, dQ, dK: 2.5x the forward)
+  bytes fwd = s·(2·B·Hq·Nq·D + 2·B·Hkv·Nk·D)   (read q, k, v; write o)
+        bwd = s·(4·B·Hq·Nq·D + 4·B·Hkv·Nk·D)   (read q, o, dO, k, v; write dq, dk, dv)
+s = bytes per element; the log-sum-exp and split partials are not counted.
+Peers: each SDPA backend (cuDNN, flash, efficient; ``enable_gqa=True``, no repeated KV heads),
+FlexAttention (compiled, ``enable_gqa=True``), xFormers and NATTEN when importable.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from fm_engine import ops
+from fm_engine.ops.cross_attention import cross_attention_reference
+
+from .harness import Case, standard_labels
+
+
+def _sdpa(backend_name: str) -> Callable[..., Any]:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = getattr(SDPBackend, backend_name)
+
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+    return run
+
+
+def _flex() -> tuple[Callable[..., Any] | None, str]:
+    try:
+        from torch.nn.attention.flex_attention import flex_attention
+    except Exception as e:
+        return None, f"FlexAttention not importable ({e.__class__.__name__})"
+    compiled = torch.compile(flex_attention)
+    return (lambda q, k, v: compiled(q, k, v, enable_gqa=True)), ""
+
+
+def _xformers() -> tuple[Callable[..., Any] | None, str]:
+    try:
+        xops = importlib.import_module("xformers.ops")
+    except Exception as e:
+        return None, f"xformers not importable ({e.__class__.__name__})"
+
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # xFormers' grouped layout [B, N, G(kv heads), H/G, D]: KV heads broadcast without a copy
+        b, hq, nq, d = q.shape
+        hkv, nk = k.shape[1], k.shape[2]
+        g = hq // hkv
+        q5 = q.transpose(1, 2).reshape(b, nq, hkv, g, d)
+        k5 = k.transpose(1, 2)[:, :, :, None].expand(b, nk, hkv, g, d)
+        v5 = v.transpose(1, 2)[:, :, :, None].expand(b, nk, hkv, g, d)
+        return xops.memory_efficient_attention(q5, k5, v5).reshape(b, nq, hq, d).transpose(1, 2)
+
+    return run, ""
+
+
+def _natten() -> tuple[Callable[..., Any] | None, str]:
+    try:
+        natten = importlib.import_module("natten")
+    except Exception as e:
+        return None, f"natten not importable ({e.__class__.__name__})"
+    attention = getattr(natten, "attention", None)
+    if attention is None:
+        return None, "this NATTEN version has no plain (non-neighborhood) attention entry point"
+
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # NATTEN takes heads-last [B, N, H, D]; repeat KV heads when it has no GQA support
+        g = q.shape[1] // k.shape[1]
+        kk, vv = (t.repeat_interleave(g, dim=1).transpose(1, 2) for t in (k, v))
+        return attention(q.transpose(1, 2), kk, vv).transpose(1, 2)
+
+    return run, ""
+
+
+def _case(
+    b: int, hq: int, hkv: int, nq: int, nk: int, d: int, dtype: torch.dtype, device: torch.device, quick: bool
+) -> Case:
+    s = torch.finfo(dtype).bits // 8
+
+    def setup() -> list[torch.Tensor]:
+        q = torch.randn(b, hq, nq, d, device=device, dtype=dtype, requires_grad=True)
+        k = torch.randn(b, hkv, nk, d, device=device, dtype=dtype, requires_grad=True)
+        v = torch.randn(b, hkv, nk, d, device=device, dtype=dtype, requires_grad=True)
+        return [q, k, v]
+
+    fns = standard_labels(lambda q, k, v: cross_attention_reference(q, k, v, kv_heads=hkv), quick)
+    notes: dict[str, str] = {}
+    why = ops.get_op("cross_attention").backends["triton"].available()
+    if why is None:
+        fns["triton"] = lambda q, k, v: ops.cross_attention(q, k, v, kv_heads=hkv, backend="triton")
+    else:
+        notes["triton"] = why
+    if device.type == "cuda":
+        for label, name in (
+            ("sdpa-cudnn", "CUDNN_ATTENTION"),
+            ("sdpa-flash", "FLASH_ATTENTION"),
+            ("sdpa-efficient", "EFFICIENT_ATTENTION"),
+        ):
+            fns[label] = _sdpa(name)
+    else:
+        notes["sdpa-*"] = "the cuDNN / flash / efficient SDPA backends are CUDA kernels"
+    peers = {"xformers": _xformers(), "natten": _natten()}
+    if quick:
+        notes["flex"] = "quick run: compiling FlexAttention takes longer than the smoke test"
+    else:
+        peers["flex"] = _flex()
+    for label, (fn, why) in peers.items():
+        if fn is not None and device.type == "cuda":
+            fns[label] = fn
+        else:
+            notes[label] = why or "CUDA only"
+    attn = float(b) * hq * nq * nk * d
+    return Case(
+        op="cross_attention",
+        name=f"B{b} Nq{nq} Nk{nk} H{hq}/{hkv} D{d} {str(dtype).replace('torch.', '')}",
+        setup=setup,
+        fns=fns,
+        flops={"fwd": 4.0 * attn, "bwd": 10.0 * attn},
+        bytes={
+            "fwd": s * (2.0 * b * hq * nq * d + 2.0 * b * hkv * nk * d),
+            "bwd": s * (4.0 * b * hq * nq * d + 4.0 * b * hkv * nk * d),
+        },
+        flop_formula="fwd 4·B·Hq·Nq·Nk·D, bwd 10·B·Hq·Nq·Nk·D",
+        byte_formula="fwd s(2·B·Hq·Nq·D + 2·B·Hkv·Nk·D), bwd s(4·B·Hq·Nq·D + 4·B·Hkv·Nk·D)",
+        notes=notes,
+    )
+
+
+def cases(device: torch.device, quick: bool) -> list[Case]:
+    if quick:
+        return [_case(1, 2, 1, 32, 80, 16, torch.float32, device, True)]
+    bf16 = torch.bfloat16
+    return [_case(b, 8, 4, 768, 27648, 64, bf16, device, False) for b in (1, 4, 8)] + [
+        _case(1, 8, 4, 768, 27648, 64, torch.float32, device, False)
+    ]

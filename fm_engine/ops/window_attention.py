@@ -1,0 +1,583 @@
+"""Spatial patch-token attention on [B, T, C, H, W]: ST-CNNT local and global attention (KERNELS.md K1).
+
+``window_attention(q, k, v, *, mode, num_patches | num_windows, patch_size, n_head, scale=None,
+cosine=False, normalize_qk=False, rel_pos_bias=None, dropout_p=0.0)`` -> o: [B, T, C, H, W].
+
+Geometry (MODELS.md 2.3, 2.4). Each frame axis is cut as ``H = nWh * nPh * ph`` (windows, patches per
+window, patch pixels; W likewise), windows outermost. A token is one patch flattened in (ph, pw, C)
+order with C fastest; head h is the contiguous chunk ``[h*hc, (h+1)*hc)`` of that vector.
+
+* ``mode="local"``: ``num_patches`` (nPh, nPw) and ``patch_size`` are given; the window count follows
+  H, W. The tokens of one window attend to each other (N = nPh*nPw tokens, row-major).
+* ``mode="global"`` (MaxViT grid): ``num_windows`` (nWh, nWw) and ``patch_size`` are given; the patches
+  per window follow H, W. The tokens at one patch position in every window attend to each other
+  (N = nWh*nWw tokens, row-major over windows). Height and width use their own window counts (the
+  original used the height count for the width as well; **fixed**).
+
+q, k: [B, T, C, Hq, Wq] may be smaller than v: [B, T, C, H, W] (strided Q/K conv): they are cut into
+the same window / patch grid, so their patches are ``Hq / (nWh*nPh)`` x ``Wq / (nWw*nPw)`` pixels and
+their head dim ``hc_qk`` is smaller than v's ``hc_v``.
+
+Scores per (frame, group, head), from q_i, k_j in R^hc_qk:
+    plain:        scale * q_i . k_j                               (scale defaults to 1/sqrt(hc_qk))
+    cosine:       scale * normalize(q_i) . normalize(k_j)          (scale defaults to 1: no temperature)
+    normalize_qk: scale * z(q_i) . z(k_j), z(x) = (x - mean x) / sqrt(unbiased var x + eps),
+                  eps = machine epsilon of the input dtype (needs hc_qk >= 2)
+``cosine`` wins when both flags are set (the original's order). Then
+    A = softmax(scores) + rel_pos_bias[h]      (bias added AFTER the softmax: kept from the original)
+    o = dropout(A) @ v
+``rel_pos_bias``: [n_head, N, N], the bias already gathered for every (query token, key token) pair in
+the token order above (the module owns the Swin-style table and its index, see
+fm_engine.nn.stcnnt_attention); same dtype as q; it receives a gradient.
+
+Backends: reference (eager, partitions the frame into tokens), triton (kernels/window_attention.py:
+reads q, k, v and writes o in place in the [B, T, C, H, W] layout; backward recomputes the attention
+matrix from q and k). The Triton backend does not draw dropout: with ``dropout_p > 0`` automatic
+dispatch runs the reference and ``explain()`` says why.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from fm_engine.ops import _checks
+from fm_engine.ops._dispatch import Op, public, triton_available, triton_device_ok
+
+MODES = ("local", "global")
+FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The Triton kernels keep one group's whole N x N score matrix in registers (kernels/window_attention.py).
+MAX_TRITON_TOKENS = 64
+
+
+def pair(name: str, x: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """An int or a pair of positive ints -> (h, w); ValueError naming ``name`` otherwise."""
+    if isinstance(x, int) and not isinstance(x, bool):
+        x = (x, x)
+    if (
+        not isinstance(x, (tuple, list))
+        or len(x) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in x)
+    ):
+        raise ValueError(f"{name}: expected a positive int or a pair of positive ints, got {x!r}")
+    return int(x[0]), int(x[1])
+
+
+class Geometry(NamedTuple):
+    """How a frame is cut (v's patch pixels ph, pw; q/k's phq, pwq) and the attention sizes."""
+
+    mode: str
+    nWh: int
+    nWw: int
+    nPh: int
+    nPw: int
+    ph: int
+    pw: int
+    phq: int
+    pwq: int
+    n_tokens: int  # N: tokens per attention group
+    n_groups: int  # groups per frame
+    hc_qk: int
+    hc_v: int
+
+
+def geometry(
+    q: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    mode: str,
+    num_patches: int | tuple[int, int] | None,
+    num_windows: int | tuple[int, int] | None,
+    patch_size: int | tuple[int, int],
+    n_head: int,
+) -> Geometry:
+    """Resolve and check the window / patch grid of q [B, T, C, Hq, Wq] and v [B, T, C, H, W]."""
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    ph, pw = pair("patch_size", patch_size)
+    C, H, W = v.shape[2], v.shape[3], v.shape[4]
+    Hq, Wq = q.shape[3], q.shape[4]
+    if mode == "local":
+        if num_patches is None:
+            raise ValueError("num_patches: required for mode='local' (patches per window, int or (h, w))")
+        nPh, nPw = pair("num_patches", num_patches)
+        wh, ww = nPh * ph, nPw * pw
+        if H % wh or W % ww:
+            raise ValueError(
+                f"v: frame {H}x{W} is not divisible into windows of {nPh}x{nPw} patches of {ph}x{pw} pixels "
+                f"(window {wh}x{ww})"
+            )
+        nWh, nWw = H // wh, W // ww
+    else:
+        if num_windows is None:
+            raise ValueError("num_windows: required for mode='global' (windows per frame, int or (h, w))")
+        nWh, nWw = pair("num_windows", num_windows)
+        if H % (nWh * ph) or W % (nWw * pw):
+            raise ValueError(
+                f"v: frame {H}x{W} is not divisible into {nWh}x{nWw} windows of whole {ph}x{pw}-pixel patches"
+            )
+        nPh, nPw = H // (nWh * ph), W // (nWw * pw)
+    gh, gw = nWh * nPh, nWw * nPw  # patch grid of the frame
+    if Hq % gh or Wq % gw or Hq > H or Wq > W:
+        raise ValueError(
+            f"q: frame {Hq}x{Wq} does not split into the {gh}x{gw} patch grid of v ({H}x{W}); q and k may only "
+            f"be smaller than v by a factor that divides the patch size"
+        )
+    phq, pwq = Hq // gh, Wq // gw
+    if not isinstance(n_head, int) or isinstance(n_head, bool) or n_head < 1:
+        raise ValueError(f"n_head: expected a positive int, got {n_head!r}")
+    d_v, d_qk = C * ph * pw, C * phq * pwq
+    if d_v % n_head or d_qk % n_head:
+        raise ValueError(
+            f"n_head: {n_head} heads do not divide the token sizes C*ph*pw = {C}*{ph}*{pw} = {d_v} (v) and "
+            f"C*phq*pwq = {C}*{phq}*{pwq} = {d_qk} (q, k) into whole head dims"
+        )
+    if mode == "local":
+        n_tokens, n_groups = nPh * nPw, nWh * nWw
+    else:
+        n_tokens, n_groups = nWh * nWw, nPh * nPw
+    return Geometry(mode, nWh, nWw, nPh, nPw, ph, pw, phq, pwq, n_tokens, n_groups, d_qk // n_head, d_v // n_head)
+
+
+# --- reference ---------------------------------------------------------------------------------
+
+
+def to_tokens(x: torch.Tensor, g: Geometry, ph: int, pw: int) -> torch.Tensor:
+    """[B, T, C, H, W] -> [B, T, groups, N, ph*pw*C] (token vector in (ph, pw, C) order)."""
+    B, T, C = x.shape[:3]
+    x = x.reshape(B, T, C, g.nWh, g.nPh, ph, g.nWw, g.nPw, pw)
+    if g.mode == "local":
+        x = x.permute(0, 1, 3, 6, 4, 7, 5, 8, 2)  # B T nWh nWw | nPh nPw | ph pw C
+    else:
+        x = x.permute(0, 1, 4, 7, 3, 6, 5, 8, 2)  # B T nPh nPw | nWh nWw | ph pw C
+    return x.reshape(B, T, g.n_groups, g.n_tokens, ph * pw * C)
+
+
+def from_tokens(x: torch.Tensor, g: Geometry, C: int, ph: int, pw: int) -> torch.Tensor:
+    """Inverse of :func:`to_tokens`: [B, T, groups, N, ph*pw*C] -> [B, T, C, H, W]."""
+    B, T = x.shape[:2]
+    if g.mode == "local":
+        x = x.reshape(B, T, g.nWh, g.nWw, g.nPh, g.nPw, ph, pw, C).permute(0, 1, 8, 2, 4, 6, 3, 5, 7)
+    else:
+        x = x.reshape(B, T, g.nPh, g.nPw, g.nWh, g.nWw, ph, pw, C).permute(0, 1, 8, 4, 2, 6, 5, 3, 7)
+    return x.reshape(B, T, C, g.nWh * g.nPh * ph, g.nWw * g.nPw * pw)
+
+
+def default_scale(hc_qk: int, cosine: bool) -> float:
+    return 1.0 if cosine else 1.0 / math.sqrt(hc_qk)
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    cosine: bool,
+    normalize_qk: bool,
+    bias: torch.Tensor | None = None,
+    causal: bool = False,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """The ST-CNNT attention core. q, k: [..., heads, N, hc_qk]; v: [..., heads, N, hc_v];
+    bias: broadcastable to [..., heads, N, N] -> [..., heads, N, hc_v]."""
+    if cosine:
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+    elif normalize_qk:
+        eps = torch.finfo(q.dtype).eps
+        q = (q - q.mean(dim=-1, keepdim=True)) / torch.sqrt(q.var(dim=-1, keepdim=True) + eps)
+        k = (k - k.mean(dim=-1, keepdim=True)) / torch.sqrt(k.var(dim=-1, keepdim=True) + eps)
+    att = (q @ k.transpose(-2, -1)) * scale
+    if causal:
+        n = att.shape[-1]
+        mask = torch.ones(n, n, dtype=torch.bool, device=att.device).triu(1)
+        att = att.masked_fill(mask, float("-inf"))
+    att = torch.softmax(att, dim=-1)
+    if bias is not None:
+        att = att + bias
+    if dropout_p > 0.0:
+        att = F.dropout(att, dropout_p, training=True)
+    return att @ v
+
+
+def window_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    mode: str = "local",
+    num_patches: int | tuple[int, int] | None = None,
+    num_windows: int | tuple[int, int] | None = None,
+    patch_size: int | tuple[int, int],
+    n_head: int,
+    scale: float | None = None,
+    cosine: bool = False,
+    normalize_qk: bool = False,
+    rel_pos_bias: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    g = geometry(
+        q, v, mode=mode, num_patches=num_patches, num_windows=num_windows, patch_size=patch_size, n_head=n_head
+    )
+    B, T, C = v.shape[:3]
+
+    def heads(x: torch.Tensor, ph: int, pw: int) -> torch.Tensor:
+        t = to_tokens(x, g, ph, pw)  # B T G N D
+        return t.reshape(*t.shape[:4], n_head, -1).transpose(3, 4)  # B T G heads N hc
+
+    s = default_scale(g.hc_qk, cosine) if scale is None else scale
+    o = attend(
+        heads(q, g.phq, g.pwq),
+        heads(k, g.phq, g.pwq),
+        heads(v, g.ph, g.pw),
+        scale=s,
+        cosine=cosine,
+        normalize_qk=normalize_qk,
+        bias=rel_pos_bias,
+        dropout_p=dropout_p,
+    )
+    o = o.transpose(3, 4).reshape(B, T, g.n_groups, g.n_tokens, -1)
+    return from_tokens(o, g, C, g.ph, g.pw)
+
+
+# --- validation (once, for every backend) -------------------------------------------------------
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    for n, t in (("q", q), ("k", k), ("v", v)):
+        _checks.tensor(n, t)
+        _checks.floating(n, t)
+        _checks.ndim(n, t, 5, "[B, T, C, H, W]")
+    _checks.same_device(q=q, k=k, v=v)
+    _checks.same_dtype(q=q, k=k, v=v)
+    if k.shape != q.shape:
+        raise ValueError(f"k: shape {tuple(k.shape)} must equal q's shape {tuple(q.shape)}")
+    if q.shape[:3] != v.shape[:3]:
+        raise ValueError(
+            f"v: leading dims [B, T, C] = {list(v.shape[:3])} must equal q's {list(q.shape[:3])}; "
+            f"only H, W may differ (strided Q/K)"
+        )
+
+
+def check_flags(scale: float | None, cosine: bool, normalize_qk: bool, dropout_p: float, hc_qk: int) -> None:
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise ValueError(f"scale: expected None or a finite float, got {scale!r}")
+    if normalize_qk and not cosine and hc_qk < 2:
+        raise ValueError(
+            f"normalize_qk: needs a q/k head dim of at least 2 (the unbiased variance of one value is undefined), "
+            f"got hc_qk = {hc_qk}"
+        )
+    _checks.probability("dropout_p", dropout_p)
+
+
+def _validate(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    mode: str = "local",
+    num_patches: int | tuple[int, int] | None = None,
+    num_windows: int | tuple[int, int] | None = None,
+    patch_size: int | tuple[int, int],
+    n_head: int,
+    scale: float | None = None,
+    cosine: bool = False,
+    normalize_qk: bool = False,
+    rel_pos_bias: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> None:
+    check_qkv(q, k, v)
+    g = geometry(
+        q, v, mode=mode, num_patches=num_patches, num_windows=num_windows, patch_size=patch_size, n_head=n_head
+    )
+    check_flags(scale, cosine, normalize_qk, dropout_p, g.hc_qk)
+    if rel_pos_bias is not None:
+        _checks.tensor("rel_pos_bias", rel_pos_bias)
+        expected = (n_head, g.n_tokens, g.n_tokens)
+        if tuple(rel_pos_bias.shape) != expected:
+            raise ValueError(
+                f"rel_pos_bias: expected shape [n_head, N, N] = {list(expected)} for {g.n_tokens} tokens per "
+                f"{mode} group, got {list(rel_pos_bias.shape)}"
+            )
+        if rel_pos_bias.dtype != q.dtype:
+            raise ValueError(f"rel_pos_bias: dtype {rel_pos_bias.dtype} must equal q's dtype {q.dtype}")
+        _checks.same_device(q=q, rel_pos_bias=rel_pos_bias)
+
+
+WINDOW_ATTENTION = Op("window_attention", window_attention_reference, _validate, preference=("triton",))
+
+
+def window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    mode: str = "local",
+    num_patches: int | tuple[int, int] | None = None,
+    num_windows: int | tuple[int, int] | None = None,
+    patch_size: int | tuple[int, int],
+    n_head: int,
+    scale: float | None = None,
+    cosine: bool = False,
+    normalize_qk: bool = False,
+    rel_pos_bias: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """ST-CNNT local / global attention (see the module docstring for the exact semantics).
+
+    q, k: [B, T, C, Hq, Wq]; v: [B, T, C, H, W]; rel_pos_bias: [n_head, N, N] or None -> [B, T, C, H, W].
+    ``patch_size``: v's patch (pixels, int or (h, w)); ``num_patches`` (local) / ``num_windows`` (global):
+    int or (h, w). ``dropout_p`` is applied as given (pass 0.0 in eval).
+    """
+    return WINDOW_ATTENTION(
+        q,
+        k,
+        v,
+        mode=mode,
+        num_patches=num_patches,
+        num_windows=num_windows,
+        patch_size=patch_size,
+        n_head=n_head,
+        scale=scale,
+        cosine=cosine,
+        normalize_qk=normalize_qk,
+        rel_pos_bias=rel_pos_bias,
+        dropout_p=dropout_p,
+        backend=backend,
+    )
+
+
+public(WINDOW_ATTENTION, window_attention)
+
+
+# --- Triton backend (shared with fm_engine.ops.temporal_attention) ------------------------------------
+
+MODE_CODES = {"local": 0, "global": 1, "temporal": 2}
+
+
+def score_code(cosine: bool, normalize_qk: bool) -> int:
+    return 1 if cosine else (2 if normalize_qk else 0)
+
+
+@torch.library.custom_op("fm_engine::stcnnt_attention_fwd", mutates_args=())
+def _fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor | None,
+    geo: list[int],
+    mode: int,
+    score: int,
+    causal: bool,
+    scale: float,
+) -> torch.Tensor:
+    from fm_engine.kernels import window_attention as K  # lazy: kernels import triton
+
+    return K.forward(q, k, v, bias, _geo_dict(geo), mode=mode, score=score, causal=causal, scale=scale)
+
+
+@_fwd.register_fake
+def _(q, k, v, bias, geo, mode, score, causal, scale):
+    return torch.empty_like(v, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("fm_engine::stcnnt_attention_bwd", mutates_args=())
+def _bwd(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor | None,
+    geo: list[int],
+    mode: int,
+    score: int,
+    causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from fm_engine.kernels import window_attention as K
+
+    dq, dk, dv, db = K.backward(do, q, k, v, bias, _geo_dict(geo), mode=mode, score=score, causal=causal, scale=scale)
+    return dq, dk, dv, (db if db is not None else q.new_empty(0))
+
+
+@_bwd.register_fake
+def _(do, q, k, v, bias, geo, mode, score, causal, scale):
+    db = torch.empty_like(bias) if bias is not None else q.new_empty(0)
+    c = torch.contiguous_format
+    return (
+        torch.empty_like(q, memory_format=c),
+        torch.empty_like(k, memory_format=c),
+        torch.empty_like(v, memory_format=c),
+        db,
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, bias, geo, mode, score, causal, scale = inputs
+    ctx.save_for_backward(q, k, v, bias)
+    ctx.args = (geo, mode, score, causal, scale)
+
+
+def _backward(ctx, do):
+    q, k, v, bias = ctx.saved_tensors
+    dq, dk, dv, db = _bwd(do.contiguous(), q, k, v, bias, *ctx.args)
+    return dq, dk, dv, (db if bias is not None else None), None, None, None, None, None
+
+
+_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+GEO_KEYS = (
+    "T",
+    "C",
+    "Hq",
+    "Wq",
+    "H",
+    "W",
+    "N",
+    "n_groups",
+    "nWw",
+    "nPh",
+    "nPw",
+    "phq",
+    "pwq",
+    "ph",
+    "pw",
+    "n_head",
+    "D_QK",
+    "D_V",
+    "programs",
+)
+
+
+def _geo_dict(geo: list[int]) -> dict[str, int]:
+    return dict(zip(GEO_KEYS, geo, strict=True))
+
+
+def triton_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor | None,
+    geo: list[int],
+    *,
+    mode: str,
+    cosine: bool,
+    normalize_qk: bool,
+    causal: bool,
+    scale: float,
+) -> torch.Tensor:
+    """Run the fused kernels (autograd-aware, torch.compile-able). Non-contiguous inputs are copied once."""
+    return _fwd(
+        q.contiguous(),
+        k.contiguous(),
+        v.contiguous(),
+        bias.contiguous() if bias is not None else None,
+        geo,
+        MODE_CODES[mode],
+        score_code(cosine, normalize_qk),
+        causal,
+        float(scale),
+    )
+
+
+def triton_common_supports(tensors: list[torch.Tensor], dropout_p: float, n_tokens: int, per_item: int) -> str | None:
+    """Why the Triton kernels cannot run these inputs, or None."""
+    reason = triton_device_ok(*tensors)
+    if reason is not None:
+        return reason
+    if tensors[0].dtype not in FAST_DTYPES:
+        return f"dtype {tensors[0].dtype} (the Triton kernels take float32, float16, bfloat16)"
+    if dropout_p > 0.0:
+        return f"dropout_p = {dropout_p} > 0: the Triton kernels draw no dropout mask; the reference runs"
+    if n_tokens > MAX_TRITON_TOKENS:
+        return f"{n_tokens} tokens per attention group > {MAX_TRITON_TOKENS} (one group's scores must fit registers)"
+    if per_item >= 2**31:
+        return "more than 2**31 elements per frame group (32-bit in-group offsets)"
+    return None
+
+
+def _triton_geometry(q: torch.Tensor, v: torch.Tensor, g: Geometry, n_head: int) -> list[int]:
+    B, T, C, H, W = v.shape
+    return [
+        T,
+        C,
+        q.shape[3],
+        q.shape[4],
+        H,
+        W,
+        g.n_tokens,
+        g.n_groups,
+        g.nWw,
+        g.nPh,
+        g.nPw,
+        g.phq,
+        g.pwq,
+        g.ph,
+        g.pw,
+        n_head,
+        g.hc_qk,
+        g.hc_v,
+        B * T * g.n_groups * n_head,
+    ]
+
+
+def _triton_window(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    mode: str = "local",
+    num_patches: int | tuple[int, int] | None = None,
+    num_windows: int | tuple[int, int] | None = None,
+    patch_size: int | tuple[int, int],
+    n_head: int,
+    scale: float | None = None,
+    cosine: bool = False,
+    normalize_qk: bool = False,
+    rel_pos_bias: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    g = geometry(
+        q, v, mode=mode, num_patches=num_patches, num_windows=num_windows, patch_size=patch_size, n_head=n_head
+    )
+    s = default_scale(g.hc_qk, cosine) if scale is None else scale
+    return triton_attention(
+        q,
+        k,
+        v,
+        rel_pos_bias,
+        _triton_geometry(q, v, g, n_head),
+        mode=mode,
+        cosine=cosine,
+        normalize_qk=normalize_qk,
+        causal=False,
+        scale=s,
+    )
+
+
+def _triton_window_supports(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    mode: str = "local",
+    num_patches: int | tuple[int, int] | None = None,
+    num_windows: int | tuple[int, int] | None = None,
+    patch_size: int | tuple[int, int],
+    n_head: int,
+    rel_pos_bias: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    **_: object,
+) -> str | None:
+    g = geometry(
+        q, v, mode=mode, num_patches=num_patches, num_windows=num_windows, patch_size=patch_size, n_head=n_head
+    )
+    tensors = [q, k, v] + ([rel_pos_bias] if rel_pos_bias is not None else [])
+    return triton_common_supports(tensors, dropout_p, g.n_tokens, v[0, 0].numel())
+
+
+WINDOW_ATTENTION.register("triton", _triton_window, available=triton_available, supports=_triton_window_supports)

@@ -1,0 +1,390 @@
+"""window_attention (KERNELS.md K1): the reference against a literal per-token loop, input validation,
+and (when the Triton backend is present) parity of the Triton kernels, forward and every gradient."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fm_engine.ops import _dispatch
+from fm_engine.ops.window_attention import window_attention
+from fm_engine.testing import assert_parity
+
+# --- an independent, literal implementation: explicit pixel slicing per token ------------------------
+
+
+def _score(qi: torch.Tensor, kj: torch.Tensor, scale: float | None, cosine: bool, normalize_qk: bool) -> torch.Tensor:
+    hc = qi.shape[-1]
+    if cosine:
+        s = 1.0 if scale is None else scale
+        return s * (qi / qi.norm().clamp_min(1e-12)) @ (kj / kj.norm().clamp_min(1e-12))
+    if normalize_qk:
+        eps = torch.finfo(qi.dtype).eps
+
+        def z(x: torch.Tensor) -> torch.Tensor:
+            m = x.sum() / hc
+            return (x - m) / torch.sqrt(((x - m) ** 2).sum() / (hc - 1) + eps)
+
+        qi, kj = z(qi), z(kj)
+    s = 1.0 / math.sqrt(hc) if scale is None else scale
+    return s * (qi @ kj)
+
+
+def naive_window_attention(
+    q, k, v, *, mode, nW, nP, patch, n_head, scale=None, cosine=False, normalize_qk=False, bias=None
+):
+    B, T, C = v.shape[:3]
+    ph, pw = patch
+    phq, pwq = q.shape[3] // (nW[0] * nP[0]), q.shape[4] // (nW[1] * nP[1])
+    out = torch.zeros_like(v)
+
+    def sl(wh, ww, p_h, p_w, sh, sw):
+        y0, x0 = (wh * nP[0] + p_h) * sh, (ww * nP[1] + p_w) * sw
+        return slice(y0, y0 + sh), slice(x0, x0 + sw)
+
+    if mode == "local":
+        groups = [
+            [(wh, ww, a, b) for a in range(nP[0]) for b in range(nP[1])] for wh in range(nW[0]) for ww in range(nW[1])
+        ]
+    else:
+        groups = [
+            [(a, b, p_h, p_w) for a in range(nW[0]) for b in range(nW[1])]
+            for p_h in range(nP[0])
+            for p_w in range(nP[1])
+        ]
+    for b in range(B):
+        for t in range(T):
+            for toks in groups:
+
+                def vec(x, sh, sw, tok, b=b, t=t):
+                    ys, xs = sl(*tok, sh, sw)
+                    return x[b, t, :, ys, xs].permute(1, 2, 0).reshape(-1)  # (ph, pw, C), C fastest
+
+                Q = torch.stack([vec(q, phq, pwq, tk) for tk in toks])
+                K = torch.stack([vec(k, phq, pwq, tk) for tk in toks])
+                V = torch.stack([vec(v, ph, pw, tk) for tk in toks])
+                N = len(toks)
+                hq, hv = Q.shape[1] // n_head, V.shape[1] // n_head
+                O = torch.zeros_like(V)
+                for h in range(n_head):
+                    S = torch.stack(
+                        [
+                            torch.stack(
+                                [
+                                    _score(
+                                        Q[i, h * hq : (h + 1) * hq],
+                                        K[j, h * hq : (h + 1) * hq],
+                                        scale,
+                                        cosine,
+                                        normalize_qk,
+                                    )
+                                    for j in range(N)
+                                ]
+                            )
+                            for i in range(N)
+                        ]
+                    )
+                    A = torch.softmax(S, dim=-1)
+                    if bias is not None:
+                        A = A + bias[h]
+                    O[:, h * hv : (h + 1) * hv] = A @ V[:, h * hv : (h + 1) * hv]
+                for i, tk in enumerate(toks):
+                    ys, xs = sl(*tk, ph, pw)
+                    out[b, t, :, ys, xs] = O[i].reshape(ph, pw, C).permute(2, 0, 1)
+    return out
+
+
+def _inputs(B, T, C, H, W, s, dtype=torch.float64, device="cpu"):
+    q = torch.randn(B, T, C, H // s, W // s, dtype=dtype, device=device)
+    k = torch.randn(B, T, C, H // s, W // s, dtype=dtype, device=device)
+    v = torch.randn(B, T, C, H, W, dtype=dtype, device=device)
+    return q, k, v
+
+
+@pytest.mark.parametrize(
+    "mode,grid,patch,n_head,s,flags",
+    [
+        ("local", (2, 3), (2, 1), 2, 1, {}),
+        ("local", (2, 2), (2, 2), 3, 2, {"cosine": True}),
+        ("global", (3, 2), (1, 2), 3, 1, {"normalize_qk": True}),
+        ("global", (2, 3), (2, 2), 3, 2, {}),
+    ],
+)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_reference_matches_literal_loops(mode, grid, patch, n_head, s, flags, with_bias):
+    C = 3
+    if mode == "local":
+        nP = grid
+        H, W = 2 * grid[0] * patch[0], 1 * grid[1] * patch[1]
+        nW = (H // (nP[0] * patch[0]), W // (nP[1] * patch[1]))
+        kw = {"num_patches": nP}
+    else:
+        nW = grid
+        H, W = grid[0] * 2 * patch[0], grid[1] * 1 * patch[1]
+        nP = (H // (nW[0] * patch[0]), W // (nW[1] * patch[1]))
+        kw = {"num_windows": nW}
+    q, k, v = _inputs(2, 2, C, H, W, s)
+    N = nP[0] * nP[1] if mode == "local" else nW[0] * nW[1]
+    bias = torch.randn(n_head, N, N, dtype=torch.float64) * 0.1 if with_bias else None
+    got = window_attention(
+        q, k, v, mode=mode, patch_size=patch, n_head=n_head, rel_pos_bias=bias, backend="reference", **kw, **flags
+    )
+    want = naive_window_attention(q, k, v, mode=mode, nW=nW, nP=nP, patch=patch, n_head=n_head, bias=bias, **flags)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_global_uses_separate_height_and_width_window_counts():
+    # 2 windows down, 4 across: the original used the height count for both axes
+    q, k, v = _inputs(1, 1, 2, 8, 16, 1)
+    got = window_attention(q, k, v, mode="global", num_windows=(2, 4), patch_size=2, n_head=2, backend="reference")
+    want = naive_window_attention(q, k, v, mode="global", nW=(2, 4), nP=(2, 2), patch=(2, 2), n_head=2)
+    torch.testing.assert_close(got, want)
+
+
+def test_bias_is_added_after_softmax_and_gets_a_gradient():
+    q, k, v = _inputs(1, 1, 2, 4, 4, 1)
+    v = torch.ones_like(v)
+    bias = torch.full((1, 4, 4), 0.25, dtype=torch.float64, requires_grad=True)
+    o = window_attention(
+        q, k, v, mode="local", num_patches=2, patch_size=2, n_head=1, rel_pos_bias=bias, backend="reference"
+    )
+    # rows of softmax sum to 1, plus 4 * 0.25 from the bias: every output is 2 when v == 1
+    torch.testing.assert_close(o, torch.full_like(o, 2.0))
+    o.sum().backward()
+    assert bias.grad is not None and bool((bias.grad != 0).all())
+
+
+# --- validation ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (lambda q, k, v: (q, k, v[..., :7]), "not divisible into windows"),
+        (lambda q, k, v: (q, k[:, :, :, :2], v), "k: shape"),
+        (lambda q, k, v: (q[:, :, :1], k[:, :, :1], v), "v: leading dims"),
+        (lambda q, k, v: (q.float(), k, v), "same dtype|share one dtype"),
+        (lambda q, k, v: (q.int(), k.int(), v.int()), "q: dtype"),
+        (lambda q, k, v: (q[0], k[0], v[0]), "q: expected a 5-D tensor"),
+        (lambda q, k, v: (q[..., :3, :3], k[..., :3, :3], v), "q: frame 3x3"),
+    ],
+)
+def test_bad_inputs_raise_naming_the_argument(change, match):
+    q, k, v = change(*_inputs(2, 2, 4, 8, 8, 1))
+    with pytest.raises(ValueError, match=match):
+        window_attention(q, k, v, mode="local", num_patches=2, patch_size=2, n_head=2)
+
+
+def test_bad_arguments_raise_naming_the_argument():
+    q, k, v = _inputs(1, 2, 3, 8, 8, 1)
+    base = {"mode": "local", "num_patches": 2, "patch_size": 2}
+    with pytest.raises(ValueError, match="n_head: 5 heads do not divide"):
+        window_attention(q, k, v, n_head=5, **base)
+    with pytest.raises(ValueError, match="mode: expected one of"):
+        window_attention(q, k, v, n_head=2, mode="diag", num_patches=2, patch_size=2)
+    with pytest.raises(ValueError, match="num_windows: required"):
+        window_attention(q, k, v, n_head=2, mode="global", patch_size=2)
+    with pytest.raises(ValueError, match="not divisible into 3x3 windows"):
+        window_attention(q, k, v, n_head=2, mode="global", num_windows=3, patch_size=2)
+    with pytest.raises(ValueError, match="rel_pos_bias: expected shape"):
+        window_attention(q, k, v, n_head=2, rel_pos_bias=torch.zeros(2, 3, 3, dtype=q.dtype), **base)
+    with pytest.raises(ValueError, match="rel_pos_bias: dtype"):
+        window_attention(q, k, v, n_head=2, rel_pos_bias=torch.zeros(2, 4, 4), **base)
+    with pytest.raises(ValueError, match="dropout_p"):
+        window_attention(q, k, v, n_head=2, dropout_p=1.5, **base)
+    with pytest.raises(ValueError, match="normalize_qk: needs a q/k head dim of at least 2"):
+        window_attention(q, k, v, n_head=12, normalize_qk=True, **base)
+    with pytest.raises(ValueError, match="patch_size: expected a positive int"):
+        window_attention(q, k, v, n_head=2, mode="local", num_patches=2, patch_size=0)
+
+
+def test_dropout_runs_and_changes_the_output():
+    q, k, v = _inputs(1, 1, 2, 8, 8, 1, dtype=torch.float32)
+    kw = {"mode": "local", "num_patches": 2, "patch_size": 2, "n_head": 2}
+    a = window_attention(q, k, v, **kw, backend="reference")
+    b = window_attention(q, k, v, **kw, dropout_p=0.5, backend="reference")
+    assert a.shape == b.shape and not torch.equal(a, b)
+
+
+def test_float64_matches_float32_reference():
+    q, k, v = _inputs(2, 1, 4, 8, 8, 2)
+    kw = {"mode": "global", "num_windows": 2, "patch_size": 2, "n_head": 2}
+    a = window_attention(q, k, v, **kw, backend="reference")
+    b = window_attention(q.float(), k.float(), v.float(), **kw, backend="reference")
+    torch.testing.assert_close(a.float(), b, rtol=1e-5, atol=1e-5)
+
+
+def test_reference_is_the_automatic_choice_for_float64():
+    q, k, v = _inputs(1, 1, 2, 4, 4, 1)
+    with _dispatch.trace() as calls:
+        window_attention(q, k, v, mode="local", num_patches=2, patch_size=2, n_head=1)
+    assert calls == [("window_attention", "reference")]
+
+
+# --- Triton backend: parity of the output and of every gradient (q, k, v, bias) ----------------------
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# (B, T, C, H, W, mode, grid, patch, n_head, stride_qk, flags, bias, dtype): edge sizes of the token tile
+# (N = 1, 15, 16, 17, 64 against BLOCK_N 16/32/64) and of the head-dim chunk (hc 1 .. 65 against
+# BLOCK_D 16/64), q/k strided, T = 1 and T > 1, odd batches, every score form, bias on and off.
+TRITON_CASES = [
+    (1, 1, 4, 4, 4, "local", (4, 4), 1, 1, 1, {}, True, "fp32"),  # N 16, hc 4
+    (3, 1, 2, 1, 17, "local", (1, 17), 1, 2, 1, {}, False, "bf16"),  # N 17, hc 1, odd batch
+    (1, 2, 2, 6, 10, "local", (3, 5), 2, 2, 2, {}, True, "fp16"),  # N 15, hc_qk 1 vs hc_v 4
+    (1, 1, 2, 4, 4, "global", (1, 1), 2, 1, 1, {"normalize_qk": True}, False, "fp32"),  # N 1, hc 8
+    (1, 1, 65, 2, 2, "global", (2, 2), 1, 1, 1, {"cosine": True}, True, "bf16"),  # hc 65: two chunks
+    (1, 3, 3, 2, 6, "global", (2, 3), (1, 2), 2, 1, {"cosine": True}, False, "fp32"),  # T 3, hc 3
+    (1, 1, 2, 8, 8, "local", (8, 8), 1, 2, 1, {}, True, "fp32"),  # N 64
+    (1, 1, 2, 4, 8, "local", (2, 2), (2, 4), 1, 2, {"normalize_qk": True}, True, "bf16"),  # hc_qk 4, hc_v 16
+    (1, 1, 1, 4, 16, "global", (4, 16), 1, 1, 1, {}, False, "fp16"),  # N 64 (the largest tile)
+    (1, 2, 16, 4, 4, "global", (2, 2), 2, 2, 2, {"cosine": True}, True, "fp16"),  # hc_qk 8, hc_v 32
+]
+
+
+def _run_parity(B, T, C, H, W, mode, grid, patch, n_head, s, flags, bias, dtype, device, scale=None):
+    dt = DTYPES[dtype]
+    kw = {"num_patches": grid} if mode == "local" else {"num_windows": grid}
+    q, k, v = _inputs(B, T, C, H, W, s, dtype=dt, device=device)
+    n = grid[0] * grid[1]  # tokens per group: patches of a window (local) or windows (global)
+    inputs = [q, k, v]
+    if bias:
+        inputs.append(0.1 * torch.randn(n_head, n, n, dtype=dt, device=device))
+
+    def call(backend):
+        def f(q, k, v, *b):
+            return window_attention(
+                q,
+                k,
+                v,
+                mode=mode,
+                patch_size=patch,
+                n_head=n_head,
+                scale=scale,
+                rel_pos_bias=b[0] if b else None,
+                backend=backend,
+                **kw,
+                **flags,
+            )
+
+        return f
+
+    with _dispatch.trace() as calls:
+        assert_parity(call("triton"), call("reference"), inputs, name=f"window_attention[{mode} {flags} {dtype}]")
+    assert ("window_attention", "triton") in calls
+
+
+@pytest.mark.parametrize("case", TRITON_CASES, ids=lambda c: f"{c[5]}-N{c[6][0] * c[6][1]}-C{c[2]}-{c[12]}")
+def test_triton_parity(case, device):
+    _run_parity(*case, device=device)
+
+
+@pytest.mark.parametrize("draw", range(3))
+def test_triton_parity_random_config(draw, device):
+    # a fresh configuration every run (drawn from the printed torch seed)
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))
+
+    def pick(xs):
+        return xs[int(torch.randint(len(xs), (1,), generator=g))]
+
+    mode = pick(["local", "global"])
+    grid = (pick([1, 2, 3]), pick([1, 2, 5]))
+    patch = (pick([1, 2]), 2)
+    s = pick([1, 2]) if patch[0] == 2 else 1
+    n_head = pick([1, 2])
+    C = n_head * pick([1, 2, 3])
+    # cosine of 1-element heads is +-1 with a zero gradient: the parity rule has no scale to measure against
+    hc_qk = C * (patch[0] // s) * (patch[1] // s) // n_head
+    flags = pick([{}, {"cosine": True}]) if hc_qk >= 2 else {}
+    # the other factor of the frame: windows (local) or patches per window (global)
+    H, W = grid[0] * patch[0] * pick([1, 2]), grid[1] * patch[1] * pick([1, 2])
+    _run_parity(
+        pick([1, 3]),
+        pick([1, 2]),
+        C,
+        H,
+        W,
+        mode,
+        grid,
+        patch,
+        n_head,
+        s,
+        flags,
+        pick([False, True]),
+        pick(list(DTYPES)),
+        device,
+        scale=pick([None, 0.7]),
+    )
+
+
+def test_triton_is_automatic_in_the_interpreter_and_dropout_falls_back(device):
+    q, k, v = _inputs(1, 1, 2, 4, 4, 1, dtype=torch.float32, device=device)
+    kw = {"mode": "local", "num_patches": 2, "patch_size": 2, "n_head": 2}
+    with _dispatch.trace() as calls:
+        window_attention(q, k, v, **kw)
+        window_attention(q, k, v, dropout_p=0.2, **kw)
+    assert calls == [("window_attention", "triton"), ("window_attention", "reference")]
+    text = str(_dispatch.explain(window_attention, q, k, v, dropout_p=0.2, **kw))
+    assert "draw no dropout mask" in text
+    with pytest.raises(_dispatch.BackendUnsupportedError, match="dropout"):
+        window_attention(q, k, v, dropout_p=0.2, backend="triton", **kw)
+    with pytest.raises(_dispatch.BackendUnsupportedError, match="float64"):
+        window_attention(q.double(), k.double(), v.double(), backend="triton", **kw)
+    big = _inputs(1, 1, 1, 5, 13, 1, dtype=torch.float32, device=device)  # 65 tokens in one group
+    with _dispatch.trace() as calls:
+        window_attention(*big, mode="global", num_windows=(5, 13), patch_size=1, n_head=1)
+    assert calls == [("window_attention", "reference")]
+    assert "65 tokens per attention group > 64" in str(
+        _dispatch.explain(window_attention, *big, mode="global", num_windows=(5, 13), patch_size=1, n_head=1)
+    )
+
+
+def test_triton_reads_non_contiguous_inputs(device):
+    q, k, v = _inputs(1, 2, 2, 4, 4, 1, dtype=torch.float32, device=device)
+    qt = q.transpose(3, 4).contiguous().transpose(3, 4)  # same values, other strides
+    kw = {"mode": "global", "num_windows": 2, "patch_size": 1, "n_head": 1}
+    torch.testing.assert_close(
+        window_attention(qt, k, v, backend="triton", **kw), window_attention(q, k, v, backend="reference", **kw)
+    )
+
+
+def test_triton_under_torch_compile(device):
+    q, k, v = (x.requires_grad_() for x in _inputs(1, 2, 2, 4, 4, 1, dtype=torch.float32, device=device))
+    bias = (0.1 * torch.randn(2, 4, 4, device=device)).requires_grad_()
+
+    def f(q, k, v, b):
+        return window_attention(
+            q, k, v, mode="local", num_patches=2, patch_size=2, n_head=2, rel_pos_bias=b, cosine=True, backend="triton"
+        )
+
+    g = torch.randn(v.shape, device=device)
+    want = f(q, k, v, bias)
+    want_grads = torch.autograd.grad(want, (q, k, v, bias), g)
+    torch._dynamo.reset()
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v, bias)
+    got_grads = torch.autograd.grad(got, (q, k, v, bias), g)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+# --- GPU: parity at the benchmark shapes ---------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+@pytest.mark.parametrize("mode", ["local", "global"])
+def test_gpu_parity_production_shape(mode, dtype):
+    # MRI production: B 16, T 12, C 32, 64 x 64, window 8, patch 2, 32 heads (hc 4), cosine, no bias
+    grid = (4, 4) if mode == "local" else (8, 8)
+    _run_parity(16, 12, 32, 64, 64, mode, grid, 2, 32, 1, {"cosine": True}, False, dtype, torch.device("cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["local", "global"])
+def test_gpu_parity_parser_default_shape(mode):
+    # window 64 / patch 16, 32 heads (hc 256), relative-position bias on, Q/K stride 2
+    grid = (4, 4) if mode == "local" else (2, 2)
+    _run_parity(2, 4, 32, 128, 128, mode, grid, 16, 32, 2, {}, True, "bf16", torch.device("cuda"))

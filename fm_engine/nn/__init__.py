@@ -4,7 +4,26 @@ Each module takes ``backend=None`` (automatic) or a backend name, passed to its 
 """
 
 from fm_engine.nn.attention import Attention
+from fm_engine.nn.conv import Conv2DExt, Conv3DExt
 from fm_engine.nn.mlp import ReLU2, ReLU2MLP
+from fm_engine.nn.stcnnt_attention import (
+    SpatialGlobalAttention,
+    SpatialLocalAttention,
+    SpatialViTAttention,
+    TemporalAttention,
+)
 from fm_engine.nn.stems import AdaptiveStem2d, PatchEmbed2d
 
-__all__ = ["AdaptiveStem2d", "Attention", "PatchEmbed2d", "ReLU2", "ReLU2MLP"]
+__all__ = [
+    "AdaptiveStem2d",
+    "Attention",
+    "Conv2DExt",
+    "Conv3DExt",
+    "PatchEmbed2d",
+    "ReLU2",
+    "ReLU2MLP",
+    "SpatialGlobalAttention",
+    "SpatialLocalAttention",
+    "SpatialViTAttention",
+    "TemporalAttention",
+]

@@ -16,6 +16,8 @@ from fm_engine.ops._dispatch import (
 from fm_engine.ops.cross_attention import cross_attention
 from fm_engine.ops.patch_embed import patch_embed
 from fm_engine.ops.relu2 import relu2, relu2_mlp
+from fm_engine.ops.temporal_attention import temporal_attention
+from fm_engine.ops.window_attention import window_attention
 
 __all__ = [
     "BACKENDS",
@@ -27,6 +29,8 @@ __all__ = [
     "registered_ops",
     "relu2",
     "relu2_mlp",
+    "temporal_attention",
     "trace",
     "use_backend",
+    "window_attention",
 ]

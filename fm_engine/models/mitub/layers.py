@@ -1,0 +1,160 @@
+"""MiT-UB transformer layers (MODELS.md 1.3): pre-norm encoder and decoder layers, LayerScale, 3-D stem.
+
+All matrix work goes through ``fm_engine.nn`` (``Attention`` -> op ``cross_attention``, ``ReLU2MLP`` -> op
+``relu2_mlp``), so one model runs on the reference or a fast backend with the same weights.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fm_engine.nn import Attention, ReLU2MLP
+from fm_engine.ops.patch_embed import grid_coords
+
+
+class LayerScale(nn.Module):
+    """Per-channel scale ``gamma * x``; x: [..., dim]. ``gamma`` starts at ``init`` (1e-5 in the AViT)."""
+
+    def __init__(self, dim: int, init: float = 1e-5) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class EncoderLayer(nn.Module):
+    """Pre-norm encoder layer: ``x = x + attn(norm1(x)); x = x + mlp(norm2(x))``.
+
+    x: [B, N, dim] -> [B, N, dim]. Attention: ``heads`` query heads of ``head_dim``, ``kv_heads`` KV
+    heads (GQA), no biases; MLP: ReLU² with hidden ``mlp_ratio * dim``, hidden dropout ``dropout``,
+    no biases. Attention dropout ``attn_dropout`` acts in training only (**fixed**: the original also
+    applied it in eval mode, including the EMA target pass). ``key_padding_mask``: [B, N] bool,
+    True = padding (those tokens are never attended to).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        kv_heads: int | None = None,
+        head_dim: int = 64,
+        mlp_ratio: int = 4,
+        dropout: float = 0.1,
+        attn_dropout: float = 0.1,
+        layer_scale: float | None = None,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-5)
+        self.attn = Attention(dim, heads, kv_heads, head_dim=head_dim, dropout=attn_dropout, backend=backend)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-5)
+        self.mlp = ReLU2MLP(dim, mlp_ratio * dim, dropout=dropout, backend=backend)
+        self.ls1 = LayerScale(dim, layer_scale) if layer_scale is not None else nn.Identity()
+        self.ls2 = LayerScale(dim, layer_scale) if layer_scale is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.ls1(self.attn(self.norm1(x), key_padding_mask=key_padding_mask))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+class DecoderLayer(nn.Module):
+    """AViT decoder layer: self-attention, cross-attention to high-resolution tokens, MLP.
+
+    ``x = x + ls1 * selfattn(norm1(x)); x = x + ls2 * crossattn(norm2(x), kv); x = x + ls3 * mlp(norm3(x))``.
+    x: [B, N, dim]; kv: [B, Nk, kv_dim] (already normalised by the stem, so not normalised here) ->
+    [B, N, dim]. Each LayerScale starts at ``layer_scale`` (1e-5), so a fresh layer is almost the identity.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        kv_dim: int,
+        heads: int,
+        kv_heads: int | None = None,
+        head_dim: int = 64,
+        mlp_ratio: int = 4,
+        dropout: float = 0.1,
+        attn_dropout: float = 0.1,
+        layer_scale: float = 1e-5,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-5)
+        self.self_attn = Attention(dim, heads, kv_heads, head_dim=head_dim, dropout=attn_dropout, backend=backend)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-5)
+        self.cross_attn = Attention(
+            dim, heads, kv_heads, kv_dim=kv_dim, head_dim=head_dim, dropout=attn_dropout, backend=backend
+        )
+        self.norm3 = nn.LayerNorm(dim, eps=1e-5)
+        self.mlp = ReLU2MLP(dim, mlp_ratio * dim, dropout=dropout, backend=backend)
+        self.ls1 = LayerScale(dim, layer_scale)
+        self.ls2 = LayerScale(dim, layer_scale)
+        self.ls3 = LayerScale(dim, layer_scale)
+
+    def forward(self, x: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        x = x + self.ls1(self.self_attn(self.norm1(x)))
+        x = x + self.ls2(self.cross_attn(self.norm2(x), kv))
+        return x + self.ls3(self.mlp(self.norm3(x)))
+
+
+def grid_positions(grid: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """[-1, 1] coordinates of every cell of ``grid`` in row-major order -> [prod(grid), len(grid)].
+
+    An axis of length 1 sits at 0 (**fixed**: the original divided by zero and produced NaN).
+    """
+    axes = [grid_coords(n, device, dtype) for n in grid]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, len(grid))
+
+
+class PatchEmbed3d(nn.Module):
+    """Volume stem: ``Conv3d(in_ch, dim, patch, stride=patch, bias=False)`` -> LayerNorm -> + position.
+
+    image [B, C, D, H, W] (raw integers or floats) -> tokens [B, Dt*Ht*Wt, dim] in (d, h, w) order with
+    d outermost; position = ``pos`` Linear(3, dim) on [-1, 1] coordinates of the same (d, h, w) grid
+    (**fixed**: the original flattened tokens as (h, w, d) against a (d, h, w) position grid). Like the
+    2-D stem, everything runs in fp32 (fp64 for fp64 parameters) whatever autocast says, and the
+    output is cast to the autocast dtype (or ``out_dtype``). This stem has no fused op: eager only.
+    """
+
+    def __init__(self, in_ch: int, dim: int, patch: int | tuple[int, int, int]) -> None:
+        super().__init__()
+        self.patch = (patch,) * 3 if isinstance(patch, int) else tuple(patch)
+        self.proj = nn.Conv3d(in_ch, dim, self.patch, stride=self.patch, bias=False)
+        self.norm = nn.LayerNorm(dim)
+        self.pos = nn.Linear(3, dim)
+
+    def grid(self, d: int, h: int, w: int) -> tuple[int, int, int]:
+        """Token grid (Dt, Ht, Wt) for a D x H x W volume."""
+        return (d // self.patch[0], h // self.patch[1], w // self.patch[2])
+
+    def forward(
+        self,
+        image: torch.Tensor,
+        intensity_scale: float = 1.0,
+        intensity_offset: float = 0.0,
+        out_dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
+        if image.dim() != 5:
+            raise ValueError(f"image: expected a 5-D tensor [B, C, D, H, W], got shape {tuple(image.shape)}")
+        if any(s % p for s, p in zip(image.shape[2:], self.patch, strict=True)):
+            raise ValueError(f"image: size {tuple(image.shape[2:])} is not divisible by patch {self.patch}")
+        w = self.proj.weight
+        cdt = torch.promote_types(w.dtype, torch.float32)
+        dev = image.device.type
+        odt = out_dtype or (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else w.dtype)
+        # TF32 would round 16-bit pixel values: keep the convolution in ieee fp32
+        with (
+            torch.autocast(dev, enabled=False),
+            torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False),
+        ):
+            x = image.to(cdt) * intensity_scale + intensity_offset
+            feat = F.conv3d(x, w.to(cdt), stride=self.patch)
+            grid = tuple(feat.shape[2:])
+            tokens = feat.flatten(2).transpose(1, 2)
+            tokens = F.layer_norm(tokens, tokens.shape[-1:], self.norm.weight.to(cdt), self.norm.bias.to(cdt))
+            coords = grid_positions(grid, image.device, cdt)
+            tokens = tokens + F.linear(coords, self.pos.weight.to(cdt), self.pos.bias.to(cdt))
+        return tokens.to(odt)

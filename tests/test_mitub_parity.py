@@ -1,0 +1,76 @@
+"""Weight-for-weight parity of the MiT-UB ViT and AViT: fast (automatic dispatch: Triton, in the
+interpreter on CPU) vs the reference backend in the same dtype vs the reference in fp64, outputs and
+every parameter gradient, under the parity rule of KERNELS.md (fm_engine.testing)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import fm_engine
+from fm_engine import ops, use_backend
+from fm_engine.ops._dispatch import Op
+from fm_engine.testing import assert_parity_tensor
+
+MODELS = {
+    "vit": ("vit-i1-p16-d512", dict(dim=64, depth=1, heads=2, kv_heads=1)),
+    "avit": (
+        "vit-i1-p16-d512-a16_12",
+        dict(dim=64, depth=1, heads=2, kv_heads=1, kv_dim=32, high_res_depth=1, target_grid=(2, 3)),
+    ),
+}
+
+
+def _run(model, img, scale, cot, backend):
+    params = [p for p in model.parameters()]
+    with use_backend(backend):
+        out = model(img, scale)
+        grads = torch.autograd.grad(out, params, cot.to(out.dtype))
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_model_parity_fast_vs_reference(kind, dtype, monkeypatch):
+    name, over = MODELS[kind]
+    model = fm_engine.create_model(name, **over).eval()
+    with torch.no_grad():  # LayerScale 1e-5 would hide the decoder layers from the comparison
+        for blk in getattr(model, "high_res_blocks", []):
+            for ls in (blk.ls1, blk.ls2, blk.ls3):
+                ls.gamma.uniform_(0.5, 1.0)
+    fast_model = model.to(dtype)
+    hi_model = copy.deepcopy(model).double()
+    img = torch.randint(0, 65535, (2, 1, 64, 48), dtype=torch.int32).to(torch.uint16)
+    scale = 1 / 65535
+    n_tokens = 12 if kind == "vit" else 6
+    cot = torch.randn(2, n_tokens, 64, dtype=torch.float64)
+
+    # record, for every op call of the fast run, whether its Triton backend accepts the inputs
+    verdicts: list[tuple[str, bool]] = []
+    orig_call = Op.__call__
+
+    def spy(self, *args, backend=None, **kwargs):
+        ex = self.explain(*args, backend=backend, **kwargs)
+        verdicts.append((self.name, any(v.backend == "triton" and v.ok for v in ex.verdicts)))
+        return orig_call(self, *args, backend=backend, **kwargs)
+
+    with monkeypatch.context() as mp, ops.trace() as calls:
+        mp.setattr(Op, "__call__", spy)
+        fast_out, fast_grads = _run(fast_model, img, scale, cot, "auto")
+    assert {op for op, _ in calls} >= {"patch_embed", "cross_attention", "relu2_mlp"}
+    print(sorted(set(calls)))
+    assert len(calls) == len(verdicts)
+    for (op, backend), (op2, triton_ok) in zip(calls, verdicts, strict=True):
+        assert op == op2
+        if triton_ok:
+            assert backend == "triton", f"{op} ran on {backend} although its Triton backend accepts the inputs"
+
+    ref_out, ref_grads = _run(fast_model, img, scale, cot, "reference")
+    hi_out, hi_grads = _run(hi_model, img, scale, cot, "reference")
+    assert fast_out.dtype == dtype
+    assert_parity_tensor(f"{kind} output", fast_out, ref_out, hi_out, dtype)
+    names = [n for n, _ in fast_model.named_parameters()]
+    for n, gf, gl, gh in zip(names, fast_grads, ref_grads, hi_grads, strict=True):
+        assert_parity_tensor(f"{kind} grad {n}", gf, gl, gh, dtype)

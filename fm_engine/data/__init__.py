@@ -1,1 +1,26 @@
-"""DICOM reading, synthetic DICOM generation and datasets (pydicom is imported lazily)."""
+"""DICOM reading, synthetic DICOM generation and datasets (pydicom is imported lazily).
+
+Tensor layout: a DICOM image, multi-frame file or series is ``[T, C, H, W]``; a training batch is
+``[B, C, H, W]``; display value = pixels * scale + offset (see :mod:`fm_engine.data.dicom`).
+"""
+
+from fm_engine.data.dataset import DicomFrameDataset, ResumableSampler, collate_frames, list_files
+from fm_engine.data.dicom import DicomImage, DicomReadError, read_dicom, read_series, sort_series
+from fm_engine.data.transforms import AugmentConfig, augment_batch, parse_size, resize_pad, stem_inputs
+
+__all__ = [
+    "AugmentConfig",
+    "DicomFrameDataset",
+    "DicomImage",
+    "DicomReadError",
+    "ResumableSampler",
+    "augment_batch",
+    "collate_frames",
+    "list_files",
+    "parse_size",
+    "read_dicom",
+    "read_series",
+    "resize_pad",
+    "sort_series",
+    "stem_inputs",
+]

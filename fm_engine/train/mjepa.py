@@ -1,0 +1,588 @@
+"""M-JEPA pre-training loop (``fm-engine train mjepa``), MODELS.md 1.5.
+
+One optimiser step: ``MJEPA.update_ema()`` (before the forward), then ``grad_accum`` micro-batches of
+(GPU augmentation -> stem inputs -> forward under autocast -> backward), gradient-norm clipping,
+torch's AdamW (``fused=True`` on CUDA), ``OneCycleLR``. Several processes (``torchrun``) use DDP, or FSDP2
+(``fully_shard``, per transformer layer) with ``strategy="fsdp"``; the EMA update is deterministic, so the
+target encoder stays identical on every rank. Autocast (bf16) covers the forward; the stem stays fp32.
+
+Output folder ``out``:
+
+* ``metrics.jsonl`` and ``metrics.csv``: one row per ``log_every`` steps (loss, JEPA / contrastive /
+  probe losses, probe accuracy, lr, grad norm, images/s, memory, skipped examples); TensorBoard optional;
+* ``checkpoints/step_XXXXXXX/``: ``model.safetensors`` (the whole objective: encoder, EMA encoder, predictor,
+  probe), ``encoder.safetensors`` (the online encoder, loadable by :func:`fm_engine.checkpoint.load_checkpoint`
+  and by ``fm-engine convert-avit``) and ``state.pt`` (optimizer, scheduler, step, data position, every
+  rank's RNG states, config); each checkpoint is written to a temporary folder and renamed into place, then
+  ``checkpoints/latest`` is replaced atomically, so a killed run loses at most the steps since its last
+  checkpoint;
+* ``config.yaml``: the resolved configuration.
+
+``resume=True`` continues from ``checkpoints/latest`` bit-for-bit: same weights, optimizer and schedule,
+same data order (the sampler restarts at the saved position of the saved epoch), same RNG streams (torch
+CPU / CUDA and the augmentation generator, per rank).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import functools
+import json
+import os
+import resource
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from fm_engine.train.config import TrainConfig
+
+STATE_VERSION = 1
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device_kind: str) -> Dist:
+    """Join the torchrun process group when WORLD_SIZE > 1 (NCCL on CUDA, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device_kind == "cuda" else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def resolve_device(cfg: TrainConfig, d: Dist) -> torch.device:
+    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ValueError("device: 'cuda' requested but no CUDA GPU is available")
+        torch.cuda.set_device(d.local_rank)
+        return torch.device("cuda", d.local_rank)
+    return torch.device("cpu")
+
+
+def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast dtype, or None for fp32."""
+    if cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def enable_activation_checkpointing(layers: Any) -> int:
+    """Recompute each of ``layers`` (transformer layers) in the backward pass (torch.utils.checkpoint,
+    non-reentrant, RNG state preserved so dropout matches). The layer's ``forward`` is replaced on the
+    instance, so parameter names do not change. Apply it after any ``copy.deepcopy`` of the model (the
+    M-JEPA EMA copy): a deep copy would share the wrapper, which calls the original layer. Returns the
+    number of wrapped layers."""
+    from torch.utils.checkpoint import checkpoint
+
+    n = 0
+    for layer in layers:
+        fwd = layer.forward
+
+        @functools.wraps(fwd)
+        def wrapped(*args: Any, _fwd: Any = fwd, **kwargs: Any) -> Any:
+            if not torch.is_grad_enabled():
+                return _fwd(*args, **kwargs)
+            return checkpoint(_fwd, *args, use_reentrant=False, **kwargs)
+
+        layer.forward = wrapped
+        n += 1
+    return n
+
+
+def _memory(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f}GiB"
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f}GiB rss"
+
+
+class MetricsWriter:
+    """Rows to metrics.jsonl and metrics.csv (columns fixed by the first row), TensorBoard optional."""
+
+    def __init__(self, out: Path, tensorboard: bool, append: bool, keep_until: int = 0) -> None:
+        if append:
+            self._truncate(out, keep_until)
+        self.jsonl = open(out / "metrics.jsonl", "a" if append else "w")
+        self.csv_path = out / "metrics.csv"
+        self.csv_file = open(self.csv_path, "a" if append else "w", newline="")
+        self.fields: list[str] | None = None
+        if append and self.csv_path.stat().st_size > 0:
+            with open(self.csv_path) as f:
+                self.fields = next(csv.reader(f), None)
+        self.writer: csv.DictWriter | None = None
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise ValueError("tensorboard: the tensorboard package is not installed") from e
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+
+    @staticmethod
+    def _truncate(out: Path, step: int) -> None:
+        """Drop rows after ``step`` (written by a run killed after its last checkpoint)."""
+        p = out / "metrics.jsonl"
+        if p.is_file():
+            rows = [ln for ln in p.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+            _atomic_write_text(p, "".join(r + "\n" for r in rows))
+        p = out / "metrics.csv"
+        if p.is_file():
+            with open(p, newline="") as f:
+                rows = list(csv.reader(f))
+            keep = rows[:1] + [r for r in rows[1:] if r and int(r[0]) <= step]
+            with open(p, "w", newline="") as f:
+                csv.writer(f).writerows(keep)
+
+    def write(self, row: dict[str, Any]) -> None:
+        self.jsonl.write(json.dumps(row) + "\n")
+        self.jsonl.flush()
+        if self.fields is None:
+            self.fields = list(row)
+            self.writer = csv.DictWriter(self.csv_file, self.fields, extrasaction="ignore")
+            self.writer.writeheader()
+        elif self.writer is None:
+            self.writer = csv.DictWriter(self.csv_file, self.fields, extrasaction="ignore")
+        self.writer.writerow(row)
+        self.csv_file.flush()
+        if self.tb is not None:
+            for k, v in row.items():
+                if isinstance(v, int | float) and k != "step":
+                    self.tb.add_scalar(k, v, row["step"])
+
+    def close(self) -> None:
+        self.jsonl.close()
+        self.csv_file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _rng_state(device: torch.device, aug_gen: torch.Generator) -> dict[str, torch.Tensor]:
+    s = {"torch": torch.get_rng_state(), "augment": aug_gen.get_state()}
+    if device.type == "cuda":
+        s["cuda"] = torch.cuda.get_rng_state(device)
+    return s
+
+
+def _set_rng_state(s: dict[str, torch.Tensor], device: torch.device, aug_gen: torch.Generator) -> None:
+    torch.set_rng_state(s["torch"])
+    aug_gen.set_state(s["augment"])
+    if device.type == "cuda" and "cuda" in s:
+        torch.cuda.set_rng_state(s["cuda"], device)
+
+
+def latest_checkpoint(out: str | os.PathLike[str]) -> Path | None:
+    """The folder named by ``out/checkpoints/latest``, or None."""
+    p = Path(out) / "checkpoints" / "latest"
+    if not p.is_file():
+        return None
+    folder = p.parent / p.read_text().strip()
+    return folder if folder.is_dir() else None
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def shard_fsdp(objective: torch.nn.Module, device: torch.device, world: int) -> torch.nn.Module:
+    """FSDP2 (``torch.distributed.fsdp.fully_shard``): each transformer layer (online, EMA and predictor) is
+    its own unit, the rest (stems, norms, query token, probe) the root unit. Works on CPU (gloo) and CUDA."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from fm_engine.models.mitub.layers import DecoderLayer, EncoderLayer
+
+    mesh = init_device_mesh(device.type, (world,))
+    for m in objective.modules():
+        if isinstance(m, EncoderLayer | DecoderLayer):
+            fully_shard(m, mesh=mesh)
+    fully_shard(objective, mesh=mesh)
+    return objective
+
+
+class Trainer:
+    """Builds data, model, optimizer and schedule from a :class:`TrainConfig` and runs the loop."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        from fm_engine.data import AugmentConfig, DicomFrameDataset, ResumableSampler
+        from fm_engine.data.transforms import parse_size
+        from fm_engine.models.registry import create_model, get_spec
+        from fm_engine.ssl.mjepa import MJEPA
+
+        self.cfg = cfg.validate()
+        if not cfg.data:
+            raise ValueError("data: a folder of DICOM files is required (or use --demo)")
+        self.dist = setup_distributed("cuda" if (cfg.device != "cpu" and torch.cuda.is_available()) else "cpu")
+        self.device = resolve_device(cfg, self.dist)
+        self.amp = amp_dtype(cfg, self.device)
+        if self.device.type == "cuda":
+            torch.set_float32_matmul_precision("medium")
+        spec = get_spec(cfg.model)
+        self.size = parse_size(cfg.size) if cfg.size else tuple(spec.input_size)
+        self.out = Path(cfg.out)
+        self.ckpt_dir = self.out / "checkpoints"
+
+        self.dataset = DicomFrameDataset(
+            cfg.data,
+            self.size,
+            voi=cfg.voi_choice(),
+            window_index=cfg.window_index,
+            precision=cfg.precision,
+            modalities=cfg.modalities,
+            label_tag=cfg.label_tag,
+            on_error=cfg.on_error,
+            progress=cfg.progress and self.dist.main,
+        )
+        if len(self.dataset) < cfg.batch_size * self.dist.world:
+            raise ValueError(
+                f"batch_size: {cfg.batch_size} x {self.dist.world} processes is more than the "
+                f"{len(self.dataset)} examples under {cfg.data}"
+            )
+        channels = self.dataset[0]["image"].shape[0]
+        if channels != spec.in_channels:
+            raise ValueError(
+                f"data: images under {cfg.data} have {channels} channels, model {cfg.model} takes {spec.in_channels}"
+            )
+        self.sampler = ResumableSampler(
+            len(self.dataset), seed=cfg.seed, rank=self.dist.rank, world_size=self.dist.world
+        )
+        self.batches_per_epoch = len(self.sampler) // cfg.batch_size
+        self.augment = AugmentConfig(cfg.hflip, cfg.vflip, cfg.brightness, cfg.contrast)
+
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        encoder = create_model(cfg.model, **cfg.model_overrides)
+        if cfg.init:
+            from fm_engine.checkpoint import load_checkpoint
+
+            res = load_checkpoint(cfg.init, encoder)
+            if res.missing or res.mismatched:
+                raise ValueError(
+                    f"init: {cfg.init} does not fit {cfg.model}: missing {res.missing}, mismatched {res.mismatched}"
+                )
+        probe = len(self.dataset.classes) if cfg.label_tag and len(self.dataset.classes) > 1 else None
+        self.objective = MJEPA(
+            encoder,
+            predictor_depth=cfg.predictor_depth,
+            context_ratio=cfg.context_ratio,
+            context_coarsen=cfg.context_coarsen,
+            target_ratio=cfg.target_ratio,
+            target_coarsen=cfg.target_coarsen,
+            ema_momentum=cfg.ema_momentum,
+            margin=cfg.margin,
+            probe_classes=probe,
+        ).to(self.device)
+        if cfg.activation_checkpointing:  # the online encoder and the predictor (the EMA pass has no grad)
+            enc = self.objective.encoder
+            enable_activation_checkpointing(
+                [*enc.blocks, *getattr(enc, "high_res_blocks", []), *self.objective.predictor]
+            )
+        self.model: torch.nn.Module = self.objective
+        self.fsdp = cfg.strategy == "fsdp" and self.dist.world > 1
+        if self.dist.world > 1:
+            if cfg.strategy == "fsdp":
+                self.model = shard_fsdp(self.objective, self.device, self.dist.world)
+            else:
+                from torch.nn.parallel import DistributedDataParallel as DDP
+
+                self.model = DDP(self.objective, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        params = self.objective.param_groups(cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, fused=self.device.type == "cuda")
+        pct = cfg.pct_start
+        if float(pct * cfg.steps) - 1 == 0:  # OneCycleLR divides by zero when warm-up ends at step 0 (10 x 0.1)
+            pct = 2.0 / cfg.steps
+        self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            self.optimizer, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=pct
+        )
+        self.aug_gen = torch.Generator(device=self.device)
+        self.aug_gen.manual_seed(cfg.seed * 7919 + self.dist.rank)
+        torch.manual_seed(cfg.seed * 1000 + self.dist.rank + 1)  # masks and dropout differ per rank
+        if self.device.type == "cuda":
+            torch.cuda.manual_seed(cfg.seed * 1000 + self.dist.rank + 1)
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.skipped = 0
+        if cfg.resume:
+            self.load_state()
+
+    # -- data -----------------------------------------------------------------------------------------
+    def _loader(self) -> Any:
+        self.sampler.set_epoch(self.epoch, self.batch_in_epoch * self.cfg.batch_size)
+        from fm_engine.data import collate_frames
+
+        return iter(
+            torch.utils.data.DataLoader(
+                self.dataset,
+                batch_size=self.cfg.batch_size,
+                sampler=self.sampler,
+                drop_last=True,
+                num_workers=self.cfg.workers,
+                collate_fn=collate_frames,
+                pin_memory=self.device.type == "cuda",
+                persistent_workers=False,
+                # its own generator: creating the iterator must not draw from the global RNG (masks, dropout),
+                # or a resumed run would diverge from an uninterrupted one
+                generator=torch.Generator().manual_seed(self.cfg.seed * 104729 + self.epoch),
+            )
+        )
+
+    def _next_batch(self) -> dict[str, torch.Tensor]:
+        if self.batch_in_epoch >= self.batches_per_epoch or self._it is None:
+            if self.batch_in_epoch >= self.batches_per_epoch:
+                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+            self._it = self._loader()
+        batch = next(self._it)
+        self.batch_in_epoch += 1
+        return batch
+
+    # -- checkpoints ----------------------------------------------------------------------------------
+    def save_state(self) -> Path | None:
+        """Write a checkpoint of the current step (rank 0 writes; every rank's RNG state is gathered)."""
+        from fm_engine.checkpoint import save_checkpoint
+
+        rng = _rng_state(self.device, self.aug_gen)
+        if self.dist.world > 1:
+            all_rng: list[Any] = [None] * self.dist.world
+            dist.all_gather_object(all_rng, {k: v.cpu() for k, v in rng.items()})
+        else:
+            all_rng = [rng]
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+            # gathered on every rank (collectives), kept on CPU; rank 0 writes them
+            model_state, optim_state = get_state_dict(
+                self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+            )
+        else:
+            model_state, optim_state = None, self.optimizer.state_dict()
+        path = None
+        if self.dist.main:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            name = f"step_{self.step:07d}"
+            tmp = Path(tempfile.mkdtemp(dir=self.ckpt_dir, prefix=f".{name}."))
+            if model_state is None:
+                save_checkpoint(
+                    tmp / "model.safetensors",
+                    self.objective,
+                    config={},
+                    extra={"step": self.step, "model": self.cfg.model},
+                )
+                save_checkpoint(
+                    tmp / "encoder.safetensors", self.objective.encoder, name=self.cfg.model, extra={"step": self.step}
+                )
+            else:
+                from safetensors.torch import save_file
+
+                save_file({k: v.contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
+                enc = {k[len("encoder.") :]: v.contiguous() for k, v in model_state.items() if k.startswith("encoder.")}
+                meta = {
+                    "format_version": 1,
+                    "name": self.cfg.model,
+                    "class": type(self.objective.encoder).__name__,
+                    "config": self.objective.encoder.config,
+                    "extra": {"step": self.step},
+                }
+                save_file(enc, str(tmp / "encoder.safetensors"), metadata={"fm_engine": json.dumps(meta)})
+            torch.save(
+                {
+                    "version": STATE_VERSION,
+                    "step": self.step,
+                    "epoch": self.epoch,
+                    "batch_in_epoch": self.batch_in_epoch,
+                    "skipped": self.skipped,
+                    "world_size": self.dist.world,
+                    "optimizer": optim_state,
+                    "scheduler": self.scheduler.state_dict(),
+                    "rng": all_rng,
+                    "config": self.cfg.to_dict(),
+                },
+                tmp / "state.pt",
+            )
+            final = self.ckpt_dir / name
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _atomic_write_text(self.ckpt_dir / "latest", name + "\n")
+            done = sorted(p for p in self.ckpt_dir.glob("step_*") if p.is_dir())
+            for old in done[: -self.cfg.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+            path = final
+        if self.dist.world > 1:
+            dist.barrier()
+        return path
+
+    def load_state(self) -> None:
+        """Restore the latest checkpoint under ``out`` (nothing to do when there is none)."""
+        from safetensors.torch import load_file
+
+        folder = latest_checkpoint(self.out)
+        if folder is None:
+            return
+        state = torch.load(folder / "state.pt", map_location="cpu", weights_only=False)
+        if state.get("world_size", 1) != self.dist.world:
+            raise ValueError(
+                f"resume: {folder} was written by {state['world_size']} processes, this run has "
+                f"{self.dist.world} (the data order would differ)"
+            )
+        weights = load_file(str(folder / "model.safetensors"))
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+            set_state_dict(
+                self.model,
+                self.optimizer,
+                model_state_dict=weights,
+                optim_state_dict=state["optimizer"],
+                options=StateDictOptions(full_state_dict=True, strict=True),
+            )
+        else:
+            missing, unexpected = self.objective.load_state_dict(weights, strict=False)
+            if missing or unexpected:
+                raise ValueError(
+                    f"resume: {folder}/model.safetensors does not fit this model (missing {missing}, "
+                    f"unexpected {unexpected})"
+                )
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.epoch = state["step"], state["epoch"]
+        self.batch_in_epoch, self.skipped = state["batch_in_epoch"], state["skipped"]
+        _set_rng_state(state["rng"][self.dist.rank], self.device, self.aug_gen)
+
+    # -- loop -----------------------------------------------------------------------------------------
+    def _update_ema(self) -> None:
+        # FSDP2 shards every parameter along dim 0 the same way, so the online and EMA shards of one rank
+        # line up and the update runs on the local shards
+        self.objective.update_ema()
+
+    def _micro_step(self, batch: dict[str, torch.Tensor], sync: bool) -> dict[str, float]:
+        from fm_engine.data import augment_batch, stem_inputs
+
+        images = batch["image"].to(self.device, non_blocking=True)
+        images, scale, offset = augment_batch(images, batch["scale"], batch["offset"], self.augment, self.aug_gen)
+        x, s, o = stem_inputs(images, scale, offset)
+        labels = batch["label"].to(self.device) if self.objective.probe is not None else None
+        if self.fsdp:
+            self.model.set_requires_gradient_sync(sync)
+            ctx: Any = contextlib.nullcontext()
+        else:
+            ctx = self.model.no_sync() if (not sync and self.dist.world > 1) else contextlib.nullcontext()
+        with ctx:
+            with torch.autocast(self.device.type, dtype=self.amp or torch.bfloat16, enabled=self.amp is not None):
+                out = self.model(x, labels, intensity_scale=s, intensity_offset=o)
+            (out["loss"] / self.cfg.grad_accum).backward()
+        row = {k: float(out[k].detach()) for k in ("loss", "jepa_loss", "contrastive_loss", "probe_loss") if k in out}
+        if labels is not None and "probe_logits" in out:
+            row["probe_acc"] = float((out["probe_logits"].argmax(-1) == labels).float().mean())
+        return row
+
+    def _optimizer_step(self, params: list[torch.nn.Parameter]) -> dict[str, Any]:
+        """EMA update, ``grad_accum`` micro-batches, clipping, AdamW and schedule step -> metrics row."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        self._update_ema()  # once per optimiser step, before the forward
+        rows, n_img = [], 0
+        for k in range(cfg.grad_accum):
+            batch = self._next_batch()
+            self.skipped += int(batch["skipped"].sum())
+            n_img += batch["image"].shape[0]
+            rows.append(self._micro_step(batch, sync=k == cfg.grad_accum - 1))
+        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip)  # FSDP: DTensor grads, norm over all shards
+        if hasattr(gnorm, "full_tensor"):
+            gnorm = gnorm.full_tensor()
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        dt = time.perf_counter() - t0
+        row: dict[str, Any] = {"step": self.step, "epoch": self.epoch}
+        for key in rows[0]:
+            row[key] = sum(r[key] for r in rows) / len(rows)
+        row.update(
+            lr=lr,
+            grad_norm=float(gnorm),
+            images_per_s=n_img * self.dist.world / dt,
+            memory=_memory(self.device),
+            skipped=self.skipped + len(self.dataset.skipped_files),
+        )
+        return row
+
+    def train(self) -> dict[str, Any]:
+        """Run until ``steps`` (or ``stop_after`` steps of this run). Returns the last metrics row."""
+        from tqdm.auto import tqdm
+
+        from fm_engine.ops._dispatch import use_backend
+
+        cfg = self.cfg
+        if self.dist.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            with open(self.out / "config.yaml", "w") as f:
+                yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+        writer = (
+            MetricsWriter(self.out, cfg.tensorboard, append=self.step > 0, keep_until=self.step)
+            if self.dist.main
+            else None
+        )
+        self._it = None
+        self.model.train()
+        bar = tqdm(
+            total=cfg.steps,
+            initial=self.step,
+            desc="mjepa",
+            unit="step",
+            disable=not (cfg.progress and self.dist.main),
+            dynamic_ncols=True,
+        )
+        last: dict[str, Any] = {}
+        run_steps = 0
+        params = [p for p in self.objective.parameters() if p.requires_grad]
+
+        try:
+            with use_backend(cfg.backend):
+                while self.step < cfg.steps and (cfg.stop_after is None or run_steps < cfg.stop_after):
+                    last = self._optimizer_step(params)
+                    run_steps += 1
+                    if writer is not None and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
+                        writer.write(last)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{last['images_per_s']:.1f}", mem=last["memory"])
+                    if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                        self.save_state()
+        finally:
+            bar.close()
+            if writer is not None:
+                writer.close()
+        return last
+
+
+def train_mjepa(cfg: TrainConfig) -> dict[str, Any]:
+    """Build a :class:`Trainer` and run it; returns the last metrics row (with ``checkpoint``: the latest
+    checkpoint folder, and ``skipped_files``: the number of files left out)."""
+    trainer = Trainer(cfg)
+    last = trainer.train()
+    ckpt = latest_checkpoint(cfg.out)
+    last["checkpoint"] = str(ckpt) if ckpt else None
+    last["skipped_files"] = len(trainer.dataset.skipped_files)
+    last["trainer"] = trainer
+    return last

@@ -297,3 +297,18 @@ def test_relu2_mlp_weight_grads_split_k(dtype: torch.dtype, device: torch.device
     lo, hi = ref_grads(None), ref_grads(torch.float64)
     assert_parity_tensor("dw1 split-K", dw1, lo[0], hi[0], dtype)
     assert_parity_tensor("dw2 split-K", dw2, lo[1], hi[1], dtype)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_relu2_mlp_under_autocast(backend: str, device: torch.device) -> None:
+    """bf16 autocast with fp32 weights: inputs are cast like F.linear's, gradients reach the fp32 weights."""
+    mod = fm_engine.nn.ReLU2MLP(16, 32, backend=backend).to(device)
+    x = torch.randn(5, 16, device=device)
+    with torch.autocast(device.type, torch.bfloat16):
+        y = mod(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert mod.fc1.weight.grad is not None and mod.fc1.weight.grad.dtype == torch.float32
+    ref = relu2_mlp_reference(x.bfloat16(), mod.fc1.weight.bfloat16(), mod.fc2.weight.bfloat16())
+    ref_hi = relu2_mlp_reference(x.double(), mod.fc1.weight.double(), mod.fc2.weight.double())
+    assert_parity_tensor("autocast relu2_mlp", y, ref, ref_hi, torch.bfloat16)

@@ -5,6 +5,7 @@ Each module takes ``backend=None`` (automatic) or a backend name, passed to its 
 
 from fm_engine.nn.attention import Attention
 from fm_engine.nn.conv import Conv2DExt, Conv3DExt
+from fm_engine.nn.lora import LoRALinear, apply_lora, freeze_except_lora, lora_state_dict, merge_lora
 from fm_engine.nn.mlp import ReLU2, ReLU2MLP
 from fm_engine.nn.stcnnt_attention import (
     SpatialGlobalAttention,
@@ -19,6 +20,7 @@ __all__ = [
     "Attention",
     "Conv2DExt",
     "Conv3DExt",
+    "LoRALinear",
     "PatchEmbed2d",
     "ReLU2",
     "ReLU2MLP",
@@ -26,4 +28,8 @@ __all__ = [
     "SpatialLocalAttention",
     "SpatialViTAttention",
     "TemporalAttention",
+    "apply_lora",
+    "freeze_except_lora",
+    "lora_state_dict",
+    "merge_lora",
 ]

@@ -271,6 +271,20 @@ def cuda_ext_available() -> str | None:
     return None
 
 
+def autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Cast floating inputs to the autocast dtype when autocast is on for their device.
+
+    Custom ops get no autocast rule of their own, so an op that autocast would run in low precision
+    (a matrix product, like ``F.linear``) casts its inputs here, before validation, exactly as eager
+    autocast would: bf16 activations meet bf16 weights instead of fp32 master weights.
+    """
+    dev = tensors[0].device.type
+    if not torch.is_autocast_enabled(dev):
+        return tensors
+    dt = torch.get_autocast_dtype(dev)
+    return tuple(t.to(dt) if t.is_floating_point() else t for t in tensors)
+
+
 def public(op: Op, fn: Callable[..., Any]) -> Callable[..., Any]:
     """Mark a public wrapper function as the entry point of ``op`` (for ``explain``)."""
     fn.op_name = op.name  # type: ignore[attr-defined]

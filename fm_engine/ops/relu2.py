@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from fm_engine.ops import _checks
-from fm_engine.ops._dispatch import Op, public
+from fm_engine.ops._dispatch import Op, autocast_inputs, public
 
 _FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -81,7 +81,9 @@ def relu2_mlp(
     x: [..., dim]; w1: [hidden, dim] (fc1.weight); w2: [dim_out, hidden] (fc2.weight) -> [..., dim_out].
     ``dropout_p`` is applied as given (pass 0.0 in eval); the Triton backend draws its mask with
     Triton's Philox generator seeded from torch's generator, so masks differ from the reference's.
+    Under autocast, x and the weights are cast to the autocast dtype first, as ``F.linear`` would be.
     """
+    x, w1, w2 = autocast_inputs(x, w1, w2)
     return RELU2_MLP(x, w1, w2, dropout_p, backend=backend)
 
 

@@ -7,7 +7,8 @@ the FLOP and byte counts of one forward and one backward (with their formulas as
 "triton", "cuda", and peer names ("liger", "sdpa-flash", ...).
 
 For each (case, label) the harness measures the median forward time and the median forward +
-backward time (backward of ``sum(out * g)`` with a fixed random g), peak memory above the inputs,
+backward time (backward of ``sum(out * g)`` with a fixed random g), the bytes autograd keeps for
+backward ("saved MB", the activation memory), the peak memory of one warm step above the inputs,
 TFLOP/s and GB/s, and their fractions of the two ceilings measured in the same run (a large bf16
 matmul and a device-to-device copy). Results go to ``results.json`` and ``results.md`` (and
 ``results.png`` when matplotlib is importable) with device, versions and git revision.
@@ -80,7 +81,7 @@ def standard_labels(
     """
     fns = {REFERENCE: reference, "compile": compiled(reference)}
     if max_autotune and not quick:
-        fns["compile-max"] = compiled(reference, "max-autotune-no-cudagraphs")
+        fns["compile-max"] = compiled(reference, "max-autotune")
     return fns
 
 
@@ -137,6 +138,20 @@ def measure_ceilings(device: torch.device, quick: bool) -> dict[str, float]:
     return out
 
 
+def _saved_bytes(fn: Callable[[], Any]) -> int:
+    """Bytes of the distinct tensors autograd keeps for backward while ``fn`` runs (activation memory)."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()
+        seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
 def run_case(case: Case, label: str, device: torch.device, quick: bool) -> dict[str, Any]:
     fn = case.fns[label]
     row: dict[str, Any] = {"op": case.op, "case": case.name, "backend": label, "kind": case.kind}
@@ -144,11 +159,6 @@ def run_case(case: Case, label: str, device: torch.device, quick: bool) -> dict[
     try:
         inputs = case.setup()
         grads_of = [x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad]
-        _sync(device)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-            base = torch.cuda.memory_allocated(device)
 
         def fwd() -> Any:
             with torch.no_grad():
@@ -167,8 +177,18 @@ def run_case(case: Case, label: str, device: torch.device, quick: bool) -> dict[
                     x.grad = None
 
             row["fwd_bwd_ms"] = _time(fwd_bwd, device, reps, warmup)
-        if device.type == "cuda":
-            row["peak_mem_mb"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+            if case.kind == "op":
+                row["saved_mb"] = _saved_bytes(lambda: fn(*inputs)) / 2**20
+            if device.type == "cuda":
+                # Peak of one warm step, measured after timing: the timer's L2-flush buffer and any
+                # compilation in the first calls must not count.
+                _sync(device)
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+                base = torch.cuda.memory_allocated(device)
+                fwd_bwd()
+                _sync(device)
+                row["peak_mem_mb"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
         row["status"] = "ok"
     except Exception as e:  # a failing backend is reported, never silently dropped
         row["status"] = f"error: {e.__class__.__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
@@ -235,6 +255,13 @@ def run(
     if ceilings:
         log(f"ceilings: bf16 matmul {ceilings['bf16_matmul_tflops']:.0f} TFLOP/s, copy {ceilings['copy_gbs']:.0f} GB/s")
     rows: list[dict[str, Any]] = []
+    result = {
+        "environment": environment(device),
+        "quick": quick,
+        "ceilings": ceilings,
+        "formulas": {f"{c.op}/{c.name}": {"flops": c.flop_formula, "bytes": c.byte_formula} for c in cases},
+        "rows": rows,
+    }
     for case in cases:
         for label in case.fns:
             if labels and label not in labels and label != REFERENCE:
@@ -248,14 +275,9 @@ def run(
                 {"op": case.op, "case": case.name, "backend": label, "kind": case.kind, "status": f"not run: {why}"}
             )
             log(f"{case.op:<18} {case.name:<40} {label:<16} not run: {why}")
-    _ratios(rows)
-    result = {
-        "environment": environment(device),
-        "quick": quick,
-        "ceilings": ceilings,
-        "formulas": {f"{c.op}/{c.name}": {"flops": c.flop_formula, "bytes": c.byte_formula} for c in cases},
-        "rows": rows,
-    }
+        _ratios(rows)
+        if out_dir is not None:  # after every case, so a run stopped by a time limit keeps what it measured
+            write_reports(result, out_dir, chart_too=False)
     if out_dir is not None:
         write_reports(result, out_dir)
     return result
@@ -311,8 +333,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines += [
         "| op | case | backend | fwd ms | fwd+bwd ms | fwd TFLOP/s | fwd+bwd GB/s | % matmul peak (f+b) "
         "| % copy BW (f+b) "
-        "| peak MB | x reference (f+b) | status |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| peak MB | saved MB | x reference (f+b) | status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         sp = r.get("speedup_fwd_bwd") or r.get("speedup_fwd") or {}
@@ -321,7 +343,8 @@ def markdown(result: dict[str, Any]) -> str:
             f"{_fmt(r.get('fwd_tflops'), '.1f')} | {_fmt(r.get('fwd_bwd_gbs'), '.0f')} | "
             f"{_fmt(100 * r['fwd_bwd_frac_matmul_peak'] if 'fwd_bwd_frac_matmul_peak' in r else None, '.1f')} | "
             f"{_fmt(100 * r['fwd_bwd_frac_copy_bw'] if 'fwd_bwd_frac_copy_bw' in r else None, '.1f')} | "
-            f"{_fmt(r.get('peak_mem_mb'), '.0f')} | {_fmt(sp.get(REFERENCE), '.2f')} | {r.get('status')} |"
+            f"{_fmt(r.get('peak_mem_mb'), '.0f')} | {_fmt(r.get('saved_mb'), '.1f')} | "
+            f"{_fmt(sp.get(REFERENCE), '.2f')} | {r.get('status')} |"
         )
     lines += ["", "## Formulas", ""]
     for key, f in result["formulas"].items():
@@ -329,10 +352,12 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_reports(result: dict[str, Any], out_dir: Path) -> None:
+def write_reports(result: dict[str, Any], out_dir: Path, chart_too: bool = True) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(result, indent=1, default=str))
     (out_dir / "results.md").write_text(markdown(result))
+    if not chart_too:
+        return
     try:
         chart(result, out_dir / "results.png")
     except ImportError:

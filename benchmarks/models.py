@@ -39,8 +39,11 @@ def cases(name: str, device: torch.device, quick: bool) -> list[Case]:
         with use_backend("reference"):
             return spec.loss(ref_model, batch)
 
+    ref_params = [p for p in ref_model.parameters() if p.requires_grad]
+
     def setup() -> list[Any]:
-        return list(params)  # gradients flow to the parameters
+        # gradients flow to the parameters of both copies; the harness clears them after every step
+        return [*params, *ref_params]
 
     fns = {"reference": step_with("reference"), "fast": step_with("auto"), "compile": compiled(ref_step)}
     return [

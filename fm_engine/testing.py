@@ -38,6 +38,13 @@ def parity_error(
     finite_ref = torch.isfinite(hi)
     if bool((finite_ref & ~torch.isfinite(f)).any()):
         return float("inf"), 0.0, False
+    # where the reference is NaN or +-inf the fast result must be the same non-finite value
+    nonfinite = ~finite_ref
+    if bool(nonfinite.any()):
+        same_nan = torch.isnan(f[nonfinite]) == torch.isnan(hi[nonfinite])
+        same_inf = (f[nonfinite] == hi[nonfinite]) | torch.isnan(hi[nonfinite])
+        if not bool((same_nan & same_inf).all()):
+            return float("inf"), 0.0, False
     scale = float(hi[finite_ref].abs().max()) if bool(finite_ref.any()) else 0.0
     err = float((f - hi)[finite_ref].abs().max()) if bool(finite_ref.any()) else 0.0
     if dtype == torch.float64:

@@ -19,6 +19,8 @@ from (seed, row * hidden + col) with Triton's Philox ``tl.rand``, never stored.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -54,6 +56,11 @@ def relu2_bwd_kernel(x_ptr, dy_ptr, dx_ptr, n, BLOCK: tl.constexpr):
     tl.store(dx_ptr + offs, (2.0 * r * dy).to(dx_ptr.dtype.element_ty), mask=m)
 
 
+def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Launch on ``t``'s GPU (Triton launches on the current device), whatever device is current."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _ew_block() -> int:
     # the interpreter runs each program in numpy: smaller blocks make partial blocks cheap to test
     return 256 if _aot.interpreting() else EW_BLOCK
@@ -65,7 +72,8 @@ def relu2_forward(x: torch.Tensor) -> torch.Tensor:
     n = x.numel()
     if n:
         blk = _ew_block()
-        relu2_fwd_kernel[(triton.cdiv(n, blk),)](x, y, n, BLOCK=blk, num_warps=4)
+        with on_device(x):
+            relu2_fwd_kernel[(triton.cdiv(n, blk),)](x, y, n, BLOCK=blk, num_warps=4)
     return y
 
 
@@ -74,7 +82,8 @@ def relu2_backward(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     n = x.numel()
     if n:
         blk = _ew_block()
-        relu2_bwd_kernel[(triton.cdiv(n, blk),)](x, dy, dx, n, BLOCK=blk, num_warps=4)
+        with on_device(x):
+            relu2_bwd_kernel[(triton.cdiv(n, blk),)](x, dy, dx, n, BLOCK=blk, num_warps=4)
     return dx
 
 
@@ -169,13 +178,14 @@ def _mm(
             af = a.to(tl.float32)
             af = af * af
             if DROPOUT:
-                af = tl.where(_keep(seed, rm[:, None], kk[None, :], hidden, p), af * scale, 0.0)
+                # dropped elements are x * 0 (not 0) so a NaN stays NaN, as in F.dropout
+                af = tl.where(_keep(seed, rm[:, None], kk[None, :], hidden, p), af * scale, af * 0.0)
             a = af.to(b.dtype)
         if B_RELU2:  # b = r[k, n] (token k, hidden n)
             bf = b.to(tl.float32)
             bf = bf * bf
             if DROPOUT:
-                bf = tl.where(_keep(seed, kk[:, None], rn[None, :], hidden, p), bf * scale, 0.0)
+                bf = tl.where(_keep(seed, kk[:, None], rn[None, :], hidden, p), bf * scale, bf * 0.0)
             b = bf.to(a.dtype)
         if IEEE:
             acc = tl.dot(a, b, acc, input_precision="ieee")
@@ -183,15 +193,15 @@ def _mm(
             acc = tl.dot(a, b, acc)
 
     c_mask = m_ok[:, None] & n_ok[None, :]
-    if EPI == 1:
-        acc = tl.where(acc > 0, acc, 0.0)
+    if EPI == 1:  # relu that keeps NaN, as torch.relu does
+        acc = tl.where((acc > 0) | (acc != acc), acc, 0.0)
     if EPI == 2:  # da = dh * 2 r * keep * scale, r[m, n] with hidden index n
         r = tl.load(
             r_ptr + rm[:, None].to(tl.int64) * stride_rm + rn[None, :].to(tl.int64) * stride_rn, mask=c_mask, other=0.0
         ).to(tl.float32)
         acc = acc * 2.0 * r
         if DROPOUT:
-            acc = tl.where(_keep(seed, rm[:, None], rn[None, :], hidden, p), acc * scale, 0.0)
+            acc = tl.where(_keep(seed, rm[:, None], rn[None, :], hidden, p), acc * scale, acc * 0.0)
     c = (
         c_ptr
         + pid_k.to(tl.int64) * stride_cs
@@ -243,36 +253,36 @@ def _mm_launch(
     c = c_out[0] if split_k == 1 else c_out
     r_arg = r if r is not None else a  # not read without EPI_DRELU2; keeps one pointer type per dtype
     r_strides = (r.stride(0), r.stride(1)) if r is not None else (0, 0)
-    dropout = p > 0.0
     grid = lambda meta: (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]), split_k)
-    _mm[grid](
-        a,
-        b,
-        c_out,
-        r_arg,
-        M,
-        N,
-        K,
-        a_strides[0],
-        a_strides[1],
-        b_strides[0],
-        b_strides[1],
-        c_out.stride(1),
-        c_out.stride(2),
-        r_strides[0],
-        r_strides[1],
-        c_out.stride(0),
-        k_split,
-        seed,
-        p,
-        1.0 / (1.0 - p),
-        hidden,
-        A_RELU2=a_relu2,
-        B_RELU2=b_relu2,
-        EPI=epi,
-        DROPOUT=dropout,
-        IEEE=a.dtype == torch.float32,
-    )
+    with on_device(a):
+        _mm[grid](
+            a,
+            b,
+            c_out,
+            r_arg,
+            M,
+            N,
+            K,
+            a_strides[0],
+            a_strides[1],
+            b_strides[0],
+            b_strides[1],
+            c_out.stride(1),
+            c_out.stride(2),
+            r_strides[0],
+            r_strides[1],
+            c_out.stride(0),
+            k_split,
+            seed,
+            p,
+            1.0 / (1.0 - p),
+            hidden,
+            A_RELU2=a_relu2,
+            B_RELU2=b_relu2,
+            EPI=epi,
+            DROPOUT=p > 0.0,
+            IEEE=a.dtype == torch.float32,
+        )
     return c if split_k == 1 else c.sum(0).to(out_dtype)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 
 import pytest
 import torch
@@ -312,3 +313,57 @@ def test_relu2_mlp_under_autocast(backend: str, device: torch.device) -> None:
     ref = relu2_mlp_reference(x.bfloat16(), mod.fc1.weight.bfloat16(), mod.fc2.weight.bfloat16())
     ref_hi = relu2_mlp_reference(x.double(), mod.fc1.weight.double(), mod.fc2.weight.double())
     assert_parity_tensor("autocast relu2_mlp", y, ref, ref_hi, torch.bfloat16)
+
+
+def test_relu2_mlp_propagates_nan(device: torch.device) -> None:
+    """A NaN input row gives a NaN output row, as in eager (relu and dropout keep NaN)."""
+    x = torch.randn(20, 16, device=device)
+    x[3, 5] = float("nan")
+    w1, w2 = mlp_weights(16, 32, 16, torch.float32, device)
+    for p in (0.0, 0.5):
+        y = ops.relu2_mlp(x, w1, w2, p, backend="triton")
+        assert torch.isnan(y[3]).all(), f"p={p}: NaN was not propagated"
+        assert torch.isfinite(y[torch.arange(20) != 3]).all()
+    assert_parity(triton_mlp, relu2_mlp_reference, [x, w1, w2], name="relu2_mlp with NaN")
+
+
+def test_custom_ops_pass_opcheck(device: torch.device) -> None:
+    """Fake (meta) implementations match the real kernels: shapes, dtypes and strides, autograd wiring."""
+    R = importlib.import_module("fm_engine.ops.relu2")  # the module (fm_engine.ops.relu2 is also a function)
+
+    x = torch.randn(24, 33, device=device).t()  # non-contiguous: the fakes must still say "contiguous output"
+    w1 = torch.randn(40, 24, device=device, requires_grad=True)
+    w2 = torch.randn(16, 40, device=device, requires_grad=True)
+    xc = torch.randn(7, 9, device=device, requires_grad=True)
+    r = torch.relu(torch.randn(33, 40, device=device))
+    dy = torch.randn(33, 16, device=device)
+    tests = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+    torch.library.opcheck(R._relu2_triton, (xc,), test_utils=tests)
+    torch.library.opcheck(R._relu2_bwd_triton, (xc.detach(), torch.randn(7, 9, device=device)), test_utils=tests)
+    torch.library.opcheck(R._mlp_fwd_triton, (x.requires_grad_(), w1, w2, 0.0), test_utils=tests)
+    seed = torch.tensor([0], dtype=torch.int64)
+    torch.library.opcheck(R._mlp_bwd_triton, (dy, x.detach(), w1.detach(), w2.detach(), r, seed, 0.0),
+                          test_utils=tests)
+
+
+def test_relu2_mlp_under_inductor_noncontiguous(device: torch.device) -> None:
+    """torch.compile's default backend checks the custom ops' output strides against their fakes."""
+    x = torch.randn(16, 2, 9, device=device).permute(1, 2, 0).requires_grad_()  # [2, 9, 16], not contiguous
+    w1, w2 = (w.requires_grad_() for w in mlp_weights(16, 32, 16, torch.float32, device))
+    f = torch.compile(lambda x, w1, w2: ops.relu2_mlp(x, w1, w2, backend="triton"), fullgraph=True)
+    y = f(x, w1, w2)
+    gx, g1, g2 = torch.autograd.grad(y.square().sum(), (x, w1, w2))
+    ref = relu2_mlp_reference(x, w1, w2)
+    rx, r1, r2 = torch.autograd.grad(ref.square().sum(), (x, w1, w2))
+    for a, b in ((y, ref), (gx, rx), (g1, r1), (g2, r2)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_relu2_mlp_triton_parity_gpu_tile_edges(dtype: torch.dtype) -> None:
+    # several full 128-tiles plus a partial one in every dimension
+    m, d, h = 8 * 128 + 1, 3 * 32 + 1, 2 * 128 + 1
+    x = torch.randn(m, d, device="cuda").to(dtype)
+    w1, w2 = mlp_weights(d, h, d, dtype, torch.device("cuda"))
+    assert_parity(triton_mlp, relu2_mlp_reference, [x, w1, w2], name="relu2_mlp GPU tile edges")

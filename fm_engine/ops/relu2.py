@@ -124,7 +124,10 @@ def _relu2_cuda(x: torch.Tensor) -> torch.Tensor:
     from fm_engine import _alloc
 
     y = _alloc.empty_like(x)
-    _cuda.ext().relu2_forward(_cuda.ptr(x), _cuda.ptr(y), x.numel(), _cuda.DTYPE_CODES[x.dtype], _cuda.stream(x.device))
+    with torch.cuda.device(x.device):
+        _cuda.ext().relu2_forward(
+            _cuda.ptr(x), _cuda.ptr(y), x.numel(), _cuda.DTYPE_CODES[x.dtype], _cuda.stream(x.device)
+        )
     return y
 
 
@@ -134,16 +137,17 @@ def _relu2_bwd_cuda(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
 
     dy = dy.contiguous()
     dx = _alloc.empty_like(x)
-    _cuda.ext().relu2_backward(
-        _cuda.ptr(x), _cuda.ptr(dy), _cuda.ptr(dx), x.numel(), _cuda.DTYPE_CODES[x.dtype], _cuda.stream(x.device)
-    )
+    with torch.cuda.device(x.device):
+        _cuda.ext().relu2_backward(
+            _cuda.ptr(x), _cuda.ptr(dy), _cuda.ptr(dx), x.numel(), _cuda.DTYPE_CODES[x.dtype], _cuda.stream(x.device)
+        )
     return dx
 
 
 for _op in (_relu2_triton, _relu2_cuda):
-    _op.register_fake(lambda x: torch.empty_like(x))
+    _op.register_fake(lambda x: x.new_empty(x.shape))
 for _op in (_relu2_bwd_triton, _relu2_bwd_cuda):
-    _op.register_fake(lambda x, dy: torch.empty_like(x))
+    _op.register_fake(lambda x, dy: x.new_empty(x.shape))
 
 
 def _save_x(ctx, inputs, output) -> None:
@@ -206,7 +210,8 @@ def _mlp_bwd_triton(
 
 @_mlp_bwd_triton.register_fake
 def _(dy, x, w1, w2, r, seed, dropout_p):
-    return torch.empty_like(x), torch.empty_like(w1), torch.empty_like(w2)
+    # the kernels write fresh contiguous gradients whatever the inputs' strides
+    return (x.new_empty(x.shape), w1.new_empty(w1.shape), w2.new_empty(w2.shape))
 
 
 def _mlp_setup(ctx, inputs, output) -> None:
@@ -247,6 +252,8 @@ def _relu2_mlp_triton_supports(
         return reason
     if x.dtype not in _FAST_DTYPES:
         return f"x: dtype {x.dtype} (the Triton MLP takes float32, float16, bfloat16)"
+    if dropout_p > 0 and x.is_cuda and torch.cuda.is_current_stream_capturing():
+        return "dropout during CUDA graph capture (the seed is drawn on the host and would be frozen in the graph)"
     if dropout_p > 0 and x.numel() // max(x.shape[-1], 1) * w1.shape[0] >= 2**31:
         return "dropout with tokens x hidden >= 2^31 elements (the Philox offsets are 32-bit)"
     return None

@@ -57,6 +57,7 @@ class Case:
     notes: dict[str, str] = dataclasses.field(default_factory=dict)
     backward: bool = True
     kind: str = "op"  # "op" or "model" (a model case's fwd+bwd is one training step)
+    items: int = 0  # images per call, for a model case's images/s
 
 
 def compiled(fn: Callable[..., Any], mode: str | None = None) -> Callable[..., Any]:
@@ -197,6 +198,8 @@ def run_case(case: Case, label: str, device: torch.device, quick: bool) -> dict[
 
 
 def _derive(row: dict[str, Any], case: Case, ceilings: dict[str, float]) -> None:
+    if case.items and row.get("fwd_bwd_ms"):
+        row["images_per_s"] = case.items / (row["fwd_bwd_ms"] / 1e3)
     f_fwd, f_bwd = case.flops.get("fwd", 0.0), case.flops.get("bwd", 0.0)
     b_fwd, b_bwd = case.bytes.get("fwd", 0.0), case.bytes.get("bwd", 0.0)
     for key, fl, by in (("fwd", f_fwd, b_fwd), ("fwd_bwd", f_fwd + f_bwd, b_fwd + b_bwd)):
@@ -333,8 +336,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines += [
         "| op | case | backend | fwd ms | fwd+bwd ms | fwd TFLOP/s | fwd+bwd GB/s | % matmul peak (f+b) "
         "| % copy BW (f+b) "
-        "| peak MB | saved MB | x reference (f+b) | status |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| peak MB | saved MB | images/s (step) | x reference (f+b) | status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         sp = r.get("speedup_fwd_bwd") or r.get("speedup_fwd") or {}
@@ -344,6 +347,7 @@ def markdown(result: dict[str, Any]) -> str:
             f"{_fmt(100 * r['fwd_bwd_frac_matmul_peak'] if 'fwd_bwd_frac_matmul_peak' in r else None, '.1f')} | "
             f"{_fmt(100 * r['fwd_bwd_frac_copy_bw'] if 'fwd_bwd_frac_copy_bw' in r else None, '.1f')} | "
             f"{_fmt(r.get('peak_mem_mb'), '.0f')} | {_fmt(r.get('saved_mb'), '.1f')} | "
+            f"{_fmt(r.get('images_per_s'), '.1f')} | "
             f"{_fmt(sp.get(REFERENCE), '.2f')} | {r.get('status')} |"
         )
     lines += ["", "## Formulas", ""]

@@ -53,5 +53,6 @@ def cases(name: str, device: torch.device, quick: bool) -> list[Case]:
             setup=setup,
             fns=fns,
             kind="model",
+            items=batch_size,
         )
     ]

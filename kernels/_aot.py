@@ -35,12 +35,22 @@ class AOTCase:
     constexprs: dict[str, Any]
     num_warps: int
     num_stages: int
+    aligned: bool = False  # pointers and integer arguments carry the 16-divisibility hint
 
     @property
     def id(self) -> str:
         cx = ",".join(f"{k}={v}" for k, v in sorted(self.constexprs.items()))
         types = ",".join(v for v in self.signature.values() if v.startswith("*"))
-        return f"{self.name}[{types}][{cx},w{self.num_warps},s{self.num_stages}]"
+        return f"{self.name}[{types}][{cx},w{self.num_warps},s{self.num_stages}{',aligned' if self.aligned else ''}]"
+
+    def attrs(self) -> dict[tuple[int, ...], list[list[Any]]]:
+        if not self.aligned:
+            return {}
+        return {
+            (i,): [["tt.divisibility", 16]]
+            for i, t in enumerate(self.signature.values())
+            if t.startswith("*") or t in ("i32", "i64")
+        }
 
 
 _CASES: list[AOTCase] = []
@@ -58,11 +68,17 @@ def register(
     signatures: list[dict[str, str]],
     configs: list[dict[str, Any]],
     name: str | None = None,
+    specializations: list[dict[str, int]] | None = None,
 ) -> None:
     """Register every (signature x config) combination of ``kernel`` for the compile gate.
 
     ``signatures``: maps of non-constexpr argument name -> Triton type ("*bf16", "i32", "fp32", ...).
     ``configs``: maps holding every constexpr argument plus optional "num_warps" / "num_stages".
+    ``specializations``: the integer arguments that typical launches pass as 1 (unit strides), one map
+    per launch pattern. At run time Triton specialises such arguments to constants and marks 16-aligned
+    pointers and 16-divisible integers, which enables pipelined loads that need more shared memory
+    than the generic kernel; each pattern is compiled that way too, so the shared-memory check sees
+    the kernel the GPU actually runs.
     Under the interpreter, kernels are not JITFunctions and nothing is recorded: the gate compiles in a
     process of its own without ``TRITON_INTERPRET``.
     """
@@ -83,6 +99,12 @@ def register(
                 else:
                     raise ValueError(f"compile gate: {fn.__name__} argument {arg!r} has no type or constexpr value")
             _CASES.append(AOTCase(name or fn.__name__, fn, full_sig, cfg, nw, ns))
+            for spec in specializations or []:
+                unknown = set(spec) - set(sig)
+                if unknown:
+                    raise ValueError(f"compile gate: {fn.__name__} specializes unknown arguments {sorted(unknown)}")
+                sig_s = {a: ("constexpr" if a in spec else t) for a, t in full_sig.items()}
+                _CASES.append(AOTCase(name or fn.__name__, fn, sig_s, {**cfg, **spec}, nw, ns, aligned=True))
 
 
 def config_dicts(configs: list[triton.Config]) -> list[dict[str, Any]]:
@@ -113,7 +135,7 @@ def compile_case(case: AOTCase, arch: int) -> Any:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    src = ASTSource(fn=case.fn, signature=case.signature, constexprs=case.constexprs)
+    src = ASTSource(fn=case.fn, signature=case.signature, constexprs=case.constexprs, attrs=case.attrs())
     return triton.compile(
         src,
         target=GPUTarget("cuda", arch, 32),

@@ -417,6 +417,21 @@ _MODES = [
     *({"A_RELU2": 0, "B_RELU2": 0, "EPI": EPI_DRELU2, "DROPOUT": d} for d in (0, 1)),
     *({"A_RELU2": 0, "B_RELU2": 1, "EPI": EPI_NONE, "DROPOUT": d} for d in (0, 1)),
 ]
+# Unit strides of the six launches with contiguous tensors (fm_engine/ops/relu2.py calls these):
+# r = x W1ᵀ and y = h W2ᵀ read A row-major and B = Wᵀ column-major; da = dy W2 and dx = da W1 read
+# both row-major; dW2 = dyᵀ h and dW1 = daᵀ x read A transposed.
+_UNIT = {
+    "fwd": {"stride_ak": 1, "stride_bk": 1, "stride_cn": 1},
+    "rowmajor": {"stride_ak": 1, "stride_bn": 1, "stride_cn": 1},
+    "wgrad": {"stride_am": 1, "stride_bn": 1, "stride_cn": 1},
+}
+_MODE_UNIT = {  # (A_RELU2, B_RELU2, EPI) -> launch patterns
+    (0, 0, EPI_NONE): [_UNIT["rowmajor"], _UNIT["wgrad"]],
+    (0, 0, EPI_RELU): [_UNIT["fwd"]],
+    (1, 0, EPI_NONE): [_UNIT["fwd"]],
+    (0, 0, EPI_DRELU2): [{**_UNIT["rowmajor"], "stride_rn": 1}],
+    (0, 1, EPI_NONE): [_UNIT["wgrad"]],
+}
 for _name, _t in _DT.items():
     for _mode in _MODES:
         # plain-epilogue products may be split-K, writing fp32 slices
@@ -426,4 +441,5 @@ for _name, _t in _DT.items():
             signatures=[{"a_ptr": _t, "b_ptr": _t, "c_ptr": o, "r_ptr": _t, **_MM_SCALARS} for o in sorted(outs)],
             configs=[{**c, **_mode, "IEEE": int(_name == "fp32")} for c in _aot.config_dicts(GPU_CONFIGS)],
             name=f"relu2_mlp_mm[A{_mode['A_RELU2']}B{_mode['B_RELU2']}E{_mode['EPI']}D{_mode['DROPOUT']}]",
+            specializations=_MODE_UNIT[(_mode["A_RELU2"], _mode["B_RELU2"], _mode["EPI"])],
         )

@@ -65,3 +65,14 @@ def test_bench_smoke_writes_reports(tmp_path: Path) -> None:
 def test_bench_rejects_unknown_op() -> None:
     r = run_cli("bench", "--op", "nope", "--quick")
     assert r.returncode != 0 and "unknown op family 'nope'" in (r.stdout + r.stderr)
+
+
+def test_bench_model_training_step(tmp_path: Path) -> None:
+    # harness path of `fm-engine bench --model` (reference vs automatic dispatch; no interpreter: CPU speed)
+    r = run_cli("bench", "--model", "vit-cifar10", "--quick", "--backend", "fast", "--out", str(tmp_path),
+                env={"TRITON_INTERPRET": "0"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = {row["backend"]: row for row in json.loads((tmp_path / "results.json").read_text())["rows"]}
+    for label in ("reference", "fast"):
+        assert rows[label]["status"] == "ok", rows[label]
+        assert rows[label]["kind"] == "model" and rows[label]["images_per_s"] > 0

@@ -489,3 +489,16 @@ register_gate(
     ],
 )
 register_gate(MODE_GLOBAL, [("bf16", {"BLOCK_N": 64, "BLOCK_D": 16, "HAS_BIAS": True})])
+# Every dtype x head-dim chunk at the largest token tile (64), with the flags that add the most code
+# (standardised scores, bias): shared memory and registers grow with BLOCK_N x BLOCK_D, so these bound
+# every smaller launch of the same dtype and chunk. Smaller token tiles are compiled above only in the
+# configurations the production and parser-default shapes use.
+register_gate(
+    MODE_LOCAL,
+    [
+        (dt, {"BLOCK_N": 64, "BLOCK_D": bd, "SCORE": SCORE_STANDARDIZE, "HAS_BIAS": True})
+        for dt in ("fp32", "fp16", "bf16")
+        for bd in (16, 32, 64)
+        if (dt, bd) != ("fp32", 64)  # the temporal registration covers fp32 64 x 64
+    ],
+)

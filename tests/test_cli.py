@@ -69,8 +69,17 @@ def test_bench_rejects_unknown_op() -> None:
 
 def test_bench_model_training_step(tmp_path: Path) -> None:
     # harness path of `fm-engine bench --model` (reference vs automatic dispatch; no interpreter: CPU speed)
-    r = run_cli("bench", "--model", "vit-cifar10", "--quick", "--backend", "fast", "--out", str(tmp_path),
-                env={"TRITON_INTERPRET": "0"})
+    r = run_cli(
+        "bench",
+        "--model",
+        "vit-cifar10",
+        "--quick",
+        "--backend",
+        "fast",
+        "--out",
+        str(tmp_path),
+        env={"TRITON_INTERPRET": "0"},
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     rows = {row["backend"]: row for row in json.loads((tmp_path / "results.json").read_text())["rows"]}
     for label in ("reference", "fast"):

@@ -342,8 +342,7 @@ def test_custom_ops_pass_opcheck(device: torch.device) -> None:
     torch.library.opcheck(R._relu2_bwd_triton, (xc.detach(), torch.randn(7, 9, device=device)), test_utils=tests)
     torch.library.opcheck(R._mlp_fwd_triton, (x.requires_grad_(), w1, w2, 0.0), test_utils=tests)
     seed = torch.tensor([0], dtype=torch.int64)
-    torch.library.opcheck(R._mlp_bwd_triton, (dy, x.detach(), w1.detach(), w2.detach(), r, seed, 0.0),
-                          test_utils=tests)
+    torch.library.opcheck(R._mlp_bwd_triton, (dy, x.detach(), w1.detach(), w2.detach(), r, seed, 0.0), test_utils=tests)
 
 
 def test_relu2_mlp_under_inductor_noncontiguous(device: torch.device) -> None:

@@ -22,7 +22,7 @@ def test_accepts_the_reference_itself(dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rejects_a_small_output_error(dtype: torch.dtype) -> None:
     x, w = torch.randn(8, 16).to(dtype), torch.randn(16, 4).to(dtype)
-    bad = lambda x, w: ref(x, w) * 1.02  # noqa: E731
+    bad = lambda x, w: ref(x, w) * 1.02
     with pytest.raises(AssertionError, match="output 0"):
         assert_parity(bad, ref, [x, w], name="bad")
 
@@ -30,11 +30,11 @@ def test_rejects_a_small_output_error(dtype: torch.dtype) -> None:
 def test_rejects_a_wrong_gradient() -> None:
     class WrongGrad(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, x):  # noqa: ANN001, ANN205
+        def forward(ctx, x):
             return x.clone()
 
         @staticmethod
-        def backward(ctx, g):  # noqa: ANN001, ANN205
+        def backward(ctx, g):
             return g * 1.001
 
     x, w = torch.randn(8, 16), torch.randn(16, 4)

@@ -35,7 +35,17 @@ class CMakeExtension(Extension):
 
 class CMakeBuild(build_ext):
     def build_extension(self, ext: Extension) -> None:
-        import pybind11
+        try:
+            import pybind11
+        except ImportError as e:  # --no-build-isolation without pybind11 installed
+            raise RuntimeError(
+                "fm_engine: nvcc was found, so the CUDA extension is being built, but pybind11 is not installed; "
+                "install pybind11 and cmake, or set FM_ENGINE_BUILD_CUDA=0 to build without the extension"
+            ) from e
+        if shutil.which("cmake") is None:
+            raise RuntimeError(
+                "fm_engine: nvcc was found but cmake is not on PATH; install cmake, or set FM_ENGINE_BUILD_CUDA=0"
+            )
 
         nvcc = find_nvcc()
         assert nvcc is not None

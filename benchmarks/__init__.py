@@ -43,6 +43,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     size.add_argument("--quick", action="store_true", help="tiny cases (default on CPU): a smoke test, no speed claims")
     size.add_argument("--full", action="store_true", help="real sizes (default on a GPU)")
     p.add_argument("--list", action="store_true", help="list op families and exit")
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="stop starting new cases after this many seconds (the rest are reported as not run)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -79,7 +86,7 @@ def run_args(a: argparse.Namespace) -> int:
             cases += models.cases(name, device, quick)
     if quick:
         print("quick run (smoke test): timings below are not speed claims")
-    harness.run(cases, device, quick, out_dir=a.out, labels=a.backend)
+    harness.run(cases, device, quick, out_dir=a.out, labels=a.backend, budget_s=a.budget)
     if a.out:
         print(f"wrote {a.out}/results.json, results.md")
     return 0

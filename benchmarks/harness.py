@@ -253,7 +253,11 @@ def run(
     out_dir: Path | None = None,
     labels: Sequence[str] | None = None,
     log: Callable[[str], None] = print,
+    budget_s: float | None = None,
 ) -> dict[str, Any]:
+    """Run every case; with ``budget_s``, cases not started within that many seconds are reported as
+    not run (so a run under a wall-clock limit still ends with complete, honest reports)."""
+    t_start = time.perf_counter()
     ceilings = measure_ceilings(device, quick)
     if ceilings:
         log(f"ceilings: bf16 matmul {ceilings['bf16_matmul_tflops']:.0f} TFLOP/s, copy {ceilings['copy_gbs']:.0f} GB/s")
@@ -266,6 +270,12 @@ def run(
         "rows": rows,
     }
     for case in cases:
+        if budget_s is not None and time.perf_counter() - t_start > budget_s:
+            for label in case.fns:
+                rows.append({"op": case.op, "case": case.name, "backend": label, "kind": case.kind,
+                             "status": f"not run: time budget of {budget_s:.0f} s used up"})  # fmt: skip
+            log(f"{case.op:<18} {case.name:<40} not run: time budget used up")
+            continue
         for label in case.fns:
             if labels and label not in labels and label != REFERENCE:
                 continue

@@ -7,12 +7,23 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-_C_error: str | None = None
-try:  # the CUDA extension is optional: built only where nvcc was found at install time
-    from fm_engine import _C  # type: ignore[attr-defined]
-except ImportError as _e:  # pragma: no cover - depends on the build
-    _C = None
-    _C_error = f"CUDA extension fm_engine._C not built ({_e})"
+def _load_extension() -> tuple[object | None, str | None]:
+    import importlib
+    import importlib.util
+
+    if importlib.util.find_spec("fm_engine._C") is None:
+        return None, (
+            "CUDA extension fm_engine._C was not built (nvcc was not found at install time, or "
+            "FM_ENGINE_BUILD_CUDA=0); reinstall with nvcc on PATH to build it"
+        )
+    try:
+        return importlib.import_module("fm_engine._C"), None
+    except ImportError as e:  # built, but cannot load here (e.g. a driver or ABI mismatch)
+        return None, f"CUDA extension fm_engine._C failed to load: {e}"
+
+
+# The CUDA extension is optional: built only where nvcc was found at install time.
+_C, _C_error = _load_extension()
 
 
 def _C_status() -> str | None:

@@ -89,3 +89,17 @@ def test_registry_is_consistent() -> None:
             assert why is None or (isinstance(why, str) and why), (name, b.name)
     with pytest.raises(ValueError, match="registered twice"):
         Op("relu2", lambda x: x)
+
+
+def test_cuda_extension_build_status() -> None:
+    """With nvcc at install time the extension is built (csrc compiles and links); otherwise it says why."""
+    import os
+    import shutil
+
+    status = fm_engine._C_status()
+    assert (fm_engine._C is None) == (status is not None)
+    if shutil.which("nvcc") and os.environ.get("FM_ENGINE_BUILD_CUDA", "1") != "0":
+        assert fm_engine._C is not None, status
+        assert hasattr(fm_engine._C, "relu2_forward") and hasattr(fm_engine._C, "relu2_backward")
+    if fm_engine._C is None:
+        assert "fm_engine._C" in status

@@ -11,7 +11,8 @@ N = tokens per attention group (local: patches per window; global: windows), Hq 
 s = bytes per element; the [n_head, N, N] bias and its gradient are not counted (< 0.1 %).
 Peers, where the configuration is expressible: FlexAttention with a block mask over the permuted tokens
 (the permutation is timed: it is what a caller of FlexAttention has to do), NATTEN ``na2d`` with
-kernel = stride = the window (local only). Neither can add a bias after the softmax, so the cases with the
+kernel = stride = the window (local) or kernel = window count, dilation = patches per window (global).
+Neither can add a bias after the softmax, so the cases with the
 relative-position bias list them under notes with that reason.
 """
 
@@ -85,8 +86,6 @@ def _flex(g: Geometry, n_head: int, cosine: bool, scale: float) -> tuple[Callabl
 
 
 def _natten(g: Geometry, n_head: int, cosine: bool, scale: float) -> tuple[Callable[..., Any] | None, str]:
-    if g.mode != "local":
-        return None, "NATTEN's na2d has no dilated-grid form matching the global (MaxViT) token layout"
     if g.hc_qk != g.hc_v:
         return None, f"NATTEN needs equal q/k and v head dims (hc_qk {g.hc_qk}, hc_v {g.hc_v})"
     try:
@@ -109,7 +108,10 @@ def _natten(g: Geometry, n_head: int, cosine: bool, scale: float) -> tuple[Calla
         qg, kg, vg = grid(q, g.phq, g.pwq), grid(k, g.phq, g.pwq), grid(v, g.ph, g.pw)
         if cosine:
             qg, kg = F.normalize(qg, dim=-1), F.normalize(kg, dim=-1)
-        o = na2d(qg, kg, vg, kernel_size=(g.nPh, g.nPw), stride=(g.nPh, g.nPw), scale=scale)
+        if g.mode == "local":  # non-overlapping windows: kernel = stride = patches per window
+            o = na2d(qg, kg, vg, kernel_size=(g.nPh, g.nPw), stride=(g.nPh, g.nPw), scale=scale)
+        else:  # the grid: every window at one in-window position = dilation by the patches per window
+            o = na2d(qg, kg, vg, kernel_size=(g.nWh, g.nWw), dilation=(g.nPh, g.nPw), scale=scale)
         o = o.reshape(B * T, gh, gw, g.ph, g.pw, C).permute(0, 5, 1, 3, 2, 4)
         return o.reshape(v.shape)
 

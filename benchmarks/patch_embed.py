@@ -12,12 +12,23 @@ Peers: the eager fp32 stem (conv -> pool -> norm -> position, TF32 off) and torc
 
 from __future__ import annotations
 
+from typing import TypedDict
+
 import torch
 
 from fm_engine import ops
 from fm_engine.ops.patch_embed import patch_embed_reference
 
 from .harness import Case, standard_labels
+
+
+class _StemKwargs(TypedDict):
+    """The keyword arguments every benchmarked stem takes."""
+
+    patch: int
+    pool_to: tuple[int, int] | None
+    intensity_scale: float
+    out_dtype: torch.dtype
 
 
 def _case(
@@ -27,7 +38,7 @@ def _case(
     k = c * patch * patch
     t_conv = (h // patch) * (w // patch)
     t = pool[0] * pool[1] if pool else t_conv
-    kw = {"patch": patch, "pool_to": pool, "intensity_scale": 1 / 65535, "out_dtype": torch.bfloat16}
+    kw: _StemKwargs = {"patch": patch, "pool_to": pool, "intensity_scale": 1 / 65535, "out_dtype": torch.bfloat16}
 
     def setup() -> list[torch.Tensor]:
         image = torch.randint(0, 65536, (b, c, h, w), dtype=torch.int32, device=device).to(torch.uint16)

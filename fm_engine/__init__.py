@@ -7,6 +7,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+
 def _load_extension() -> tuple[object | None, str | None]:
     import importlib
     import importlib.util

@@ -444,7 +444,7 @@ def backward(
             MODE=mode, SCORE=score, HAS_BIAS=bias is not None, CAUSAL=causal, BLOCK_N=block_n, BLOCK_D=block_d,
             num_warps=_warps(block_n),
         )  # fmt: skip
-    dbias = dbias32.to(bias.dtype) if dbias32 is not None else None
+    dbias = dbias32.to(bias.dtype) if dbias32 is not None and bias is not None else None
     return dq, dk, dv, dbias
 
 

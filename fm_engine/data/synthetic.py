@@ -157,7 +157,7 @@ def write_ct_series(
         body = (yy / 0.8) ** 2 + (xx / 0.9) ** 2 < 1.0
         radius = 0.2 + 0.3 * k / max(slices - 1, 1)
         organ = yy**2 + xx**2 < radius**2
-        hu = np.full(size, -1000.0)
+        hu: np.ndarray = np.full(size, -1000.0)
         hu[body] = 40.0
         hu[organ] = 120.0
         hu = hu + rng.normal(0, 10, size)

@@ -126,10 +126,12 @@ class _STCNNTAttentionBase(nn.Module):
         self.cosine_att, self.normalize_Q_K = bool(cosine_att), bool(normalize_Q_K)
         self.backend = backend
         if a_type == "conv":
-            self.query = Conv2DExt(C_in, C_out, kernel_size, self.stride_qk, padding)
-            self.key = Conv2DExt(C_in, C_out, kernel_size, self.stride_qk, padding)
-            self.value = Conv2DExt(C_in, C_out, kernel_size, stride, padding)
-            self.output_proj = Conv2DExt(C_out, C_out, kernel_size, 1, padding) if att_with_output_proj else None
+            self.query: nn.Module = Conv2DExt(C_in, C_out, kernel_size, self.stride_qk, padding)
+            self.key: nn.Module = Conv2DExt(C_in, C_out, kernel_size, self.stride_qk, padding)
+            self.value: nn.Module = Conv2DExt(C_in, C_out, kernel_size, stride, padding)
+            self.output_proj: nn.Module | None = (
+                Conv2DExt(C_out, C_out, kernel_size, 1, padding) if att_with_output_proj else None
+            )
         else:
             make = (lambda a, b: PatchLinear(a, b, lin_patch)) if lin_patch is not None else PixelLinear
             self.query, self.key, self.value = make(C_in, C_out), make(C_in, C_out), make(C_in, C_out)
@@ -146,6 +148,7 @@ class _SpatialAttention(_STCNNTAttentionBase):
     """Shared by the local, global and ViT modules: window sizing, bias table, the op call."""
 
     mode: str
+    relative_position_index: torch.Tensor
 
     def __init__(
         self,
@@ -223,7 +226,7 @@ class _SpatialAttention(_STCNNTAttentionBase):
         self.grid = self.num_patch if self.mode == "local" else self.num_wind
         if att_with_relative_position_bias:
             n_rel = (2 * self.grid[0] - 1) * (2 * self.grid[1] - 1)
-            self.relative_position_bias_table = nn.Parameter(torch.zeros(n_rel, n_head))
+            self.relative_position_bias_table: nn.Parameter | None = nn.Parameter(torch.zeros(n_rel, n_head))
             nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
             self.register_buffer("relative_position_index", relative_position_index(self.grid), persistent=False)
         else:

@@ -20,8 +20,8 @@ from __future__ import annotations
 import copy
 import math
 import re
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -101,7 +101,8 @@ _NO_DECAY_NAME = re.compile(r"(^|\.)[a-z_]*pos\.|(^|\.)query_token$|(^|\.)bias$|
 def adamw_param_groups(module: nn.Module, weight_decay: float = 0.05) -> list[dict[str, Any]]:
     """AdamW parameter groups of the trainable parameters of ``module``: weight decay on matrices and
     convolution kernels; none on biases, norms, LayerScale, position Linears (``*pos``) and the query token."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
@@ -168,7 +169,7 @@ class MJEPA(nn.Module):
         self.context_ratio, self.context_coarsen = float(context_ratio), context_coarsen
         self.target_ratio, self.target_coarsen = float(target_ratio), target_coarsen
         self.ema_momentum, self.margin = float(ema_momentum), float(margin)
-        dim = encoder.dim
+        dim = cast(int, encoder.dim)
         self.encoder = encoder
         self.ema_encoder = copy.deepcopy(encoder).requires_grad_(False).eval()
         self.predictor = nn.ModuleList(
@@ -185,7 +186,7 @@ class MJEPA(nn.Module):
         )
         self.query_token = nn.Parameter(torch.empty(1, 1, dim))
         nn.init.trunc_normal_(self.query_token, std=1.0)
-        self.predictor_pos = nn.Linear(encoder.spatial_dims, dim)
+        self.predictor_pos = nn.Linear(cast(int, encoder.spatial_dims), dim)
         self.probe = (
             nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, probe_classes)) if probe_classes is not None else None
         )
@@ -201,8 +202,13 @@ class MJEPA(nn.Module):
         m = self.ema_momentum
         for e, o in zip(self.ema_encoder.parameters(), self.encoder.parameters(), strict=True):
             e.copy_(m * e + (1.0 - m) * o.to(e.dtype))
-        for e, o in zip(self.ema_encoder.buffers(), self.encoder.buffers(), strict=True):
-            e.copy_(m * e + (1.0 - m) * o.to(e.dtype) if e.is_floating_point() else o)
+        for eb, ob in zip(self.ema_encoder.buffers(), self.encoder.buffers(), strict=True):
+            eb.copy_(m * eb + (1.0 - m) * ob.to(eb.dtype) if eb.is_floating_point() else ob)
+
+    def _mask_grid(self, spatial_size: Sequence[int]) -> tuple[int, ...]:
+        """The encoder's token grid for a spatial size (the encoder is duck-typed: see the class docstring)."""
+        mask_grid = cast(Callable[[Sequence[int]], tuple[int, ...]], self.encoder.mask_grid)
+        return mask_grid(spatial_size)
 
     def param_groups(self, weight_decay: float = 0.05) -> list[dict[str, Any]]:
         """AdamW groups of the trainable parameters (see :func:`adamw_param_groups`)."""
@@ -212,7 +218,7 @@ class MJEPA(nn.Module):
         self, images: torch.Tensor, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(context_mask, target_mask), each [B, N] bool (True = kept) on the encoder's mask grid."""
-        grid = self.encoder.mask_grid(images.shape[2:])
+        grid = self._mask_grid(images.shape[2:])
         b, dev = images.shape[0], images.device
         ctx = coarse_mask(
             b, grid, self.context_coarsen, self.context_ratio, device=dev, generator=generator, name="context_coarsen"
@@ -284,7 +290,7 @@ class MJEPA(nn.Module):
         "context_mask", "target_mask" ([B, N] bool) and, with a probe, "probe_logits" (+ "probe_loss" when
         ``labels`` [B] are given). ``masks`` overrides the random (context, target) masks;
         ``extra_padding`` adds padding slots to the predictor input (the result does not change)."""
-        grid = self.encoder.mask_grid(images.shape[2:])
+        grid = self._mask_grid(images.shape[2:])
         context_mask, target_mask = self.masks(images) if masks is None else masks
         if context_mask.shape != target_mask.shape or context_mask.shape != (images.shape[0], math.prod(grid)):
             raise ValueError(f"masks: expected two bool tensors [{images.shape[0]}, {math.prod(grid)}]")

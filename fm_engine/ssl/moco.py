@@ -75,6 +75,9 @@ class MoCo(nn.Module):
     ``prune_threshold``: with a value, the purposive pruner drops negatives with cosine >= it.
     """
 
+    queue: torch.Tensor
+    queue_ptr: torch.Tensor
+
     def __init__(
         self,
         encoder: nn.Module,

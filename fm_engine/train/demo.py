@@ -31,7 +31,7 @@ def demo_configs(
 ) -> tuple[TrainConfig, TrainConfig, Path]:
     """(stage-1 config, stage-2 config, converted AViT path); ``flags`` override both stages' fields."""
     folder = Path(folder)
-    base = dict(
+    base: dict[str, Any] = dict(
         data=str(folder / "data"),
         predictor_depth=1,
         steps=steps,
@@ -76,6 +76,7 @@ def run_demo(
     from fm_engine.train.mjepa import train_mjepa
 
     stage1, stage2, avit_path = demo_configs(folder, count=count, steps=steps, size=size, **flags)
+    assert stage1.data is not None, "demo_configs always sets data"
     write_demo_dataset(stage1.data, count=count, size=(4 * size[0], 4 * size[1]), seed=stage1.seed)
     r1 = train_mjepa(stage1)
     r1.pop("trainer")

@@ -34,15 +34,20 @@ import resource
 import shutil
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
 import yaml
 
 from fm_engine.train.config import TrainConfig
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import FSDPModule
+    from torch.nn.parallel import DistributedDataParallel
 
 STATE_VERSION = 1
 
@@ -145,8 +150,8 @@ class MetricsWriter:
         p = out / "metrics.csv"
         if p.is_file():
             with open(p, newline="") as f:
-                rows = list(csv.reader(f))
-            keep = rows[:1] + [r for r in rows[1:] if r and int(r[0]) <= step]
+                table = list(csv.reader(f))
+            keep = table[:1] + [r for r in table[1:] if r and int(r[0]) <= step]
             with open(p, "w", newline="") as f:
                 csv.writer(f).writerows(keep)
 
@@ -224,6 +229,8 @@ def shard_fsdp(objective: torch.nn.Module, device: torch.device, world: int) -> 
 class Trainer:
     """Builds data, model, optimizer and schedule from a :class:`TrainConfig` and runs the loop."""
 
+    _it: Iterator[dict[str, torch.Tensor]] | None
+
     def __init__(self, cfg: TrainConfig) -> None:
         from fm_engine.data import AugmentConfig, DicomFrameDataset, ResumableSampler
         from fm_engine.data.transforms import parse_size
@@ -239,7 +246,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.set_float32_matmul_precision("medium")
         spec = get_spec(cfg.model)
-        self.size = parse_size(cfg.size) if cfg.size else tuple(spec.input_size)
+        self.size = parse_size(cfg.size) if cfg.size else cast(tuple[int, int], tuple(spec.input_size))
         self.out = Path(cfg.out)
         self.ckpt_dir = self.out / "checkpoints"
 
@@ -295,7 +302,11 @@ class Trainer:
         if cfg.activation_checkpointing:  # the online encoder and the predictor (the EMA pass has no grad)
             enc = self.objective.encoder
             enable_activation_checkpointing(
-                [*enc.blocks, *getattr(enc, "high_res_blocks", []), *self.objective.predictor]
+                [
+                    *cast(Iterable[torch.nn.Module], enc.blocks),
+                    *getattr(enc, "high_res_blocks", []),
+                    *self.objective.predictor,
+                ]
             )
         self.model: torch.nn.Module = self.objective
         self.fsdp = cfg.strategy == "fsdp" and self.dist.world > 1
@@ -394,8 +405,10 @@ class Trainer:
             else:
                 from safetensors.torch import save_file
 
-                save_file({k: v.contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
-                enc = {k[len("encoder.") :]: v.contiguous() for k, v in model_state.items() if k.startswith("encoder.")}
+                # full_state_dict=True: every value is a plain tensor
+                tensors = cast(dict[str, torch.Tensor], model_state)
+                save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "model.safetensors"))
+                enc = {k[len("encoder.") :]: v.contiguous() for k, v in tensors.items() if k.startswith("encoder.")}
                 meta = {
                     "format_version": 1,
                     "name": self.cfg.model,
@@ -452,7 +465,7 @@ class Trainer:
             set_state_dict(
                 self.model,
                 self.optimizer,
-                model_state_dict=weights,
+                model_state_dict=cast(dict[str, Any], weights),
                 optim_state_dict=state["optimizer"],
                 options=StateDictOptions(full_state_dict=True, strict=True),
             )
@@ -483,10 +496,14 @@ class Trainer:
         x, s, o = stem_inputs(images, scale, offset)
         labels = batch["label"].to(self.device) if self.objective.probe is not None else None
         if self.fsdp:
-            self.model.set_requires_gradient_sync(sync)
+            cast("FSDPModule", self.model).set_requires_gradient_sync(sync)
             ctx: Any = contextlib.nullcontext()
         else:
-            ctx = self.model.no_sync() if (not sync and self.dist.world > 1) else contextlib.nullcontext()
+            ctx = (
+                cast("DistributedDataParallel", self.model).no_sync()
+                if (not sync and self.dist.world > 1)
+                else contextlib.nullcontext()
+            )
         with ctx:
             with torch.autocast(self.device.type, dtype=self.amp or torch.bfloat16, enabled=self.amp is not None):
                 out = self.model(x, labels, intensity_scale=s, intensity_offset=o)

@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
 from fm_engine.models.adam.model import AdamMoCo, AnatomyDecomposer, next_stage, train_stages
 from fm_engine.models.registry import ModelSpec, register_model
@@ -14,7 +13,7 @@ from fm_engine.models.registry import ModelSpec, register_model
 __all__ = ["AdamMoCo", "AnatomyDecomposer", "next_stage", "train_stages"]
 
 
-def _views(model: nn.Module, batch_size: int, device: torch.device, small: bool) -> tuple[Any, ...]:
+def _views(model: AdamMoCo, batch_size: int, device: torch.device, small: bool) -> tuple[Any, ...]:
     b = max(batch_size, 2)  # BatchNorm in training mode needs two examples
     n = model.granularity
     side = (32 if small else 224) * max(n, 1)
@@ -22,7 +21,7 @@ def _views(model: nn.Module, batch_size: int, device: torch.device, small: bool)
     return crops, crops + 0.05 * torch.randn_like(crops)
 
 
-def _loss(model: nn.Module, batch: tuple[Any, ...]) -> torch.Tensor:
+def _loss(model: AdamMoCo, batch: tuple[Any, ...]) -> torch.Tensor:
     return model.loss(*batch)
 
 

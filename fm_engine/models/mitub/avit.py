@@ -148,7 +148,8 @@ def convert_vit_to_avit(vit: ViT, avit: AViT | str, **overrides: Any) -> Convers
     """
     if not isinstance(vit, ViT) or vit.spatial_dims != 2:
         raise ValueError("vit: expected a 2-D fm_engine.models.mitub.ViT")
-    if isinstance(avit, str):
+    model: nn.Module | str = avit
+    if isinstance(model, str):
         from fm_engine.models.registry import create_model
 
         keep = (
@@ -163,9 +164,10 @@ def convert_vit_to_avit(vit: ViT, avit: AViT | str, **overrides: Any) -> Convers
             "dropout",
             "attn_dropout",
         )
-        avit = create_model(avit, **{**{k: vit.config[k] for k in keep}, **overrides})
-    if not isinstance(avit, AViT):
-        raise ValueError(f"avit: expected an AViT or the name of a registered AViT, got {type(avit).__name__}")
+        model = create_model(model, **{**{k: vit.config[k] for k in keep}, **overrides})
+    if not isinstance(model, AViT):
+        raise ValueError(f"avit: expected an AViT or the name of a registered AViT, got {type(model).__name__}")
+    avit = model
     src = vit.state_dict()
     dst = avit.state_dict()
     extra = [k for k in src if k not in dst]

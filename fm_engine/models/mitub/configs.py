@@ -58,7 +58,7 @@ CONFIGS: dict[str, tuple[type[nn.Module], dict[str, Any], tuple[int, int], tuple
 
 
 def example_images(
-    model: nn.Module, batch_size: int, device: torch.device | str, size: tuple[int, int]
+    model: ViT | AViT, batch_size: int, device: torch.device | str, size: tuple[int, int]
 ) -> tuple[torch.Tensor, float]:
     """Synthetic raw images [B, C, H, W] (uint16 for 1 channel, uint8 for RGB) and their intensity scale."""
     c = model.config["in_channels"]
@@ -93,7 +93,7 @@ def mjepa_loss(model: nn.Module, batch: tuple[Any, ...]) -> torch.Tensor:
 def _register() -> None:
     for name, (cls, defaults, size, small, desc) in CONFIGS.items():
 
-        def example(model: nn.Module, batch_size: int, device: Any, small_: bool, _s=size, _m=small) -> tuple:
+        def example(model: ViT | AViT, batch_size: int, device: Any, small_: bool, _s=size, _m=small) -> tuple:
             return example_images(model, batch_size, device, _m if small_ else _s)
 
         register_model(

@@ -7,6 +7,7 @@ the backbones have no CLS token.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -75,7 +76,8 @@ class BackboneWithHead(nn.Module):
         return self.head(self.backbone(image, intensity_scale, intensity_offset))
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.head.loss(logits, labels)
+        head_loss = cast(Callable[[torch.Tensor, torch.Tensor], torch.Tensor], self.head.loss)
+        return head_loss(logits, labels)
 
 
 @torch.no_grad()

@@ -6,6 +6,8 @@ All matrix work goes through ``fm_engine.nn`` (``Attention`` -> op ``cross_atten
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -121,7 +123,7 @@ class PatchEmbed3d(nn.Module):
 
     def __init__(self, in_ch: int, dim: int, patch: int | tuple[int, int, int]) -> None:
         super().__init__()
-        self.patch = (patch,) * 3 if isinstance(patch, int) else tuple(patch)
+        self.patch = (patch,) * 3 if isinstance(patch, int) else cast(tuple[int, int, int], tuple(patch))
         self.proj = nn.Conv3d(in_ch, dim, self.patch, stride=self.patch, bias=False)
         self.norm = nn.LayerNorm(dim)
         self.pos = nn.Linear(3, dim)

@@ -62,7 +62,9 @@ def moco_convstem_vit(
 ) -> MoCo:
     """MoCo v2 with the ConvStem ViT as encoder (its head already gives 128-d normalised embeddings)."""
     enc = ConvStemViT(**vit_overrides)
-    return MoCo(enc, dim=enc.head[-1].out_features, queue_size=queue_size, momentum=momentum, temperature=temperature)
+    last = enc.head[-1]
+    assert isinstance(last, nn.Linear)
+    return MoCo(enc, dim=last.out_features, queue_size=queue_size, momentum=momentum, temperature=temperature)
 
 
 def topk_vit_s16(
@@ -83,11 +85,11 @@ def _two_views(model: nn.Module, batch_size: int, device: torch.device, small: b
     return (torch.rand(b, 3, s, s, device=device), torch.rand(b, 3, s, s, device=device))
 
 
-def _moco_loss(model: nn.Module, batch: tuple[Any, ...]) -> torch.Tensor:
+def _moco_loss(model: MoCo | TopKPatchContrastive, batch: tuple[Any, ...]) -> torch.Tensor:
     return model.loss(*batch)
 
 
-def _cls_example(model: nn.Module, batch_size: int, device: torch.device, small: bool) -> tuple[Any, ...]:
+def _cls_example(model: PatchScoringClassifier, batch_size: int, device: torch.device, small: bool) -> tuple[Any, ...]:
     s = 32 if small else 224
     n = model.fc.out_features
     return (torch.rand(batch_size, 3, s, s, device=device), torch.randint(0, n, (batch_size,), device=device))

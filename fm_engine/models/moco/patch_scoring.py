@@ -7,6 +7,9 @@ A backbone here is any module with ``forward_tokens(images) -> [B, 1 + N, D]`` (
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -32,7 +35,8 @@ def score_map(scores: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
 
 
 def _patch_tokens(backbone: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-    tokens = backbone.forward_tokens(images)[:, 1:]
+    forward_tokens = cast(Callable[[torch.Tensor], torch.Tensor], backbone.forward_tokens)
+    tokens = forward_tokens(images)[:, 1:]
     patch = getattr(backbone, "patch", 8)
     grid = (images.shape[-2] // patch, images.shape[-1] // patch)
     return tokens, grid

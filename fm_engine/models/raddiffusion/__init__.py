@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
 from fm_engine.models.raddiffusion.evaluate import CHEXPERT_LABELS, linear_probe, map_uncertain, pos_weight
 from fm_engine.models.raddiffusion.model import (
@@ -54,24 +53,31 @@ def example_lengths(n_images: int) -> list[int]:
     return out
 
 
-def _images(model: nn.Module, batch_size: int, device: torch.device, small: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _images(
+    model: RadDiffusionMAE | RadDiffusionDiffMAE | RadDiffusionClassifier,
+    batch_size: int,
+    device: torch.device,
+    small: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     p = model.encoder.patch
     s = max(2 * p, 64) if small else model.encoder.image_size
     images = torch.rand(batch_size, 1, s, s, device=device) * 2 - 1
     return images, torch.tensor(example_lengths(batch_size), device=device)
 
 
-def _pretrain_loss(model: nn.Module, batch: tuple[Any, ...]) -> torch.Tensor:
+def _pretrain_loss(model: RadDiffusionMAE | RadDiffusionDiffMAE, batch: tuple[Any, ...]) -> torch.Tensor:
     return model.loss(*batch)
 
 
-def _finetune_example(model: nn.Module, batch_size: int, device: torch.device, small: bool) -> tuple[Any, ...]:
+def _finetune_example(
+    model: RadDiffusionClassifier, batch_size: int, device: torch.device, small: bool
+) -> tuple[Any, ...]:
     images, lengths = _images(model, batch_size, device, small)
     labels = (torch.rand(lengths.numel(), model.head.out_features, device=device) < 0.3).float()
     return images, lengths, labels
 
 
-def _finetune_loss(model: nn.Module, batch: tuple[Any, ...]) -> torch.Tensor:
+def _finetune_loss(model: RadDiffusionClassifier, batch: tuple[Any, ...]) -> torch.Tensor:
     images, lengths, labels = batch
     return model.loss(images, lengths, labels, pos_weight(labels))
 

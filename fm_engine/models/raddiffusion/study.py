@@ -16,7 +16,7 @@ import torch
 class Studies(NamedTuple):
     """index: [B] study id of each image; counts: [S] images per study (float); first: [S] first image."""
 
-    index: torch.Tensor
+    index: torch.Tensor  # type: ignore[assignment]  # a field named like tuple.index, by design
     counts: torch.Tensor
     first: torch.Tensor
 

@@ -14,6 +14,7 @@ followed by a 1x1 Conv2DExt; ``UpSample`` is bilinear x2 (align_corners=False) t
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -191,8 +192,8 @@ class STCNNTUNet(_Backbone):
     def check_size(self, H: int, W: int) -> None:
         check_levels("STCNNTUNet", H, W, self.num_levels)
         for lev in range(self.num_levels):
-            self.enc[lev].check_size(H >> lev, W >> lev)
-            self.dec[lev].check_size(H >> lev, W >> lev)
+            cast(STCNNTBlock, self.enc[lev]).check_size(H >> lev, W >> lev)
+            cast(STCNNTBlock, self.dec[lev]).check_size(H >> lev, W >> lev)
         self.bridge.check_size(H >> self.num_levels, W >> self.num_levels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -259,7 +260,7 @@ class STCNNTHRNet(_Backbone):
                             downs[f"s{s}_{k}_{lev}"] = DownSample(lev - k, C << k, C << lev)
         self.blocks = nn.ModuleDict(blocks)
         self.stage_down = nn.ModuleDict(downs)
-        fuse = {}
+        fuse: dict[str, nn.Module] = {}
         for lev in range(L):
             for k in range(L):
                 if k < lev:
@@ -277,7 +278,7 @@ class STCNNTHRNet(_Backbone):
         check_levels("STCNNTHRNet", H, W, self.num_levels - 1)
         for name, block in self.blocks.items():
             lev = int(name[1])
-            block.check_size(H >> lev, W >> lev)
+            cast(STCNNTBlock, block).check_size(H >> lev, W >> lev)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         check_input(x, self.C_in, "STCNNTHRNet")
@@ -350,7 +351,7 @@ class STCNNTLLM(_Backbone):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.C_in, "STCNNTLLM")
         for st in self.stages:
-            st.check_size(x.shape[3], x.shape[4])
+            cast(STCNNTBlock, st).check_size(x.shape[3], x.shape[4])
         outs: list[torch.Tensor] = []
         for i, st in enumerate(self.stages):
             if i == 0:

@@ -7,6 +7,8 @@ sum of the outputs of all previous cells; the block returns the last cell's outp
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -33,7 +35,9 @@ class STCNNTBlock(nn.Module):
 
     def check_size(self, H: int, W: int) -> None:
         """ValueError naming this block when a frame of H x W does not fit its windows and patches."""
-        check_frame(self.name, [c.att_mode for c in self.cells], H, W, self.C_out, self.spec, self.cfg)
+        check_frame(
+            self.name, [cast(STCNNTCell, c).att_mode for c in self.cells], H, W, self.C_out, self.spec, self.cfg
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         outs: list[torch.Tensor] = []

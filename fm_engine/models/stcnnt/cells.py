@@ -13,6 +13,8 @@ SD is per-sample stochastic depth (p = ``dropout_p``, identity in eval).
 
 from __future__ import annotations
 
+from typing import TypedDict
+
 import torch
 from torch import nn
 
@@ -28,6 +30,27 @@ from fm_engine.nn.stcnnt_attention import (
 )
 
 ATT_MODES = ("local", "global", "temporal", "vit")
+
+
+class _CommonAttentionKwargs(TypedDict):
+    """Keyword arguments shared by every attention module of a cell."""
+
+    a_type: str
+    n_head: int
+    att_dropout_p: float
+    cosine_att: bool
+    normalize_Q_K: bool
+    att_with_output_proj: bool
+
+
+class _SpatialAttentionKwargs(_CommonAttentionKwargs):
+    """Keyword arguments shared by the spatial attention modules of a cell."""
+
+    H: int
+    W: int
+    window_size: tuple[int, int]
+    stride_qk: int
+    att_with_relative_position_bias: bool
 
 
 class ConvMixer(nn.Module):
@@ -84,7 +107,7 @@ class LinearMixer(nn.Module):
 
 def make_attention(att_mode: str, C_in: int, C_out: int, spec: WindowSpec, cfg: CellConfig) -> nn.Module:
     """The attention module of one cell (fm_engine.nn.stcnnt_attention): x [B, T, C_in, H, W] -> [B, T, C_out, H, W]."""
-    common = dict(
+    common = _CommonAttentionKwargs(
         a_type=cfg.a_type,
         n_head=cfg.n_head,
         att_dropout_p=cfg.att_dropout_p,
@@ -94,7 +117,7 @@ def make_attention(att_mode: str, C_in: int, C_out: int, spec: WindowSpec, cfg: 
     )
     if att_mode == "temporal":
         return TemporalAttention(C_in, C_out, stride_qk=cfg.stride_t, is_causal=cfg.is_causal, **common)
-    spatial = dict(
+    spatial = _SpatialAttentionKwargs(
         H=spec.H,
         W=spec.W,
         window_size=spec.window,

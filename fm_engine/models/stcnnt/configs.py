@@ -52,7 +52,7 @@ def mri_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torc
     return _MRI_LOSS(model(x), y)
 
 
-def _cls_example(model: nn.Module, batch_size: int, device: torch.device | str, small: bool) -> tuple[Any, ...]:
+def _cls_example(model: STCNNTClassifier, batch_size: int, device: torch.device | str, small: bool) -> tuple[Any, ...]:
     H = 32 if small else 64
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch_size, 1, model.C_in, H, H, generator=gen).to(device=device, dtype=_dtype_of(model))

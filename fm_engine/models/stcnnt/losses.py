@@ -184,6 +184,7 @@ def _deriv_kernels(sigma: float, dims: int, dtype: torch.dtype, device: torch.de
             shape[a] = -1
             v = v.reshape(shape)
             k = v if k is None else k * v
+        assert k is not None  # dims >= 1 here: the inner loop ran
         kernels.append(k[None, None])
     return kernels
 

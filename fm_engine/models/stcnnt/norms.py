@@ -55,6 +55,7 @@ class STNorm(nn.Module):
         if C != self.C:
             raise ValueError(f"STNorm({self.norm_mode}): built for C={self.C}, got C={C}")
         if self.norm_mode == "layer":
+            assert isinstance(self.norm, nn.LayerNorm)
             shape = tuple(self.norm.normalized_shape)
             if (C, H, W) != shape:
                 raise ValueError(

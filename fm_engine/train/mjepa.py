@@ -246,7 +246,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.set_float32_matmul_precision("medium")
         spec = get_spec(cfg.model)
-        self.size = parse_size(cfg.size) if cfg.size else cast(tuple[int, int], tuple(spec.input_size))
+        self.size = parse_size(cfg.size if cfg.size else spec.input_size)  # a 2-D (H, W) or a clear error
         self.out = Path(cfg.out)
         self.ckpt_dir = self.out / "checkpoints"
 

@@ -8,6 +8,11 @@ q [B, Hq, Nq, D], k / v [B, Hkv, Nk, D]; AViT: Nq 768, Nk 27,648, Hq 8, Hkv 4, D
 s = bytes per element; the log-sum-exp and split partials are not counted.
 Peers: each SDPA backend (cuDNN, flash, efficient; ``enable_gqa=True``, no repeated KV heads),
 FlexAttention (compiled, ``enable_gqa=True``), xFormers and NATTEN when importable.
+
+Masked case (``padded``): ragged key sequences, batch element i of B has its last ``i / (B - 1) · padded``
+of the keys marked as padding by a key-padding mask (the M-JEPA predictor's kind of input). FLOP and bytes are
+counted as if unmasked (the work a dense kernel does). Peers there: the SDPA backends that take a
+boolean ``attn_mask``; flash, FlexAttention, xFormers and NATTEN are not run.
 """
 
 from __future__ import annotations
@@ -25,16 +30,23 @@ from fm_engine.ops.cross_attention import cross_attention_reference
 from .harness import Case, standard_labels
 
 
-def _sdpa(backend_name: str) -> Callable[..., Any]:
+def _sdpa(backend_name: str, key_padding_mask: torch.Tensor | None = None) -> Callable[..., Any]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     backend = getattr(SDPBackend, backend_name)
+    attend = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
 
     def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         with sdpa_kernel(backend):
-            return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attend, enable_gqa=True)
 
     return run
+
+
+def _ragged_mask(b: int, nk: int, padded: float, device: torch.device) -> torch.Tensor:
+    """[B, Nk] bool, True = padding: batch element i pads its last round(i / (B - 1) · padded · Nk) keys."""
+    lengths = torch.tensor([nk - round(i / max(b - 1, 1) * padded * nk) for i in range(b)], device=device)
+    return torch.arange(nk, device=device)[None] >= lengths[:, None]
 
 
 def _flex() -> tuple[Callable[..., Any] | None, str]:
@@ -84,9 +96,19 @@ def _natten() -> tuple[Callable[..., Any] | None, str]:
 
 
 def _case(
-    b: int, hq: int, hkv: int, nq: int, nk: int, d: int, dtype: torch.dtype, device: torch.device, quick: bool
+    b: int,
+    hq: int,
+    hkv: int,
+    nq: int,
+    nk: int,
+    d: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    quick: bool,
+    padded: float = 0.0,
 ) -> Case:
     s = torch.finfo(dtype).bits // 8
+    mask = _ragged_mask(b, nk, padded, device) if padded > 0 else None
 
     def setup() -> list[torch.Tensor]:
         q = torch.randn(b, hq, nq, d, device=device, dtype=dtype, requires_grad=True)
@@ -94,27 +116,37 @@ def _case(
         v = torch.randn(b, hkv, nk, d, device=device, dtype=dtype, requires_grad=True)
         return [q, k, v]
 
-    fns = standard_labels(lambda q, k, v: cross_attention_reference(q, k, v, kv_heads=hkv), quick)
+    fns = standard_labels(
+        lambda q, k, v: cross_attention_reference(q, k, v, kv_heads=hkv, key_padding_mask=mask), quick
+    )
     notes: dict[str, str] = {}
     why = ops.get_op("cross_attention").backends["triton"].available()
     if why is None:
-        fns["triton"] = lambda q, k, v: ops.cross_attention(q, k, v, kv_heads=hkv, backend="triton")
+        fns["triton"] = lambda q, k, v: ops.cross_attention(
+            q, k, v, kv_heads=hkv, key_padding_mask=mask, backend="triton"
+        )
     else:
         notes["triton"] = why
+    sdpa = [("sdpa-cudnn", "CUDNN_ATTENTION"), ("sdpa-efficient", "EFFICIENT_ATTENTION")]
+    if mask is None:
+        sdpa.insert(1, ("sdpa-flash", "FLASH_ATTENTION"))
+    else:
+        notes["sdpa-flash"] = "the flash SDPA backend takes no attention mask"
     if device.type == "cuda":
-        for label, name in (
-            ("sdpa-cudnn", "CUDNN_ATTENTION"),
-            ("sdpa-flash", "FLASH_ATTENTION"),
-            ("sdpa-efficient", "EFFICIENT_ATTENTION"),
-        ):
-            fns[label] = _sdpa(name)
+        for label, name in sdpa:
+            fns[label] = _sdpa(name, mask)
     else:
         notes["sdpa-*"] = "the cuDNN / flash / efficient SDPA backends are CUDA kernels"
-    peers = {"xformers": _xformers(), "natten": _natten()}
-    if quick:
-        notes["flex"] = "quick run: compiling FlexAttention takes longer than the smoke test"
+    peers: dict[str, tuple[Callable[..., Any] | None, str]] = {}
+    if mask is not None:
+        for label in ("xformers", "natten", "flex"):
+            notes[label] = "not run on the masked case"
     else:
-        peers["flex"] = _flex()
+        peers = {"xformers": _xformers(), "natten": _natten()}
+        if quick:
+            notes["flex"] = "quick run: compiling FlexAttention takes longer than the smoke test"
+        else:
+            peers["flex"] = _flex()
     for label, (fn, why) in peers.items():
         if fn is not None and device.type == "cuda":
             fns[label] = fn
@@ -123,7 +155,8 @@ def _case(
     attn = float(b) * hq * nq * nk * d
     return Case(
         op="cross_attention",
-        name=f"B{b} Nq{nq} Nk{nk} H{hq}/{hkv} D{d} {str(dtype).replace('torch.', '')}",
+        name=f"B{b} Nq{nq} Nk{nk} H{hq}/{hkv} D{d} {str(dtype).replace('torch.', '')}"
+        + (f" padded<={padded:.0%}" if mask is not None else ""),
         setup=setup,
         fns=fns,
         flops={"fwd": 4.0 * attn, "bwd": 10.0 * attn},
@@ -142,5 +175,6 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
         return [_case(1, 2, 1, 32, 80, 16, torch.float32, device, True)]
     bf16 = torch.bfloat16
     return [_case(b, 8, 4, 768, 27648, 64, bf16, device, False) for b in (1, 4, 8)] + [
-        _case(1, 8, 4, 768, 27648, 64, torch.float32, device, False)
+        _case(1, 8, 4, 768, 27648, 64, torch.float32, device, False),
+        _case(4, 8, 4, 768, 27648, 64, bf16, device, False, padded=0.5),
     ]

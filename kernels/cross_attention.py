@@ -14,6 +14,13 @@ rowsum(dO * o_ptr); ``_dkdv_kernel`` owns one key tile of one KV head and loops 
 its group and all query tiles, so dK / dV need no atomics; ``_dq_kernel`` owns one query tile and a
 range of key tiles (the same split as the forward), writing an fp32 partial dQ per split that
 ``backward`` sums in fp32 (deterministic, no precision lost to atomics in a low-precision buffer).
+
+Key-padding mask (optional, [B, Nk] bool read in place as uint8, True = padding; ``HAS_MASK``
+constexpr): padding keys score -inf before the softmax in every kernel, so they get no weight and
+dK = dV = 0; the dK/dV program of a key tile that is all padding skips its query loop. A split whose
+keys are all padding writes o = 0 and log-sum-exp -inf, which the merge weights by 0 (the running
+maximum is shifted by 0 while it is still -inf, so nothing computes -inf - -inf). A query whose keys
+are all padding gets o = 0, log-sum-exp -inf and zero gradients, as the reference's SDPA does.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from fm_engine import _alloc
 
 LOG2E = 1.4426950408889634
 HEAD_DIMS = (16, 32, 64, 128)
+AOT_HELPERS = {"_key_ok"}  # a jit helper that takes a pointer (compiled inside the kernels)
 
 
 def _interpreting() -> bool:
@@ -44,6 +52,22 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _key_ok(kpm_ptr, kpm_off, offs_n, NK, HAS_MASK: tl.constexpr):
+    """Keys that take part: inside the sequence and, with a key-padding mask (uint8, 1 = padding), not padding."""
+    ok = offs_n < NK
+    if HAS_MASK:
+        pad = tl.load(kpm_ptr + kpm_off + offs_n, mask=ok, other=1)
+        ok = ok & (pad == 0)
+    return ok
+
+
+@triton.jit
+def _lse_for_backward(lse):
+    """Rows whose keys are all ignored have log-sum-exp -inf; +inf makes every exp2(s - lse) exactly 0."""
+    return tl.where(lse == float("-inf"), float("inf"), lse)
+
+
+@triton.jit
 def _fwd_kernel(
     q_ptr,
     k_ptr,
@@ -52,6 +76,7 @@ def _fwd_kernel(
     lse_ptr,
     op_ptr,
     lsep_ptr,
+    kpm_ptr,
     sq_b,
     sq_h,
     sq_m,
@@ -64,6 +89,7 @@ def _fwd_kernel(
     so_b,
     so_h,
     so_m,
+    skpm_b,
     H,
     NQ,
     NK,
@@ -75,6 +101,7 @@ def _fwd_kernel(
     BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr,
     IEEE: tl.constexpr,
+    HAS_MASK: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -96,20 +123,23 @@ def _fwd_kernel(
     kb_end = tl.minimum(kb_start + BLOCKS_PER_SPLIT, tl.cdiv(NK, BLOCK_N))
     for kb in range(kb_start, kb_end):
         offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = offs_n < NK
+        col_ok = _key_ok(kpm_ptr, b * skpm_b, offs_n, NK, HAS_MASK)
         kt = tl.load(k_base + offs_n[None, :] * sk_n + offs_d[:, None], mask=col_ok[None, :], other=0.0)
         s = _dot(q, kt, IEEE) * scale_log2
-        # every key tile holds at least one valid key, so m_new below stays finite
         s = tl.where(col_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
+        # rows that have seen only ignored keys so far keep m = -inf: shift them by 0, so p = 0, not NaN
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + offs_n[:, None] * sv_n + offs_d[None, :], mask=col_ok[:, None], other=0.0)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
         m_i = m_new
-    out = acc / l_i[:, None]
-    lse = m_i + tl.log2(l_i)
+    # a row with no valid key in this range: output 0 and log-sum-exp -inf (weight 0 in the merge)
+    seen = l_i > 0.0
+    out = tl.where(seen[:, None], acc / tl.where(seen, l_i, 1.0)[:, None], 0.0)
+    lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
     if SPLIT:
         # partials: op_ptr [S, B*H, NQ, D] fp32, lsep_ptr [S, B*H, NQ] fp32, contiguous
         base = pid_s.to(tl.int64) * tl.num_programs(1) + pid_bh
@@ -144,17 +174,24 @@ def _combine_kernel(
         ls = tl.load(lsep_ptr + base * NQ + offs_m, mask=row_ok, other=0.0)
         o = tl.load(op_ptr + (base * NQ + offs_m[:, None]) * D + offs_d[None, :], mask=row_ok[:, None], other=0.0)
         m_new = tl.maximum(m, ls)
-        alpha = tl.exp2(m - m_new)
-        w = tl.exp2(ls - m_new)
+        # a split whose keys are all ignored has ls = -inf: it gets weight 0, and rows with no valid
+        # key in any split so far are shifted by 0 rather than by -inf (no NaN from -inf - -inf)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_use)
+        w = tl.exp2(ls - m_use)
         acc = acc * alpha[:, None] + w[:, None] * o
         l_i = l_i * alpha + w
         m = m_new
+    # rows whose keys are all ignored: output 0 (as the reference's SDPA), log-sum-exp -inf
+    seen = l_i > 0.0
+    out = tl.where(seen[:, None], acc / tl.where(seen, l_i, 1.0)[:, None], 0.0)
     tl.store(
         o_ptr + b * so_b + h * so_h + offs_m[:, None] * so_m + offs_d[None, :],
-        (acc / l_i[:, None]).to(o_ptr.dtype.element_ty),
+        out.to(o_ptr.dtype.element_ty),
         mask=row_ok[:, None],
     )
-    tl.store(lse_ptr + pid_bh * NQ + offs_m, m + tl.log2(l_i), mask=row_ok)
+    lse = tl.where(seen, m + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+    tl.store(lse_ptr + pid_bh * NQ + offs_m, lse, mask=row_ok)
 
 
 @triton.jit
@@ -185,6 +222,7 @@ def _dkdv_kernel(
     delta_ptr,
     dk_ptr,
     dv_ptr,
+    kpm_ptr,
     sq_b,
     sq_h,
     sq_m,
@@ -197,6 +235,7 @@ def _dkdv_kernel(
     sd_b,
     sd_h,
     sd_m,
+    skpm_b,
     HKV,
     NQ,
     NK,
@@ -207,6 +246,7 @@ def _dkdv_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     IEEE: tl.constexpr,
+    HAS_MASK: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -214,7 +254,10 @@ def _dkdv_kernel(
     hk = pid_bh % HKV
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
-    col_ok = offs_n < NK
+    in_seq = offs_n < NK
+    col_ok = _key_ok(kpm_ptr, b * skpm_b, offs_n, NK, HAS_MASK)
+    # a tile of ignored keys only (padding) gets dK = dV = 0 without walking the queries
+    nq_walk = tl.where(tl.max(col_ok.to(tl.int32), 0) > 0, NQ, 0)
     k = tl.load(
         k_ptr + b * sk_b + hk * sk_h + offs_n[:, None] * sk_n + offs_d[None, :], mask=col_ok[:, None], other=0.0
     )
@@ -229,15 +272,15 @@ def _dkdv_kernel(
         q_base = q_ptr + b * sq_b + h * sq_h
         do_base = do_ptr + b * sd_b + h * sd_h
         row_base = (b * n_hq + h) * NQ
-        for start_m in range(0, NQ, BLOCK_M):
+        for start_m in range(0, nq_walk, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             row_ok = offs_m < NQ
             q = tl.load(q_base + offs_m[:, None] * sq_m + offs_d[None, :], mask=row_ok[:, None], other=0.0)
             do = tl.load(do_base + offs_m[:, None] * sd_m + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-            lse = tl.load(lse_ptr + row_base + offs_m, mask=row_ok, other=0.0)
+            lse = _lse_for_backward(tl.load(lse_ptr + row_base + offs_m, mask=row_ok, other=0.0))
             delta = tl.load(delta_ptr + row_base + offs_m, mask=row_ok, other=0.0)
             st = _dot(k, tl.trans(q), IEEE) * scale_log2  # [BLOCK_N, BLOCK_M]
-            pt = tl.where(row_ok[None, :], tl.exp2(st - lse[None, :]), 0.0)
+            pt = tl.where(row_ok[None, :] & col_ok[:, None], tl.exp2(st - lse[None, :]), 0.0)
             dv += _dot(pt.to(do.dtype), do, IEEE)
             dpt = _dot(v, tl.trans(do), IEEE)
             dst = pt * (dpt - delta[None, :])
@@ -246,12 +289,12 @@ def _dkdv_kernel(
     tl.store(
         dk_ptr + (pid_bh * NK + offs_n[:, None]) * D + offs_d[None, :],
         dk.to(dk_ptr.dtype.element_ty),
-        mask=col_ok[:, None],
+        mask=in_seq[:, None],
     )
     tl.store(
         dv_ptr + (pid_bh * NK + offs_n[:, None]) * D + offs_d[None, :],
         dv.to(dv_ptr.dtype.element_ty),
-        mask=col_ok[:, None],
+        mask=in_seq[:, None],
     )
 
 
@@ -265,6 +308,7 @@ def _dq_kernel(
     delta_ptr,
     dq_ptr,
     dqp_ptr,
+    kpm_ptr,
     sq_b,
     sq_h,
     sq_m,
@@ -277,6 +321,7 @@ def _dq_kernel(
     sd_b,
     sd_h,
     sd_m,
+    skpm_b,
     H,
     NQ,
     NK,
@@ -289,6 +334,7 @@ def _dq_kernel(
     BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr,
     IEEE: tl.constexpr,
+    HAS_MASK: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -303,7 +349,7 @@ def _dq_kernel(
     do = tl.load(
         do_ptr + b * sd_b + h * sd_h + offs_m[:, None] * sd_m + offs_d[None, :], mask=row_ok[:, None], other=0.0
     )
-    lse = tl.load(lse_ptr + pid_bh * NQ + offs_m, mask=row_ok, other=0.0)
+    lse = _lse_for_backward(tl.load(lse_ptr + pid_bh * NQ + offs_m, mask=row_ok, other=0.0))
     delta = tl.load(delta_ptr + pid_bh * NQ + offs_m, mask=row_ok, other=0.0)
     k_base = k_ptr + b * sk_b + hk * sk_h
     v_base = v_ptr + b * sv_b + hk * sv_h
@@ -312,7 +358,7 @@ def _dq_kernel(
     kb_end = tl.minimum(kb_start + BLOCKS_PER_SPLIT, tl.cdiv(NK, BLOCK_N))
     for kb in range(kb_start, kb_end):
         offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = offs_n < NK
+        col_ok = _key_ok(kpm_ptr, b * skpm_b, offs_n, NK, HAS_MASK)
         kt = tl.load(k_base + offs_n[None, :] * sk_n + offs_d[:, None], mask=col_ok[None, :], other=0.0)
         vt = tl.load(v_base + offs_n[None, :] * sv_n + offs_d[:, None], mask=col_ok[None, :], other=0.0)
         s = _dot(q, kt, IEEE) * scale_log2
@@ -384,11 +430,34 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _key_mask(key_padding_mask: torch.Tensor | None, device: torch.device) -> tuple[torch.Tensor, int, bool]:
+    """(uint8 mask [B, Nk] with unit key stride, its batch stride, HAS_MASK) for the kernels.
+
+    The bool mask is reinterpreted as uint8 (same bytes, 1 = padding), not copied. Without a mask a
+    one-byte placeholder keeps the launch signature the compile gate built (the kernels never read it).
+    """
+    if key_padding_mask is None:
+        return torch.empty(1, dtype=torch.uint8, device=device), 0, False
+    m = _last_dim_contiguous(key_padding_mask).view(torch.uint8)
+    return m, m.stride(0), True
+
+
 def forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_heads: int, scale: float, splits: int | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_heads: int,
+    scale: float,
+    key_padding_mask: torch.Tensor | None = None,
+    splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """o [B, Hq, Nq, D] (q's dtype, contiguous) and base-2 log-sum-exp [B, Hq, Nq] fp32."""
+    """o [B, Hq, Nq, D] (q's dtype, contiguous) and base-2 log-sum-exp [B, Hq, Nq] fp32.
+
+    ``key_padding_mask`` [B, Nk] bool, True = padding: those keys get no weight. A query whose keys are
+    all padding gets o = 0 and log-sum-exp -inf (the reference's SDPA also returns 0 for such rows).
+    """
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    kpm, skpm_b, has_mask = _key_mask(key_padding_mask, q.device)
     b, hq, nq, d = q.shape
     nk = k.shape[2]
     group = hq // kv_heads
@@ -416,6 +485,7 @@ def forward(
         lse,
         op,
         lsep,
+        kpm,
         q.stride(0),
         q.stride(1),
         q.stride(2),
@@ -428,6 +498,7 @@ def forward(
         o.stride(0),
         o.stride(1),
         o.stride(2),
+        skpm_b,
         hq,
         nq,
         nk,
@@ -439,6 +510,7 @@ def forward(
         BLOCK_N=bn,
         SPLIT=split,
         IEEE=q.dtype == torch.float32,
+        HAS_MASK=has_mask,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
@@ -471,10 +543,12 @@ def backward(
     lse: torch.Tensor,
     kv_heads: int,
     scale: float,
+    key_padding_mask: torch.Tensor | None = None,
     splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dq [B, Hq, Nq, D], dk, dv [B, Hkv, Nk, D], all contiguous in q's dtype."""
+    """dq [B, Hq, Nq, D], dk, dv [B, Hkv, Nk, D], all contiguous in q's dtype (padding keys get dk = dv = 0)."""
     do, q, k, v, o = (_last_dim_contiguous(t) for t in (do, q, k, v, o))
+    kpm, skpm_b, has_mask = _key_mask(key_padding_mask, q.device)
     b, hq, nq, d = q.shape
     nk = k.shape[2]
     group = hq // kv_heads
@@ -526,7 +600,9 @@ def backward(
         delta,
         dk,
         dv,
+        kpm,
         *strides,
+        skpm_b,
         kv_heads,
         nq,
         nk,
@@ -537,6 +613,7 @@ def backward(
         BLOCK_M=bm,
         BLOCK_N=bn,
         IEEE=ieee,
+        HAS_MASK=has_mask,
         **launch,
     )
     n_kb = triton.cdiv(nk, bn)
@@ -556,7 +633,9 @@ def backward(
         delta,
         dq,
         dqp,
+        kpm,
         *strides,
+        skpm_b,
         hq,
         nq,
         nk,
@@ -569,6 +648,7 @@ def backward(
         BLOCK_N=bn,
         SPLIT=split,
         IEEE=ieee,
+        HAS_MASK=has_mask,
         **launch,
     )
     if split:
@@ -593,6 +673,7 @@ def _register() -> None:
         bw = bwd_tiles(dtype, d, interpret=False)
         fwd_sig = {n: t for n in ("q_ptr", "k_ptr", "v_ptr", "o_ptr")}
         fwd_sig.update({"lse_ptr": "*fp32", "op_ptr": "*fp32", "lsep_ptr": "*fp32", "scale_log2": "fp32"})
+        fwd_sig["kpm_ptr"] = "*u8"
         for n in (
             "sq_b",
             "sq_h",
@@ -606,6 +687,7 @@ def _register() -> None:
             "so_b",
             "so_h",
             "so_m",
+            "skpm_b",
             "H",
             "NQ",
             "NK",
@@ -613,19 +695,21 @@ def _register() -> None:
             "BLOCKS_PER_SPLIT",
         ):
             fwd_sig[n] = i32
+        masks = (False, True)
         _aot.register(
             _fwd_kernel,
             signatures=[fwd_sig],
-            configs=[{**f, "D": d, "SPLIT": s, "IEEE": ieee} for s in (True, False)],
+            configs=[{**f, "D": d, "SPLIT": s, "IEEE": ieee, "HAS_MASK": m} for s in (True, False) for m in masks],
         )
         strides = ("sq_b", "sq_h", "sq_m", "sk_b", "sk_h", "sk_n", "sv_b", "sv_h", "sv_n", "sd_b", "sd_h", "sd_m")
         bsig = {n: t for n in ("q_ptr", "k_ptr", "v_ptr", "do_ptr")}
         bsig.update({"lse_ptr": "*fp32", "delta_ptr": "*fp32", "scale": "fp32", "scale_log2": "fp32"})
         bsig.update({n: i32 for n in strides})
+        bsig.update({"kpm_ptr": "*u8", "skpm_b": i32})
         _aot.register(
             _dkdv_kernel,
             signatures=[{**bsig, "dk_ptr": t, "dv_ptr": t, "HKV": i32, "NQ": i32, "NK": i32, "GROUP": i32}],
-            configs=[{**bw, "D": d, "IEEE": ieee}],
+            configs=[{**bw, "D": d, "IEEE": ieee, "HAS_MASK": m} for m in masks],
         )
         _aot.register(
             _dq_kernel,
@@ -641,7 +725,7 @@ def _register() -> None:
                     "BLOCKS_PER_SPLIT": i32,
                 }
             ],
-            configs=[{**bw, "D": d, "SPLIT": s, "IEEE": ieee} for s in (True, False)],
+            configs=[{**bw, "D": d, "SPLIT": s, "IEEE": ieee, "HAS_MASK": m} for s in (True, False) for m in masks],
         )
         if d != 64:
             continue  # the merge and delta kernels have no head-dim-specific code

@@ -24,18 +24,27 @@ def qkv(b: int, hq: int, hkv: int, nq: int, nk: int, d: int, dtype: torch.dtype,
     return q, k, v
 
 
-def check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> None:
+def check(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+) -> None:
     hkv = k.shape[1]
-    # with a single key the softmax is constant: dq and dk are exactly 0 and only rounding noise
+    # with a single (valid) key the softmax is constant: dq and dk are exactly 0 and only rounding noise
     # remains, which a relative bound cannot judge; dv (= sum of dO over the queries) is still checked
-    grad = [False, False, True] if k.shape[2] == 1 else True
+    valid = torch.full((k.shape[0],), k.shape[2]) if key_padding_mask is None else (~key_padding_mask).sum(1)
+    grad = [False, False, True] if bool((valid == 1).any()) else True
+    kw = {"kv_heads": hkv, "scale": scale, "key_padding_mask": key_padding_mask}
+    masked = "" if key_padding_mask is None else f" {int(key_padding_mask.sum())} padding keys"
     with ops.trace() as calls:
         assert_parity(
-            lambda q, k, v: cross_attention(q, k, v, kv_heads=hkv, scale=scale, backend="triton"),
-            lambda q, k, v: cross_attention_reference(q, k, v, kv_heads=hkv, scale=scale),
+            lambda q, k, v: cross_attention(q, k, v, backend="triton", **kw),
+            lambda q, k, v: cross_attention_reference(q, k, v, **kw),
             [q, k, v],
             grad=grad,
-            name=f"cross_attention q{tuple(q.shape)} k{tuple(k.shape)} {q.dtype}",
+            name=f"cross_attention q{tuple(q.shape)} k{tuple(k.shape)} {q.dtype}{masked}",
         )
     assert calls[0] == ("cross_attention", "triton")
 
@@ -126,6 +135,147 @@ def test_no_nan_with_many_equal_keys(device: torch.device) -> None:
     torch.testing.assert_close(o.float(), v.float().mean(2, keepdim=True).expand(1, 2, 17, 16), rtol=2e-2, atol=2e-2)
 
 
+# --- key-padding mask ---------------------------------------------------------------------------
+#
+# Interpreter tiles are 16 keys and the interpreter splits the keys 3 ways (kernels/cross_attention.py:
+# num_splits), so with Nk 50 (4 key tiles, the last partial) the forward and dQ run 2 splits of 2 tiles
+# (keys 0..31 and 32..49), and with Nk 33 (3 tiles) 3 splits of one tile each.
+
+
+def padding_mask(b: int, nk: int, device: torch.device, whole: tuple[int, int] | None = None) -> torch.Tensor:
+    """Random padding (about 40% of the keys); keys ``whole[0]:whole[1]`` of batch 0 all padding;
+    every key of the last batch element padding when b > 1 (its queries see no key at all)."""
+    m = torch.rand(b, nk, device=device) < 0.4
+    m[:, 0] = False  # batch 0 keeps a valid key whatever the random draw
+    if whole is not None:
+        m[0, whole[0] : whole[1]] = True
+    if b > 1:
+        m[-1] = True
+    return m
+
+
+# (B, Hq, Hkv, Nq, Nk, D, padded key range of batch 0)
+MASK_SHAPES = [
+    (2, 2, 1, 17, 50, 16, (16, 32)),  # group 2, a whole key tile padding (between two valid tiles)
+    (2, 2, 1, 17, 50, 16, (1, 32)),  # ... and a whole split (keys 0..31 but the first) but one key
+    (3, 2, 2, 1, 33, 32, (16, 32)),  # Nq 1, group 1: a whole one-tile split padding
+    (2, 4, 2, 16, 50, 64, (32, 50)),  # the last (partial) tile and the last split all padding
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", MASK_SHAPES, ids=str)
+def test_mask_parity(shape: tuple, dtype: torch.dtype, device: torch.device) -> None:
+    *dims, whole = shape
+    b, nk = dims[0], dims[4]
+    mask = padding_mask(b, nk, device, whole)
+    check(*qkv(*dims, dtype=dtype, device=device), key_padding_mask=mask)
+
+
+def test_mask_parity_random_shapes(device: torch.device) -> None:
+    dtype = DTYPES[int(torch.randint(0, 3, ()))]
+    hkv, group = int(torch.randint(1, 3, ())), int(torch.randint(1, 3, ()))
+    nq, nk = int(torch.randint(1, 40, ())), int(torch.randint(2, 70, ()))
+    b = int(torch.randint(1, 3, ()))
+    mask = torch.rand(b, nk, device=device) < float(torch.rand(()))
+    mask[:, torch.randperm(nk)[:2]] = False  # two valid keys: dq and dk are not just rounding noise
+    check(*qkv(b, hkv * group, hkv, nq, nk, 16, dtype, device), key_padding_mask=mask)
+
+
+def test_mask_strided_and_whole_split_merge_exactly(device: torch.device) -> None:
+    """A non-contiguous mask; every split count gives the same output, log-sum-exp and gradients,
+    including splits whose keys are all padding; padding keys get dK = dV = 0 exactly; a query whose
+    keys are all padding gets o = 0, log-sum-exp -inf and zero gradients (the reference's SDPA gives 0)."""
+    from fm_engine.kernels import cross_attention as K
+
+    b, nk = 3, 75  # 5 key tiles
+    q, k, v = qkv(b, 2, 1, 18, nk, 16, torch.float32, device)
+    wide = torch.rand(b, 2 * nk, device=device) < 0.3
+    mask = wide[:, 5 : 5 + nk]  # batch stride 2 * nk: the kernels read it in place
+    assert not mask.is_contiguous()
+    mask[0, :48] = True  # 3 whole tiles: whole splits for every split count here
+    mask[0, 70] = False
+    mask[1] = True  # batch 1: no valid key
+    mask[2, 60:] = True
+    scale = 16**-0.5
+    do = torch.randn_like(q)
+    o1, lse1 = K.forward(q, k, v, 1, scale, mask, splits=1)
+    g1 = K.backward(do, q, k, v, o1, lse1, 1, scale, mask, splits=1)
+    for splits in (2, 5):  # key tiles 0-2 / 3-4 and one tile each: tiles 0-2 are padding in batch 0
+        o, lse = K.forward(q, k, v, 1, scale, mask, splits=splits)
+        torch.testing.assert_close(o, o1, rtol=2e-6, atol=2e-6)
+        torch.testing.assert_close(lse, lse1, rtol=2e-6, atol=2e-6)
+        g = K.backward(do, q, k, v, o, lse, 1, scale, mask, splits=splits)
+        for a, c in zip(g, g1, strict=True):
+            torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
+    ref = cross_attention_reference(q.double(), k.double(), v.double(), kv_heads=1, key_padding_mask=mask)
+    torch.testing.assert_close(o1.double(), ref, rtol=1e-5, atol=1e-5)
+    assert bool((o1[1] == 0).all()) and bool((lse1[1] == float("-inf")).all())
+    assert torch.isfinite(lse1[[0, 2]]).all()
+    dq, dk, dv = g1
+    assert bool((dq[1] == 0).all())
+    pad = mask[:, None, :, None].expand_as(dk)
+    assert bool((dk[pad] == 0).all()) and bool((dv[pad] == 0).all())
+    assert bool((dk[~pad] != 0).any()) and bool((dv[~pad] != 0).any())
+
+
+def test_mask_under_torch_compile(device: torch.device) -> None:
+    """fullgraph compile with a key-padding mask (an optional tensor argument of the custom ops)."""
+    q, k, v = (t.requires_grad_() for t in qkv(2, 4, 2, 20, 40, 32, torch.float32, device))
+    mask = padding_mask(2, 40, device, (0, 16))
+    compiled = torch.compile(
+        lambda q, k, v, m: cross_attention(q, k, v, kv_heads=2, key_padding_mask=m, backend="triton"),
+        fullgraph=True,
+        backend="aot_eager",
+    )
+    with ops.trace() as calls:
+        o = compiled(q, k, v, mask)
+    assert calls == [("cross_attention", "triton")]
+    g = torch.randn_like(o)
+    grads = torch.autograd.grad(o, (q, k, v), g)
+    ref = cross_attention_reference(q, k, v, kv_heads=2, key_padding_mask=mask)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), g)
+    torch.testing.assert_close(o, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_attention_module_with_mask_runs_triton(dtype: torch.dtype, device: torch.device) -> None:
+    """fm_engine.nn.Attention with a key-padding mask (the M-JEPA predictor's call) now runs the Triton
+    kernels, and matches the module on the reference backend (output and every parameter gradient)."""
+    from fm_engine.nn import Attention
+    from fm_engine.testing import assert_parity_tensor
+
+    attn = Attention(32, heads=4, kv_heads=2, head_dim=16).to(device).to(dtype)
+    x = torch.randn(2, 21, 32, device=device, dtype=dtype)
+    mask = padding_mask(2, 21, device)
+    mask[1] = False
+    mask[1, 13:] = True  # ragged: batch 1 has 13 tokens then padding
+    g = torch.randn(2, 21, 32, device=device, dtype=dtype)
+
+    def run(module: torch.nn.Module, cast: torch.dtype, backend: str) -> tuple[torch.Tensor, dict]:
+        module = module.to(cast)
+        module.zero_grad()
+        with ops.use_backend(backend), ops.trace() as calls:
+            y = module(x.to(cast), key_padding_mask=mask)
+        assert calls == [("cross_attention", backend)]
+        y.backward(g.to(cast))
+        return y, {n: p.grad.clone() for n, p in module.named_parameters()}
+
+    attn64 = Attention(32, heads=4, kv_heads=2, head_dim=16).to(device).double()
+    attn64.load_state_dict(attn.state_dict())  # the same (rounded) weights, upcast
+    with ops.trace() as calls:
+        attn(x, key_padding_mask=mask)  # automatic choice
+    assert calls == [("cross_attention", "triton")]
+    y_t, gr_t = run(attn, dtype, "triton")
+    y_r, gr_r = run(attn, dtype, "reference")
+    y_h, gr_h = run(attn64, torch.float64, "reference")
+    assert_parity_tensor("attention output", y_t, y_r, y_h, dtype)
+    for n in gr_h:
+        assert_parity_tensor(f"grad {n}", gr_t[n], gr_r[n], gr_h[n], dtype)
+
+
 # --- what the Triton backend refuses (and automatic dispatch sends to the reference) ---------------
 
 
@@ -133,7 +283,7 @@ def test_no_nan_with_many_equal_keys(device: torch.device) -> None:
     ("kwargs", "reason"),
     [
         ({"dropout_p": 0.1}, "dropout"),
-        ({"key_padding_mask": "mask"}, "key_padding_mask"),
+        ({"dropout_p": 0.1, "key_padding_mask": "mask"}, "dropout"),
         ({"d": 48}, "head_dim 48"),
         ({"dtype": torch.float64}, "dtype torch.float64"),
     ],
@@ -179,8 +329,19 @@ def test_bad_inputs(device: torch.device) -> None:
         cross_attention(q[0], k, v, kv_heads=2)
     with pytest.raises(ValueError, match="dropout_p: expected a probability"):
         cross_attention(q, k, v, kv_heads=2, dropout_p=1.5)
-    with pytest.raises(ValueError, match="key_padding_mask: expected a bool tensor"):
-        cross_attention(q, k, v, kv_heads=2, key_padding_mask=torch.zeros(1, 9, device=device))
+    for bad in (
+        torch.zeros(1, 9, device=device),  # float, not bool
+        torch.zeros(1, 9, dtype=torch.uint8, device=device),
+        torch.zeros(1, 10, dtype=torch.bool, device=device),  # Nk + 1 keys
+        torch.zeros(9, dtype=torch.bool, device=device),  # no batch dim
+        torch.zeros(2, 9, dtype=torch.bool, device=device),  # wrong batch
+        torch.zeros(1, 1, 9, dtype=torch.bool, device=device),
+    ):
+        for backend in (None, "triton"):
+            with pytest.raises(ValueError, match="key_padding_mask: expected a bool tensor"):
+                cross_attention(q, k, v, kv_heads=2, key_padding_mask=bad, backend=backend)
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        cross_attention(q, k, v, kv_heads=2, key_padding_mask=[[False] * 9])
     with pytest.raises(ValueError, match="q: dtype int64 is not supported"):
         cross_attention(q.long(), k, v, kv_heads=2)
 

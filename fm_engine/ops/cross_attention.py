@@ -8,7 +8,9 @@ Returns [B, Hq, Nq, D]. Self-attention is the case k, v computed from the same t
 Backends: reference (SDPA on repeated KV heads) and triton (kernels/cross_attention.py: key-split
 forward with an exact log-sum-exp merge, FlashAttention-2 style backward with fp32 dQ partials).
 The Triton backend takes fp16 / bf16 (tensor-core dots, fp32 accumulation) and fp32 (ieee dots),
-head dims 16, 32, 64, 128, and refuses dropout and key_padding_mask (the reference runs those).
+head dims 16, 32, 64, 128, and key_padding_mask (padding keys get score -inf before the softmax and
+dK = dV = 0; a query whose keys are all padding gets output 0 and zero gradients, as the reference's
+SDPA gives). It refuses dropout_p > 0 (the reference runs that).
 """
 
 from __future__ import annotations
@@ -109,16 +111,26 @@ public(CROSS_ATTENTION, cross_attention)
 
 @torch.library.custom_op("fm_engine::cross_attention_fwd", mutates_args=())
 def _fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_heads: int, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    kv_heads: int,
+    scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from fm_engine.kernels import cross_attention as K
 
-    return K.forward(q, k, v, kv_heads, scale)
+    return K.forward(q, k, v, kv_heads, scale, key_padding_mask)
 
 
 @_fwd.register_fake
 def _(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_heads: int, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    kv_heads: int,
+    scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
@@ -131,12 +143,13 @@ def _bwd(
     v: torch.Tensor,
     o: torch.Tensor,
     lse: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
     kv_heads: int,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from fm_engine.kernels import cross_attention as K
 
-    return K.backward(do, q, k, v, o, lse, kv_heads, scale)
+    return K.backward(do, q, k, v, o, lse, kv_heads, scale, key_padding_mask)
 
 
 @_bwd.register_fake
@@ -147,6 +160,7 @@ def _(
     v: torch.Tensor,
     o: torch.Tensor,
     lse: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
     kv_heads: int,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -154,16 +168,16 @@ def _(
 
 
 def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-    q, k, v, kv_heads, scale = inputs
+    q, k, v, key_padding_mask, kv_heads, scale = inputs
     o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.save_for_backward(q, k, v, o, lse, key_padding_mask)
     ctx.kv_heads, ctx.scale = kv_heads, scale
 
 
 def _backward(ctx: Any, do: torch.Tensor, _dlse: torch.Tensor) -> tuple:
-    q, k, v, o, lse = ctx.saved_tensors
-    dq, dk, dv = _bwd(do, q, k, v, o, lse, ctx.kv_heads, ctx.scale)
-    return dq, dk, dv, None, None
+    q, k, v, o, lse, key_padding_mask = ctx.saved_tensors
+    dq, dk, dv = _bwd(do, q, k, v, o, lse, key_padding_mask, ctx.kv_heads, ctx.scale)
+    return dq, dk, dv, None, None, None
 
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -188,8 +202,8 @@ def _triton_supports(
         return f"head_dim {q.shape[-1]} (the Triton kernels take {_TRITON_HEAD_DIMS})"
     if dropout_p > 0.0:
         return "dropout_p > 0 (the Triton kernels draw no dropout mask; the reference applies it)"
-    if key_padding_mask is not None:
-        return "key_padding_mask (the Triton kernels have no key mask; the reference applies it)"
+    if key_padding_mask is not None and key_padding_mask.device != q.device:
+        return f"key_padding_mask on {key_padding_mask.device}, q on {q.device} (the kernels read it on q's device)"
     if k.shape[2] == 0 or q.shape[2] == 0 or q.shape[0] == 0:
         return "an empty batch, query or key sequence"
     return None
@@ -206,7 +220,7 @@ def _triton_cross_attention(
     key_padding_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     s = float(q.shape[-1] ** -0.5 if scale is None else scale)
-    return _fwd(q, k, v, kv_heads, s)[0]
+    return _fwd(q, k, v, key_padding_mask, kv_heads, s)[0]
 
 
 CROSS_ATTENTION.register("triton", _triton_cross_attention, available=triton_available, supports=_triton_supports)

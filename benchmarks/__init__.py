@@ -67,7 +67,7 @@ def run_args(a: argparse.Namespace) -> int:
         patch_triton_interpreter()
     mods = op_modules()
     if a.list:
-        print("ops:", ", ".join(sorted(mods)))
+        print("op families:", ", ".join(sorted(mods)))
         return 0
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     quick = a.quick or (not a.full and device.type != "cuda")
@@ -75,10 +75,18 @@ def run_args(a: argparse.Namespace) -> int:
     ops = a.op if a.op else ([] if a.model else ["all"])
     if "all" in ops:
         ops = sorted(mods)
+    all_cases: list[harness.Case] | None = None
     for name in ops:
-        if name not in mods:
-            raise SystemExit(f"--op: unknown op family {name!r}; known: {', '.join(sorted(mods))}")
-        cases += mods[name].cases(device, quick)  # type: ignore[attr-defined]
+        if name in mods:  # an op family (case module): all its cases
+            cases += mods[name].cases(device, quick)  # type: ignore[attr-defined]
+            continue
+        if all_cases is None:  # an op name such as relu2_mlp: the cases of that op in any family
+            all_cases = [c for m in mods.values() for c in m.cases(device, quick)]  # type: ignore[attr-defined]
+        picked = [c for c in all_cases if c.op == name]
+        if not picked:
+            known = sorted(set(mods) | {c.op for c in all_cases})
+            raise SystemExit(f"--op: unknown op or op family {name!r}; known: {', '.join(known)}")
+        cases += picked
     if a.model:
         from . import models
 

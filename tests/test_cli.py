@@ -64,7 +64,7 @@ def test_bench_smoke_writes_reports(tmp_path: Path) -> None:
 
 def test_bench_rejects_unknown_op() -> None:
     r = run_cli("bench", "--op", "nope", "--quick")
-    assert r.returncode != 0 and "unknown op family 'nope'" in (r.stdout + r.stderr)
+    assert r.returncode != 0 and "unknown op or op family 'nope'" in (r.stdout + r.stderr)
 
 
 def test_bench_model_training_step(tmp_path: Path) -> None:
@@ -85,3 +85,12 @@ def test_bench_model_training_step(tmp_path: Path) -> None:
     for label in ("reference", "fast"):
         assert rows[label]["status"] == "ok", rows[label]
         assert rows[label]["kind"] == "model" and rows[label]["images_per_s"] > 0
+
+
+def test_bench_selects_one_op_by_name(tmp_path: Path) -> None:
+    r = run_cli("bench", "--op", "relu2_mlp", "--quick", "--backend", "triton", "--out", str(tmp_path),
+                env={"TRITON_INTERPRET": "1"})  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert {row["op"] for row in rows} == {"relu2_mlp"}
+    assert {row["backend"]: row["status"] for row in rows}["triton"] == "ok"

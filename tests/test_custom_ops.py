@@ -76,7 +76,7 @@ def _window_attention() -> tuple[Callable, list[torch.Tensor]]:
     return (
         lambda q, k, v: ops.window_attention(
             q, k, v, mode="local", num_patches=(2, 2), patch_size=(2, 2), n_head=2, backend="triton"
-        )  # fmt: skip
+        )
     ), [q, k, v]
 
 

@@ -7,7 +7,9 @@ inputs. For fp16 / bf16 the fast backend's max abs error must be at most
     2 * (max abs error of the same-dtype reference) + floor,    floor = eps(dtype) * max|ref64|
 
 (one unit of the dtype's rounding at the output's scale). For fp32 the normwise relative error
-max|fast - ref64| / max|ref64| must be at most 1e-5. The same rule applies to every gradient.
+max|fast - ref64| / max|ref64| must be at most 1e-5, or, where the fp32 reference itself misses that
+(ill-conditioned values), within the low-precision rule above with fp32's epsilon. The same rule
+applies to every gradient.
 Non-finite values where the fp64 reference is finite always fail.
 """
 
@@ -50,7 +52,10 @@ def parity_error(
     if dtype == torch.float64:
         bound = 1e-12 * max(scale, 1e-300)
     elif dtype == torch.float32:
-        bound = FP32_RTOL * scale
+        # 1e-5 relative, unless the fp32 reference itself cannot reach that (ill-conditioned values such
+        # as a bias gradient that nearly cancels): then the low-precision rule with fp32's rounding.
+        ref_err = float((ref_lowp.double() - hi)[finite_ref].abs().max()) if bool(finite_ref.any()) else 0.0
+        bound = max(FP32_RTOL * scale, 2.0 * ref_err + _eps(dtype) * scale)
     else:
         ref_err = float((ref_lowp.double() - hi)[finite_ref].abs().max()) if bool(finite_ref.any()) else 0.0
         bound = 2.0 * ref_err + _eps(dtype) * scale

@@ -179,6 +179,9 @@ def test_patch_scoring_heads() -> None:
 
 
 def test_objectives_reduce_loss() -> None:
+    # A fixed draw: five steps of a BatchNorm encoder whose momentum copy moves the keys are not monotone
+    # for every random initialisation (about one draw in twenty ended slightly above its start).
+    torch.manual_seed(0)
     x1 = torch.rand(8, 3, 32, 32)
     x2 = x1 + 0.05 * torch.randn_like(x1)  # two "views" of the same images
     models = {

@@ -47,19 +47,20 @@ def parity_error(
         same_inf = (f[nonfinite] == hi[nonfinite]) | torch.isnan(hi[nonfinite])
         if not bool((same_nan & same_inf).all()):
             return float("inf"), 0.0, False
-    scale = float(hi[finite_ref].abs().max()) if bool(finite_ref.any()) else 0.0
-    err = float((f - hi)[finite_ref].abs().max()) if bool(finite_ref.any()) else 0.0
+
+    def max_abs(t: torch.Tensor) -> float:
+        t = t[finite_ref]
+        return float(t.abs().max()) if t.numel() else 0.0
+
+    scale = max_abs(hi)
+    err = max_abs(f - hi)
     if dtype == torch.float64:
         bound = 1e-12 * max(scale, 1e-300)
-    elif dtype == torch.float32:
-        # 1e-5 relative, unless the fp32 reference itself cannot reach that (ill-conditioned values such
-        # as a bias gradient that nearly cancels): then the low-precision rule with fp32's rounding.
-        ref_err = float((ref_lowp.double() - hi)[finite_ref].abs().max()) if bool(finite_ref.any()) else 0.0
-        bound = max(FP32_RTOL * scale, 2.0 * ref_err + _eps(dtype) * scale)
     else:
-        ref_err = float((ref_lowp.double() - hi)[finite_ref].abs().max()) if bool(finite_ref.any()) else 0.0
-        bound = 2.0 * ref_err + _eps(dtype) * scale
-    # an all-zero reference must be matched exactly (bound 0 would otherwise reject rounding noise of 0)
+        low_rule = 2.0 * max_abs(ref_lowp.double() - hi) + _eps(dtype) * scale
+        # fp32: 1e-5 relative, unless the fp32 reference itself cannot reach that (ill-conditioned values
+        # such as a bias gradient that nearly cancels): then the low-precision rule with fp32's rounding.
+        bound = max(FP32_RTOL * scale, low_rule) if dtype == torch.float32 else low_rule
     return err, bound, err <= bound
 
 

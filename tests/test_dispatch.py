@@ -17,29 +17,39 @@ def backend_of(fn, *args, **kwargs) -> str:
     return calls[0][1]
 
 
-def test_choice_order(monkeypatch: pytest.MonkeyPatch) -> None:
-    x = torch.randn(8)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+@pytest.fixture
+def no_tables(tmp_path, monkeypatch: pytest.MonkeyPatch):
+    """An empty user table folder, so automatic dispatch sees only what a test writes."""
+    from fm_engine.ops import _evidence
+
+    monkeypatch.setenv("FM_ENGINE_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("FM_ENGINE_BACKEND", raising=False)
-    assert backend_of(ops.relu2, x) == "triton"  # automatic on CPU with the interpreter
-    monkeypatch.setenv("FM_ENGINE_BACKEND", "reference")
-    assert backend_of(ops.relu2, x) == "reference"  # environment
-    with fm_engine.use_backend("triton"):
-        assert backend_of(ops.relu2, x) == "triton"  # context beats environment
-        with fm_engine.use_backend("reference"):
-            assert backend_of(ops.relu2, x) == "reference"  # innermost context
-        assert backend_of(ops.relu2, x, backend="reference") == "reference"  # argument beats context
-    assert backend_of(ops.relu2, x) == "reference"  # context popped
+    _evidence.reload()
+    yield tmp_path
+    _evidence.reload()
 
 
-def test_auto_on_cpu_without_interpreter_is_reference(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    monkeypatch.delenv("FM_ENGINE_BACKEND", raising=False)
-    x = torch.randn(8)
-    if not torch.cuda.is_available():
-        assert backend_of(ops.relu2, x) == "reference"
-        with pytest.raises(ops.BackendUnsupportedError, match="TRITON_INTERPRET"):
+def test_choice_order(device, no_tables, monkeypatch: pytest.MonkeyPatch) -> None:
+    x = torch.randn(8, device=device)
+    assert backend_of(ops.relu2, x) == "reference"  # automatic, with no measurement: the reference
+    monkeypatch.setenv("FM_ENGINE_BACKEND", "triton")
+    assert backend_of(ops.relu2, x) == "triton"  # environment
+    with fm_engine.use_backend("reference"):
+        assert backend_of(ops.relu2, x) == "reference"  # context beats environment
+        with fm_engine.use_backend("triton"):
+            assert backend_of(ops.relu2, x) == "triton"  # innermost context
+        assert backend_of(ops.relu2, x, backend="triton") == "triton"  # argument beats context
+    assert backend_of(ops.relu2, x) == "triton"  # context popped: the environment again
+
+
+def test_triton_refusal_names_the_machine_kind(device) -> None:
+    x = torch.randn(8)  # a CPU tensor
+    if device.type == "cuda":
+        # CPU tensors: Triton needs CUDA tensors (this process does not interpret)
+        with pytest.raises(ops.BackendUnsupportedError, match="Triton needs CUDA tensors"):
             ops.relu2(x, backend="triton")
+    else:
+        assert ops.relu2(x, backend="triton").shape == x.shape  # the interpreter runs CPU tensors
 
 
 def test_unknown_backend_names_fail() -> None:
@@ -57,19 +67,20 @@ def test_unknown_env_backend_fails(monkeypatch: pytest.MonkeyPatch) -> None:
         ops.relu2(torch.randn(3))
 
 
-def test_explain_lists_every_backend(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.delenv("FM_ENGINE_BACKEND", raising=False)
-    x = torch.randn(4, 6).t()  # non-contiguous: the element-wise fast kernels refuse it
+def test_explain_lists_every_backend(device, no_tables) -> None:
+    x = torch.randn(4, 6, device=device).t()  # non-contiguous: the element-wise fast kernels refuse it
     e = ops.explain(ops.relu2, x)
-    assert [v.backend for v in e.verdicts] == list(BACKENDS)
+    assert [v.backend for v in e.verdicts][: len(BACKENDS)] == list(BACKENDS)
     verdict = {v.backend: v for v in e.verdicts}
     assert verdict["reference"].ok
     assert not verdict["triton"].ok and "non-contiguous" in verdict["triton"].reason
     assert e.chosen == "reference"
     text = str(e)
     assert "relu2" in text and "non-contiguous" in text
-    assert ops.explain("relu2", x.contiguous()).chosen == "triton"
+    assert "evidence: none for relu2" in text and "fm-engine tune" in text
+    e = ops.explain("relu2", x.contiguous())
+    assert e.chosen == "reference" and {v.backend: v.ok for v in e.verdicts}["triton"]
+    assert ops.explain("relu2", x.contiguous(), backend="triton").chosen == "triton"
 
 
 def test_explain_reports_invalid_input() -> None:
@@ -81,9 +92,12 @@ def test_explain_reports_invalid_input() -> None:
 
 def test_registry_is_consistent() -> None:
     regs = registered_ops()
-    assert {"relu2", "relu2_mlp", "cross_attention", "patch_embed"} <= set(regs)
+    assert {"relu2", "relu2_mlp", "cross_attention", "patch_embed", "window_attention", "temporal_attention"} <= set(
+        regs
+    )
     for name, op in regs.items():
         assert "reference" in op.backends, name
+        assert op.bucket_fn is not None, f"{name} declares no measurement bucket: auto could never pick a kernel"
         for b in op.backends.values():
             why = b.available()
             assert why is None or (isinstance(why, str) and why), (name, b.name)

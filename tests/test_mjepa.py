@@ -96,7 +96,9 @@ def test_predictor_input_fixed_swap_and_padding():
     context = torch.randn(b, ctx_idx.shape[1], d)
     x, pad, pos = obj.predictor_inputs(context, ctx_idx, tgt_mask, grid, extra_padding=2)
     union = ctx_mask | tgt_mask
-    assert x.shape[1] == int(union.sum(1).max()) + 2
+    # padded to the largest union any draw can have (static: Kc + Kt, at most N), plus the extra slots
+    assert x.shape[1] == min(16, ctx_idx.shape[1] + int(tgt_mask[0].sum())) + 2
+    assert x.shape[1] >= int(union.sum(1).max()) + 2
     assert pad.sum(1).tolist() == (x.shape[1] - union.sum(1)).tolist()
     ppos = obj.predictor_pos(
         torch.stack(torch.meshgrid(torch.linspace(-1, 1, 4), torch.linspace(-1, 1, 4), indexing="ij"), -1).reshape(

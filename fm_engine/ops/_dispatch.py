@@ -10,11 +10,16 @@ reference, and any number of fast backends. A backend declares two things as dat
 
 Choice, first match wins: the call's ``backend=`` argument, the innermost
 ``fm_engine.use_backend(...)`` context, the ``FM_ENGINE_BACKEND`` environment variable, else
-automatic. Automatic: on CUDA tensors the first backend in the op's preference order that accepts
-the inputs; on CPU tensors the reference, except with ``TRITON_INTERPRET=1`` when the Triton
-backend runs in Triton's interpreter. An explicitly chosen backend that refuses raises
-:class:`BackendUnsupportedError` with its reason: nothing falls back silently. Automatic choice
-only ever picks among backends that compute the same function.
+automatic. An explicitly chosen backend that refuses raises :class:`BackendUnsupportedError` with
+its reason: nothing falls back silently.
+
+Automatic choice follows measurements only (:mod:`fm_engine.ops._evidence`): the op maps the call to
+a bucket (its ``bucket`` function: flags that change the kernel, sizes rounded to powers of two, and
+whether gradients are needed); the evidence tables of this device class rank the backends measured
+at that bucket (or the nearest measured one); the fastest that accepts the inputs and beats the
+reference by more than 3% runs, else the reference. With no measurement the reference runs, on a
+GPU as on a CPU (with ``TRITON_INTERPRET=1`` too: name ``backend="triton"`` to run the interpreter).
+Automatic choice only ever picks among backends that compute the same function, and never times.
 """
 
 from __future__ import annotations
@@ -27,7 +32,10 @@ from typing import Any
 
 import torch
 
+from fm_engine.ops import _evidence
+
 BACKENDS = ("reference", "triton", "cuda")
+REFERENCE = "reference"
 _AUTO = "auto"
 
 # Plain module state rather than ContextVars: torch.compile (dynamo) traces reads of module globals
@@ -37,6 +45,9 @@ _backend_stack: list[str] = []
 _OPS: dict[str, Op] = {}
 
 _trace_stack: list[list[tuple[str, str]]] = []
+
+# Active call recorders (fm_engine.ops._record.record): every op call is reported to each.
+_recorders: list[Any] = []
 
 
 class BackendUnsupportedError(ValueError):
@@ -117,6 +128,7 @@ class Explanation:
     requested: str
     chosen: str | None
     error: str | None = None
+    evidence: list[str] = dataclasses.field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"{self.op}: requested backend {self.requested!r} -> {self.chosen or 'none'}"]
@@ -124,27 +136,36 @@ class Explanation:
             lines.append(f"  invalid input: {self.error}")
         for v in self.verdicts:
             lines.append(f"  {v.backend:<10} {'yes' if v.ok else 'no ':<4} {v.reason}")
+        lines += [f"  {line}" for line in self.evidence]
         return "\n".join(lines)
 
     def __repr__(self) -> str:
         return str(self)
 
 
+BucketFn = Callable[..., tuple[dict[str, Any], dict[str, int]]]
+
+
 class Op:
-    """One op family entry point: validation, reference, fast backends, dispatch."""
+    """One op family entry point: validation, reference, fast backends, dispatch.
+
+    ``bucket(*args, **kwargs) -> (flags, sizes)``: what a measurement of this call is keyed by
+    (:mod:`fm_engine.ops._evidence`); the ``grad`` flag is added here. Without it ``auto`` always runs
+    the reference.
+    """
 
     def __init__(
         self,
         name: str,
         reference: Callable[..., Any],
         validate: Callable[..., None] | None = None,
-        preference: tuple[str, ...] = ("cuda", "triton"),
+        bucket: BucketFn | None = None,
     ) -> None:
         if name in _OPS:
             raise ValueError(f"op {name!r} is registered twice")
         self.name = name
         self.validate = validate or (lambda *a, **k: None)
-        self.preference = preference
+        self.bucket_fn = bucket
         self.backends: dict[str, Backend] = {
             "reference": Backend("reference", reference, lambda: None, lambda *a, **k: None)
         }
@@ -172,13 +193,30 @@ class Op:
             return Verdict(name, True, "supported")
         return Verdict(name, False, reason)
 
-    def _auto_order(self, args: tuple, kwargs: dict) -> tuple[str, ...]:
+    def bucket(self, args: tuple, kwargs: dict) -> _evidence.Bucket | None:
+        """The measurement bucket of a (validated) call, or None when the op declares none."""
+        if self.bucket_fn is None:
+            return None
+        flags, sizes = self.bucket_fn(*args, **kwargs)
+        grad = _evidence.requires_grad(*args, *kwargs.values())
+        return _evidence.make_bucket({**flags, "grad": grad}, sizes)
+
+    def device_class(self, args: tuple, kwargs: dict) -> str | None:
         t = _first_tensor(args, kwargs)
-        if t is not None and t.device.type == "cuda":
-            return (*self.preference, "reference")
-        if interpreting():
-            return ("triton", "reference")
-        return ("reference",)
+        if t is None:
+            return None
+        return _evidence.device_class_of(t.device.type, -1 if t.device.index is None else t.device.index)
+
+    def _auto(self, args: tuple, kwargs: dict) -> str:
+        """The measured-fastest backend that accepts the call (see the module docstring)."""
+        bucket = self.bucket(args, kwargs)
+        cls = self.device_class(args, kwargs)
+        if bucket is None or cls is None:
+            return REFERENCE
+        for name in _evidence.measured_order(cls, self.name, bucket.key).split(","):
+            if name in self.backends and self.verdict(name, args, kwargs).ok:
+                return name
+        return REFERENCE
 
     def choose(self, args: tuple, kwargs: dict, backend: str | None = None) -> str:
         req = requested_backend(backend)
@@ -187,16 +225,16 @@ class Op:
             if not v.ok:
                 raise BackendUnsupportedError(f"{self.name}: backend {req!r} cannot run this call: {v.reason}")
             return req
-        for name in self._auto_order(args, kwargs):
-            if self.verdict(name, args, kwargs).ok:
-                return name
-        return "reference"
+        return self._auto(args, kwargs)
 
     def __call__(self, *args: Any, backend: str | None = None, **kwargs: Any) -> Any:
         self.validate(*args, **kwargs)
         name = self.choose(args, kwargs, backend)
         if _trace_stack:
             _trace_stack[-1].append((self.name, name))
+        if _recorders and not torch.compiler.is_compiling():
+            for r in _recorders:
+                r.add(self, name, args, kwargs)
         return self.backends[name].fn(*args, **kwargs)
 
     def explain(self, *args: Any, backend: str | None = None, **kwargs: Any) -> Explanation:
@@ -205,12 +243,22 @@ class Op:
             self.validate(*args, **kwargs)
         except ValueError as e:
             return Explanation(self.name, [], req, None, str(e))
-        verdicts = [self.verdict(n, args, kwargs) for n in BACKENDS]
+        names = [*BACKENDS, *(n for n in self.backends if n not in BACKENDS)]
+        verdicts = [self.verdict(n, args, kwargs) for n in names]
         try:
             chosen: str | None = self.choose(args, kwargs, backend)
         except BackendUnsupportedError:
             chosen = None
-        return Explanation(self.name, verdicts, req, chosen)
+        evidence: list[str] = []
+        bucket = self.bucket(args, kwargs)
+        cls = self.device_class(args, kwargs)
+        if bucket is None:
+            evidence = ["evidence: this op declares no measurement bucket -> automatic dispatch runs the reference"]
+        elif cls is not None:
+            evidence = _evidence.describe(cls, self.name, bucket, [v.backend for v in verdicts if v.ok])
+        if req != _AUTO:
+            evidence.append(f"(backend {req!r} was requested explicitly: the evidence is not consulted)")
+        return Explanation(self.name, verdicts, req, chosen, evidence=evidence)
 
 
 def get_op(name: str) -> Op:

@@ -154,7 +154,30 @@ def _validate(
             raise ValueError(f"pool_to: {tuple(pool_to)} is larger than the token grid {(h // patch, w // patch)}")
 
 
-PATCH_EMBED = Op("patch_embed", patch_embed_reference, _validate, preference=("triton",))
+def _bucket(
+    image: torch.Tensor,
+    weight: torch.Tensor,
+    *params: torch.Tensor,
+    patch: int,
+    pool_to: tuple[int, int] | None = None,
+    out_dtype: torch.dtype | None = None,
+    **_: object,
+) -> tuple[dict, dict]:
+    flags = {
+        "image": image.dtype,
+        "out": output_dtype(image, weight.dtype, out_dtype),
+        "param": weight.dtype,
+        "patch": patch,
+        "channels": image.shape[1],
+        "pool": pool_to is not None,
+    }
+    sizes = {"B": image.shape[0], "H": image.shape[2], "W": image.shape[3], "D": weight.shape[0]}
+    if pool_to is not None:
+        sizes["tokens"] = pool_to[0] * pool_to[1]
+    return flags, sizes
+
+
+PATCH_EMBED = Op("patch_embed", patch_embed_reference, _validate, bucket=_bucket)
 
 
 def patch_embed(

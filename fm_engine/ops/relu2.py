@@ -64,8 +64,17 @@ def _validate_mlp(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, dropout_p
     _checks.probability("dropout_p", dropout_p)
 
 
-RELU2 = Op("relu2", relu2_reference, _validate_relu2, preference=("cuda", "triton"))
-RELU2_MLP = Op("relu2_mlp", relu2_mlp_reference, _validate_mlp, preference=("triton",))
+def _bucket_relu2(x: torch.Tensor) -> tuple[dict, dict]:
+    return {"dtype": x.dtype}, {"n": x.numel()}
+
+
+def _bucket_mlp(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, dropout_p: float = 0.0) -> tuple[dict, dict]:
+    m = x.numel() // max(x.shape[-1], 1)
+    return {"dtype": x.dtype, "dropout": dropout_p > 0}, {"M": m, "D": w1.shape[1], "H": w1.shape[0], "O": w2.shape[0]}
+
+
+RELU2 = Op("relu2", relu2_reference, _validate_relu2, bucket=_bucket_relu2)
+RELU2_MLP = Op("relu2_mlp", relu2_mlp_reference, _validate_mlp, bucket=_bucket_mlp)
 
 
 def relu2(x: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:

@@ -97,7 +97,30 @@ def _validate(
     check_flags(scale, cosine, normalize_qk, dropout_p, d_qk)
 
 
-TEMPORAL_ATTENTION = Op("temporal_attention", temporal_attention_reference, _validate, preference=("triton",))
+def _bucket(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    n_head: int,
+    scale: float | None = None,
+    cosine: bool = False,
+    normalize_qk: bool = False,
+    causal: bool = False,
+    dropout_p: float = 0.0,
+) -> tuple[dict, dict]:
+    d_qk, d_v = head_dims(q, v, n_head)
+    flags = {
+        "dtype": q.dtype,
+        "causal": causal,
+        "cosine": cosine,
+        "normalize_qk": normalize_qk and not cosine,
+        "dropout": dropout_p > 0,
+    }
+    return flags, {"B": v.shape[0], "T": v.shape[1], "heads": n_head, "D_qk": d_qk, "D_v": d_v}
+
+
+TEMPORAL_ATTENTION = Op("temporal_attention", temporal_attention_reference, _validate, bucket=_bucket)
 
 
 def temporal_attention(

@@ -307,7 +307,41 @@ def _validate(
         _checks.same_device(q=q, rel_pos_bias=rel_pos_bias)
 
 
-WINDOW_ATTENTION = Op("window_attention", window_attention_reference, _validate, preference=("triton",))
+def _bucket(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    mode: str = "local",
+    num_patches: int | tuple[int, int] | None = None,
+    num_windows: int | tuple[int, int] | None = None,
+    patch_size: int | tuple[int, int],
+    n_head: int,
+    scale: float | None = None,
+    cosine: bool = False,
+    normalize_qk: bool = False,
+    rel_pos_bias: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> tuple[dict, dict]:
+    g = geometry(
+        q, v, mode=mode, num_patches=num_patches, num_windows=num_windows, patch_size=patch_size, n_head=n_head
+    )
+    flags = {
+        "dtype": q.dtype,
+        "mode": mode,
+        "hc_qk": g.hc_qk,
+        "hc_v": g.hc_v,
+        "tokens": g.n_tokens,
+        "cosine": cosine,
+        "normalize_qk": normalize_qk and not cosine,
+        "bias": rel_pos_bias is not None,
+        "dropout": dropout_p > 0,
+    }
+    B, T, C, H, W = v.shape
+    return flags, {"BT": B * T, "C": C, "HW": H * W}
+
+
+WINDOW_ATTENTION = Op("window_attention", window_attention_reference, _validate, bucket=_bucket)
 
 
 def window_attention(

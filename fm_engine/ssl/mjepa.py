@@ -13,6 +13,14 @@ round(target_ratio * cells) cells of the grid coarsened by ``target_coarsen`` (a
 each); cells are upsampled to tokens. They live on the encoder's ``mask_grid``: the token grid of the
 ViT, the pooled target grid of the AViT. The token grid must be divisible by both coarsening factors
 so that every example keeps the same number of tokens.
+
+Static shapes: with the masks drawn here, every tensor shape of a step is known from the config (the
+kept counts follow from the ratios; the predictor input is padded to the largest possible union of
+context and target, ``min(N, Kc + Kt)``). No step reads a value back from the device, and a compiled or
+autotuned step never meets a new shape: a predictor padded to each batch's own union length made every
+step launch the fused kernels at a new size (Triton re-tuned and re-compiled them each step), made
+``torch.compile`` recompile, and synchronised the host twice. Masks passed in by the caller still work
+(their counts are then read back once).
 """
 
 from __future__ import annotations
@@ -53,7 +61,7 @@ def coarse_mask(
         raise ValueError(f"{name}: token grid {grid} is not divisible by {coarsen}")
     cgrid = tuple(g // coarsen for g in grid)
     cells = math.prod(cgrid)
-    keep = min(max(round(ratio * cells), 1), cells)
+    keep = _kept_cells(cells, ratio)
     scores = torch.rand(batch, cells, device=device, generator=generator)
     chosen = scores.argsort(dim=1)[:, :keep]
     m = torch.zeros(batch, cells, dtype=torch.bool, device=device).scatter_(1, chosen, True).view(batch, *cgrid)
@@ -62,12 +70,28 @@ def coarse_mask(
     return m.reshape(batch, -1)
 
 
-def mask_to_index(mask: torch.Tensor) -> torch.Tensor:
-    """Bool mask [B, N] with the same count K in every row -> sorted positions [B, K] (int64)."""
-    counts = mask.sum(dim=1)
-    if counts.numel() and bool((counts != counts[0]).any()):
-        raise ValueError(f"mask: rows keep different numbers of tokens {counts.tolist()}")
-    k = int(counts[0]) if counts.numel() else 0
+def _kept_cells(cells: int, ratio: float) -> int:
+    return min(max(round(ratio * cells), 1), cells)
+
+
+def kept_tokens(grid: Sequence[int], coarsen: int, ratio: float) -> int:
+    """Tokens each example keeps in :func:`coarse_mask` (known without drawing a mask)."""
+    cells = math.prod(int(g) // coarsen for g in grid)
+    return _kept_cells(cells, ratio) * coarsen ** len(grid)
+
+
+def mask_to_index(mask: torch.Tensor, count: int | None = None) -> torch.Tensor:
+    """Bool mask [B, N] with the same count K in every row -> sorted positions [B, K] (int64).
+
+    ``count``: K when the caller knows it (no device read-back, no check); None: read the row counts
+    back and check that they agree (a host synchronisation on a GPU)."""
+    if count is not None:
+        k = count
+    else:
+        counts = mask.sum(dim=1)
+        if counts.numel() and bool((counts != counts[0]).any()):
+            raise ValueError(f"mask: rows keep different numbers of tokens {counts.tolist()}")
+        k = int(counts[0]) if counts.numel() else 0
     # a stable sort of (not kept) puts the kept positions first, in increasing order
     return torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :k]
 
@@ -235,12 +259,15 @@ class MJEPA(nn.Module):
         target_mask: torch.Tensor,
         grid: Sequence[int],
         extra_padding: int = 0,
+        target_count: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Padded predictor input over context ∪ target.
 
-        context: [B, Kc, D] encoder output at ``context_index`` [B, Kc]; target_mask: [B, N].
+        context: [B, Kc, D] encoder output at ``context_index`` [B, Kc]; target_mask: [B, N] keeping
+        ``target_count`` tokens per row (None: read back from the mask).
         Returns (x [B, L, D], padding [B, L] bool, True = padding, positions [B, L] grid index of each
-        slot; padding slots point at 0). L = the largest union + ``extra_padding``.
+        slot; padding slots point at 0). L = min(N, Kc + Kt) + ``extra_padding``: the largest union
+        any draw can have, so L depends on the config only (see the module docstring).
         """
         b, n = target_mask.shape
         d = context.shape[-1]
@@ -251,7 +278,8 @@ class MJEPA(nn.Module):
         x = torch.where(target_mask[..., None], query, on_grid)
         union = context_mask | target_mask
         lengths = union.sum(dim=1)
-        length = int(lengths.max()) + int(extra_padding)
+        kt = target_count if target_count is not None else int(target_mask[:1].sum())
+        length = min(n, context_index.shape[1] + kt) + int(extra_padding)
         order = torch.argsort((~union).to(torch.int8), dim=1, stable=True)
         if length > n:
             order = torch.cat([order, order.new_zeros(b, length - n)], dim=1)
@@ -268,13 +296,16 @@ class MJEPA(nn.Module):
         target_mask: torch.Tensor,
         grid: Sequence[int],
         extra_padding: int = 0,
+        target_count: int | None = None,
     ) -> torch.Tensor:
         """Predictions at the target positions (increasing grid order) -> [B, Kt, D]."""
-        x, padding, positions = self.predictor_inputs(context, context_index, target_mask, grid, extra_padding)
+        x, padding, positions = self.predictor_inputs(
+            context, context_index, target_mask, grid, extra_padding, target_count
+        )
         for layer in self.predictor:
             x = layer(x, key_padding_mask=padding)
         is_target = torch.gather(target_mask, 1, positions) & ~padding
-        return gather_tokens(x, mask_to_index(is_target))
+        return gather_tokens(x, mask_to_index(is_target, target_count))
 
     def forward(
         self,
@@ -291,17 +322,23 @@ class MJEPA(nn.Module):
         ``labels`` [B] are given). ``masks`` overrides the random (context, target) masks;
         ``extra_padding`` adds padding slots to the predictor input (the result does not change)."""
         grid = self._mask_grid(images.shape[2:])
-        context_mask, target_mask = self.masks(images) if masks is None else masks
+        if masks is None:
+            context_mask, target_mask = self.masks(images)
+            kc = kept_tokens(grid, self.context_coarsen, self.context_ratio)
+            kt: int | None = kept_tokens(grid, self.target_coarsen, self.target_ratio)
+        else:
+            (context_mask, target_mask), kc, kt = masks, None, None
         if context_mask.shape != target_mask.shape or context_mask.shape != (images.shape[0], math.prod(grid)):
             raise ValueError(f"masks: expected two bool tensors [{images.shape[0]}, {math.prod(grid)}]")
-        target_index = mask_to_index(target_mask)
-        context_index = mask_to_index(context_mask)
+        target_index = mask_to_index(target_mask, kt)
+        context_index = mask_to_index(context_mask, kc)
+        kt = target_index.shape[1]
 
         with torch.no_grad():
             full = self.ema_encoder(images, intensity_scale, intensity_offset)
         target = gather_tokens(full, target_index)
         context = self.encoder(images, intensity_scale, intensity_offset, token_index=context_index)
-        pred = self.predict(context, context_index, target_mask, grid, extra_padding)
+        pred = self.predict(context, context_index, target_mask, grid, extra_padding, kt)
 
         jepa = (1.0 - F.cosine_similarity(pred.flatten(1).float(), target.flatten(1).float(), dim=1)).mean()
         contrastive = contrastive_loss(pred.mean(dim=1), self.margin)

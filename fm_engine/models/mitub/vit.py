@@ -13,14 +13,19 @@ from fm_engine.nn import PatchEmbed2d
 
 
 def check_token_index(token_index: torch.Tensor | None, batch: int, tokens: int) -> None:
-    """``token_index``: None or an int64 tensor [B, K] of token positions in [0, tokens)."""
+    """``token_index``: None or an int64 tensor [B, K] of token positions in [0, tokens).
+
+    The range of the positions is checked here only for CPU tensors: on a GPU that check would stall the
+    host until the device catches up (a synchronisation per step), so there the gather that uses the
+    positions catches an out-of-range one (a device-side assertion)."""
     if token_index is None:
         return
     if not isinstance(token_index, torch.Tensor) or token_index.dtype != torch.long or token_index.dim() != 2:
         raise ValueError("token_index: expected an int64 tensor [B, K] of token positions")
     if token_index.shape[0] != batch:
         raise ValueError(f"token_index: batch {token_index.shape[0]} differs from the image batch {batch}")
-    if token_index.numel() and (int(token_index.min()) < 0 or int(token_index.max()) >= tokens):
+    on_host = token_index.device.type == "cpu" and not torch.compiler.is_compiling()
+    if on_host and token_index.numel() and (int(token_index.min()) < 0 or int(token_index.max()) >= tokens):
         raise ValueError(f"token_index: positions must lie in [0, {tokens})")
 
 

@@ -1,0 +1,205 @@
+"""Automatic dispatch by measured evidence (fm_engine/ops/_evidence.py): buckets, tables, choice, explain.
+
+Every test points the user table folder (FM_ENGINE_CACHE_DIR) and the package table folder at empty
+temporary folders, writes the tables it needs for the device class of the ``device`` fixture, and so
+runs the same on a CPU (interpreter) and on a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from fm_engine import ops
+from fm_engine._device import device_class
+from fm_engine.ops import _evidence as E
+
+
+@pytest.fixture
+def tables(tmp_path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("FM_ENGINE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("FM_ENGINE_BACKEND", raising=False)
+    pkg = tmp_path / "package"
+    pkg.mkdir()
+    monkeypatch.setattr(E, "package_dir", lambda: pkg)
+    E.reload()
+    yield pkg
+    E.reload()
+
+
+def _entry(ref: float, triton: float, ref_bwd: float | None = None, triton_bwd: float | None = None) -> dict:
+    def times(f: float, b: float | None) -> dict:
+        return {"fwd_ms": f} if b is None else {"fwd_ms": f, "fwd_bwd_ms": b}
+
+    return {
+        "backends": {"reference": times(ref, ref_bwd), "triton": times(triton, triton_bwd)},
+        "date": "2026-12-01",
+        "source": "test",
+    }
+
+
+def _write(path, cls: str, op: str, entries: dict, **extra) -> None:
+    data = E.empty_table(cls)
+    data["ops"][op] = entries
+    data.update(extra)
+    E.write_table(path, data)
+    E.reload()
+
+
+def _backend(fn, *args, **kwargs) -> str:
+    with ops.trace() as calls:
+        fn(*args, **kwargs)
+    return calls[-1][1]
+
+
+def test_bucket_rounds_sizes_and_round_trips() -> None:
+    b = E.make_bucket({"dtype": torch.bfloat16, "causal": True}, {"M": 3000, "D": 512, "one": 1})
+    assert b.key == "dtype=bfloat16,causal=1|M=4096,D=512,one=1"
+    assert E.Bucket.parse(b.key) == b
+    assert [E.pow2(n) for n in (0, 1, 2, 3, 17, 1024, 1025)] == [1, 1, 2, 4, 32, 1024, 2048]
+
+
+def test_bucket_of_a_call_includes_grad(device) -> None:
+    op = ops.get_op("relu2_mlp")
+    x = torch.randn(300, 16, device=device)
+    w1, w2 = torch.randn(64, 16, device=device), torch.randn(16, 64, device=device)
+    assert op.bucket((x, w1, w2, 0.0), {}).key == "dtype=float32,dropout=0,grad=0|M=512,D=16,H=64,O=16"
+    w1.requires_grad_()
+    assert op.bucket((x, w1, w2, 0.1), {}).key == "dtype=float32,dropout=1,grad=1|M=512,D=16,H=64,O=16"
+    with torch.no_grad():
+        assert ",grad=0|" in op.bucket((x, w1, w2, 0.0), {}).key
+
+
+def test_table_decides_exact_nearest_and_far(device, tables) -> None:
+    cls = device_class(device)
+    # measured at n = 2048 (fwd): triton 2x faster than the reference
+    _write(E.table_path("user", cls), cls, "relu2", {"dtype=float32,grad=0|n=2048": _entry(1.0, 0.5)})
+    assert _backend(ops.relu2, torch.randn(2048, device=device)) == "triton"  # the bucket itself
+    assert _backend(ops.relu2, torch.randn(1500, device=device)) == "triton"  # rounds into it
+    assert _backend(ops.relu2, torch.randn(8000, device=device)) == "triton"  # 4x away: nearest bucket
+    assert _backend(ops.relu2, torch.randn(9000, device=device)) == "reference"  # 8x away: no evidence
+    assert _backend(ops.relu2, torch.randn(2048, device=device, dtype=torch.float16)) == "reference"  # other flags
+    x = torch.randn(2048, device=device, requires_grad=True)
+    assert _backend(ops.relu2, x) == "reference"  # needs grad: another bucket, not measured
+    # an explicit choice is obeyed whatever the table says
+    assert _backend(ops.relu2, torch.randn(2048, device=device), backend="reference") == "reference"
+
+
+def test_three_percent_margin_and_grad_metric(device, tables) -> None:
+    cls = device_class(device)
+    entries = {
+        "dtype=float32,grad=0|n=1024": _entry(1.0, 0.98),  # 2% faster: not worth leaving the reference
+        "dtype=float32,grad=1|n=1024": _entry(1.0, 0.5, ref_bwd=2.0, triton_bwd=3.0),  # fwd faster, fwd+bwd slower
+        "dtype=float32,grad=1|n=256": _entry(1.0, 2.0, ref_bwd=2.0, triton_bwd=1.0),  # fwd slower, fwd+bwd faster
+    }
+    _write(E.table_path("user", cls), cls, "relu2", entries)
+    assert _backend(ops.relu2, torch.randn(1024, device=device)) == "reference"
+    assert _backend(ops.relu2, torch.randn(1024, device=device, requires_grad=True)) == "reference"
+    assert _backend(ops.relu2, torch.randn(256, device=device, requires_grad=True)) == "triton"
+
+
+def test_explain_quotes_the_measurement(device, tables) -> None:
+    cls = device_class(device)
+    _write(E.table_path("user", cls), cls, "relu2", {"dtype=float32,grad=0|n=64": _entry(1.0, 1.75)})
+    text = str(ops.explain("relu2", torch.randn(64, device=device)))
+    assert "triton     1.75 ms, 0.57x the reference" in text
+    assert f"measured on {cls} 2026-12-01" in text and "-> reference" in text
+    text = str(ops.explain("relu2", torch.randn(8, 8, 8, 8, 8, device=device)))
+    assert "evidence: none for relu2" in text
+
+
+def test_user_table_replaces_package_entries(device, tables) -> None:
+    cls = device_class(device)
+    key = "dtype=float32,grad=0|n=512"
+    _write(E.table_path("package", cls), cls, "relu2", {key: _entry(1.0, 0.5)})
+    assert E.table_path("package", cls).parent == tables
+    assert _backend(ops.relu2, torch.randn(512, device=device)) == "triton"
+    _write(E.table_path("user", cls), cls, "relu2", {key: _entry(1.0, 1.5)})
+    assert _backend(ops.relu2, torch.randn(512, device=device)) == "reference"
+    used = E.tables(cls)
+    assert [t.origin for t in used.tables] == ["user", "package"] and len(used.sha256) == 64
+
+
+@pytest.mark.parametrize("problem", ["corrupt", "version", "device", "times"])
+def test_bad_tables_are_skipped_with_one_warning(device, tables, problem: str) -> None:
+    cls = device_class(device)
+    path = E.table_path("user", cls)
+    entries = {"dtype=float32,grad=0|n=128": _entry(1.0, 0.5)}
+    if problem == "corrupt":
+        path.parent.mkdir(parents=True)
+        path.write_text('{"format": "fm_engine.evidence", "version": 1, "device_class"')
+        E.reload()
+        reason = "corrupt JSON"
+    elif problem == "version":
+        _write(path, cls, "relu2", entries, version=99)
+        reason = "format version 99"
+    elif problem == "device":
+        _write(path, "Some Other GPU sm_75", "relu2", entries)
+        reason = "measured on 'Some Other GPU sm_75'"
+    else:
+        entries["dtype=float32,grad=0|n=128"]["backends"]["triton"]["fwd_ms"] = -1.0
+        _write(path, cls, "relu2", entries)
+        reason = "times must be positive"
+    x = torch.randn(128, device=device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert _backend(ops.relu2, x) == "reference"  # never applied, never a crash
+        assert _backend(ops.relu2, x) == "reference"
+    msgs = [str(w.message) for w in caught if issubclass(w.category, E.EvidenceWarning)]
+    assert len(msgs) == 1, msgs
+    assert str(path) in msgs[0] and reason in msgs[0]
+
+
+def test_choice_under_torch_compile_follows_the_table(device, tables) -> None:
+    cls = device_class(device)
+    _write(E.table_path("user", cls), cls, "relu2", {"dtype=float32,grad=0|n=64": _entry(1.0, 0.5)})
+    graphs = []
+
+    def keep_graph(gm, example_inputs):
+        graphs.append({str(n.target) for n in gm.graph.nodes})
+        return gm.forward
+
+    def f(x):
+        return ops.relu2(x) + 1
+
+    torch._dynamo.reset()
+    out = torch.compile(f, fullgraph=True, backend=keep_graph)(torch.randn(64, device=device))
+    assert out.shape == (64,)
+    assert any("relu2_triton" in t for t in graphs[-1]), graphs[-1]
+    torch._dynamo.reset()
+    torch.compile(f, fullgraph=True, backend=keep_graph)(torch.randn(4, 4, 4, 4, 4, 4, device=device))
+    assert not any("fm_engine" in t for t in graphs[-1]), graphs[-1]  # no evidence: the reference's ops
+    torch._dynamo.reset()
+
+
+def test_constant_marker_matches_torch() -> None:
+    # _evidence marks its lookups the way torch.compiler.assume_constant_result does, without importing dynamo
+    marked = torch.compiler.assume_constant_result(lambda: 0)
+    assert marked._dynamo_marked_constant is True
+    assert E.measured_order._dynamo_marked_constant is True
+
+
+def test_importing_fm_engine_does_not_import_triton_or_dynamo() -> None:
+    code = "import sys, fm_engine; print(sorted(m for m in ('triton.language', 'torch._dynamo') if m in sys.modules))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(r.stdout.strip().replace("'", '"')) == []
+
+
+def test_triton_without_interpreter_on_cpu_says_why() -> None:
+    # the other mode runs in its own process (this one's kernels were decorated for its own mode)
+    code = (
+        "import torch, fm_engine\n"
+        "try:\n"
+        "    fm_engine.ops.relu2(torch.randn(4), backend='triton')\n"
+        "except fm_engine.ops.BackendUnsupportedError as e:\n"
+        "    print(e)\n"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_INTERPRET"] = "0"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert "backend 'triton' cannot run this call" in r.stdout and "TRITON_INTERPRET" in r.stdout

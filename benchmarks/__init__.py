@@ -16,9 +16,11 @@ from types import ModuleType
 
 import torch
 
-from . import harness
+from fm_engine.models.registry import get_spec
 
-_NOT_CASE_MODULES = {"harness", "models", "__main__"}
+from . import breakdown, harness, models
+
+_NOT_CASE_MODULES = {"harness", "models", "breakdown", "suite", "__main__"}
 
 
 def op_modules() -> dict[str, ModuleType]:
@@ -36,6 +38,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--op", action="append", help="op family to benchmark (repeatable; 'all' for every one); default: all"
     )
     p.add_argument("--model", action="append", help="registered model whose training step to benchmark (repeatable)")
+    p.add_argument("--batch", type=int, default=None, help="batch size of --model steps (default 4; 1 with --quick)")
+    p.add_argument(
+        "--setting",
+        action="append",
+        choices=("defaults", "dropout 0"),
+        help="--model settings to run (repeatable; default: both the model's defaults and dropout 0)",
+    )
+    p.add_argument(
+        "--max-batch", action="store_true", help="with --model: only find the largest batch whose training step fits"
+    )
+    p.add_argument(
+        "--interleave",
+        action="store_true",
+        help="order cases round-robin across ops (each op's headline case first), so a --budget cut leaves no op "
+        "unmeasured",
+    )
+    p.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="with --model: time every op call of one training step on every backend (writes breakdown.md/.json)",
+    )
+    p.add_argument("--profile", action="store_true", help="with --breakdown: add the step's top 30 kernels")
     p.add_argument("--backend", action="append", help="only these backend labels (the reference always runs)")
     p.add_argument("--out", type=Path, default=None, help="output folder for results.json / .md / .png")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -50,6 +74,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="stop starting new cases after this many seconds (the rest are reported as not run)",
     )
+
+
+def interleave(groups: list[list[harness.Case]]) -> list[harness.Case]:
+    """Round-robin over the groups: every group's first case, then every second case, ..."""
+    out: list[harness.Case] = []
+    for i in range(max((len(g) for g in groups), default=0)):
+        out += [g[i] for g in groups if i < len(g)]
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -76,9 +108,10 @@ def run_args(a: argparse.Namespace) -> int:
     if "all" in ops:
         ops = sorted(mods)
     all_cases: list[harness.Case] | None = None
+    groups: list[list[harness.Case]] = []
     for name in ops:
         if name in mods:  # an op family (case module): all its cases
-            cases += mods[name].cases(device, quick)  # type: ignore[attr-defined]
+            groups.append(mods[name].cases(device, quick))  # type: ignore[attr-defined]
             continue
         if all_cases is None:  # an op name such as relu2_mlp: the cases of that op in any family
             all_cases = [c for m in mods.values() for c in m.cases(device, quick)]  # type: ignore[attr-defined]
@@ -86,14 +119,46 @@ def run_args(a: argparse.Namespace) -> int:
         if not picked:
             known = sorted(set(mods) | {c.op for c in all_cases})
             raise SystemExit(f"--op: unknown op or op family {name!r}; known: {', '.join(known)}")
-        cases += picked
-    if a.model:
-        from . import models
-
-        for name in a.model:
-            cases += models.cases(name, device, quick)
+        groups.append(picked)
+    cases += interleave(groups) if a.interleave else [c for g in groups for c in g]
+    if (a.breakdown or a.profile or a.max_batch) and not a.model:
+        raise SystemExit("--breakdown, --profile and --max-batch need --model NAME")
+    if a.profile and not a.breakdown:
+        raise SystemExit("--profile adds to --breakdown: pass both")
+    settings = tuple(a.setting) if a.setting else models.SETTINGS
     if quick:
         print("quick run (smoke test): timings below are not speed claims")
+    if a.breakdown:
+        backend = a.backend[0] if a.backend else "auto"
+        for name in a.model:
+            for setting in settings:
+                if setting == "dropout 0" and get_spec(name).dropout_off is None:
+                    continue
+                rep = breakdown.breakdown(
+                    name, device, quick, batch_size=a.batch, setting=setting, backend=backend, profile=a.profile
+                )
+                if a.out:
+                    stem = f"breakdown-{name}-{setting.replace(' ', '')}"
+                    breakdown.write(rep, a.out, stem)
+                    print(f"wrote {a.out}/{stem}.md, .json")
+                else:
+                    print(breakdown.markdown(rep))
+        return 0
+    if a.max_batch:
+        result = {"environment": harness.environment(device), "quick": quick, "ceilings": {}, "formulas": {}}
+        result["rows"] = []
+        backend = a.backend[0] if a.backend else "auto"
+        for name in a.model:
+            for setting in settings:
+                row = models.max_batch(name, device, quick, backend=backend, setting=setting,
+                                       limit=8 if quick else 4096, budget_s=a.budget or 120.0)  # fmt: skip
+                print(f"{name} ({setting}, {backend}): largest batch that fits: {row['max_batch']} ({row['status']})")
+                result["rows"].append(row)
+                if a.out:
+                    harness.write_reports(result, a.out, chart_too=False)
+        return 0
+    for name in a.model or []:
+        cases += models.cases(name, device, quick, batch_size=a.batch, settings=settings)
     harness.run(cases, device, quick, out_dir=a.out, labels=a.backend, budget_s=a.budget)
     if a.out:
         print(f"wrote {a.out}/results.json, results.md")

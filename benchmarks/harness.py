@@ -94,7 +94,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time(fn: Callable[[], Any], device: torch.device, reps: int, warmup: int) -> float:
+def time_ms(fn: Callable[[], Any], device: torch.device, reps: int, warmup: int) -> float:
     """Median milliseconds of ``fn``."""
     if device.type == "cuda":
         from triton.testing import do_bench
@@ -110,7 +110,7 @@ def _time(fn: Callable[[], Any], device: torch.device, reps: int, warmup: int) -
     return statistics.median(times)
 
 
-def _outputs(x: Any) -> list[torch.Tensor]:
+def outputs(x: Any) -> list[torch.Tensor]:
     if isinstance(x, torch.Tensor):
         return [x]
     if isinstance(x, dict):
@@ -121,13 +121,13 @@ def _outputs(x: Any) -> list[torch.Tensor]:
 def _matmul_tflops(device: torch.device, n: int = 8192) -> float:
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    return 2 * n**3 / _time(lambda: a @ b, device, 0, 0) / 1e9
+    return 2 * n**3 / time_ms(lambda: a @ b, device, 0, 0) / 1e9
 
 
 def _copy_gbs(device: torch.device, numel: int = 2**28) -> float:
     src = torch.empty(numel, device=device, dtype=torch.float32)  # 1 GiB
     dst = torch.empty_like(src)
-    return 2 * numel * 4 / _time(lambda: dst.copy_(src), device, 0, 0) / 1e6
+    return 2 * numel * 4 / time_ms(lambda: dst.copy_(src), device, 0, 0) / 1e6
 
 
 def measure_ceilings(device: torch.device, quick: bool) -> dict[str, float]:
@@ -165,19 +165,19 @@ def run_case(case: Case, label: str, device: torch.device, quick: bool) -> dict[
             with torch.no_grad():
                 return fn(*inputs)
 
-        row["fwd_ms"] = _time(fwd, device, reps, warmup)
+        row["fwd_ms"] = time_ms(fwd, device, reps, warmup)
         if case.backward and grads_of:
-            outs = _outputs(fn(*inputs))
+            outs = outputs(fn(*inputs))
             gs = [torch.randn_like(o) for o in outs if o.requires_grad]
             del outs
 
             def fwd_bwd() -> None:
-                o = [t for t in _outputs(fn(*inputs)) if t.requires_grad]
+                o = [t for t in outputs(fn(*inputs)) if t.requires_grad]
                 torch.autograd.backward(o, gs)
                 for x in grads_of:
                     x.grad = None
 
-            row["fwd_bwd_ms"] = _time(fwd_bwd, device, reps, warmup)
+            row["fwd_bwd_ms"] = time_ms(fwd_bwd, device, reps, warmup)
             if case.kind == "op":
                 row["saved_mb"] = _saved_bytes(lambda: fn(*inputs)) / 2**20
             if device.type == "cuda":

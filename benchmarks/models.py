@@ -1,14 +1,22 @@
-"""Training-step benchmark for any registered model: eager reference vs fast backends vs torch.compile.
+"""Training-step benchmarks of registered models, measured the way users train.
 
-Uses the registry hooks (``ModelSpec.example`` and ``ModelSpec.loss``): one step = loss forward +
-backward on a synthetic batch. Backend labels: "reference" (every op on its eager reference),
-"fast" (automatic dispatch: the fastest backend each op supports) and "compile" (torch.compile of
-the reference step).
+One step = the registry's ``loss`` hook (forward + the model's objective) and its backward, on a
+synthetic batch from the registry's ``example`` hook, under bf16 autocast on CUDA (fp32 on a CPU).
+Labels: ``reference`` (every op on its eager reference), ``auto`` (automatic dispatch: what a user of
+``fm_engine.nn`` gets) and ``compile`` (``torch.compile`` of the reference step). Each model runs in two
+settings: its defaults, and with every dropout off (``ModelSpec.dropout_off``; fused attention kernels
+take no dropout). The harness reports median step time, images/s and the peak memory of a warm step.
+
+:func:`max_batch` finds the largest batch whose training step fits in device memory (doubling, then
+bisection; each probe runs one step).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -16,43 +24,154 @@ import torch
 from fm_engine import use_backend
 from fm_engine.models.registry import create_model, get_spec
 
-from .harness import Case, compiled
+from .harness import Case
+
+LABELS = ("reference", "auto", "compile")
+SETTINGS = ("defaults", "dropout 0")
 
 
-def cases(name: str, device: torch.device, quick: bool) -> list[Case]:
+def amp(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (how the models are trained), nothing on a CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def build(name: str, device: torch.device, setting: str = "defaults", **overrides: Any) -> torch.nn.Module:
     spec = get_spec(name)
-    model = create_model(name).to(device)
-    batch_size = 1 if quick else 8
-    batch = spec.example(model, batch_size, device, quick)
-    params = [p for p in model.parameters() if p.requires_grad]
+    if setting == "dropout 0":
+        if spec.dropout_off is None:
+            raise ValueError(f"model {name!r} declares no dropout_off overrides")
+        overrides = {**spec.dropout_off, **overrides}
+    elif setting != "defaults":
+        raise ValueError(f"setting: expected one of {SETTINGS}, got {setting!r}")
+    return create_model(name, **overrides).to(device).train()
 
-    def step_with(backend: str) -> Any:
-        def step(*_: Any) -> torch.Tensor:
-            with use_backend(backend):
-                return spec.loss(model, batch)
 
-        return step
+def step_fn(
+    name: str, model: torch.nn.Module, batch: tuple, device: torch.device, backend: str, compile: bool = False
+) -> Callable[[], Any]:
+    """The loss of one training step (forward only; the caller runs backward).
 
-    ref_model = copy.deepcopy(model)
+    ``compile``: ``torch.compile`` the loss, with the backend choice and autocast outside the compiled
+    region (dynamo guards on both), after one eager forward has built what the loss hook caches on the
+    model (M-JEPA's EMA copy: a deepcopy inside the compiled region would make dynamo give up on it)."""
+    spec = get_spec(name)
+    loss: Callable[..., torch.Tensor] = spec.loss
+    if compile:
+        with torch.no_grad(), use_backend(backend), amp(device):
+            spec.loss(model, batch)
+        loss = torch.compile(spec.loss)
 
-    def ref_step(*_: Any) -> torch.Tensor:
-        with use_backend("reference"):
-            return spec.loss(ref_model, batch)
+    def step(*_: Any) -> torch.Tensor:
+        with use_backend(backend), amp(device):
+            return loss(model, batch)
 
-    ref_params = [p for p in ref_model.parameters() if p.requires_grad]
+    return step
 
-    def setup() -> list[Any]:
-        # gradients flow to the parameters of both copies; the harness clears them after every step
-        return [*params, *ref_params]
 
-    fns = {"reference": step_with("reference"), "fast": step_with("auto"), "compile": compiled(ref_step)}
-    return [
-        Case(
-            op=f"model:{name}",
-            name=f"train step B{batch_size}" + (" (small)" if quick else ""),
-            setup=setup,
-            fns=fns,
-            kind="model",
-            items=batch_size,
+def default_batch(quick: bool) -> int:
+    return 1 if quick else 4
+
+
+def cases(
+    name: str,
+    device: torch.device,
+    quick: bool,
+    batch_size: int | None = None,
+    settings: tuple[str, ...] = SETTINGS,
+) -> list[Case]:
+    spec = get_spec(name)
+    b = batch_size or default_batch(quick)
+    out = []
+    for setting in settings:
+        if setting == "dropout 0" and spec.dropout_off is None:
+            continue
+        model = build(name, device, setting)
+        batch = spec.example(model, b, device, quick)
+        ref_model = copy.deepcopy(model)  # the compiled step gets its own copy (and its own cached objective)
+        params = [p for p in model.parameters() if p.requires_grad]
+        ref_params = [p for p in ref_model.parameters() if p.requires_grad]
+        fns = {
+            "reference": step_fn(name, model, batch, device, "reference"),
+            "auto": step_fn(name, model, batch, device, "auto"),
+            "compile": step_fn(name, ref_model, batch, device, "reference", compile=True),
+        }
+        size = "x".join(map(str, batch[0].shape[2:])) if isinstance(batch[0], torch.Tensor) else ""
+        out.append(
+            Case(
+                op=f"model:{name}",
+                name=f"train step B{b} {size} {setting}{' (small)' if quick else ''}".replace("  ", " "),
+                # gradients flow to the parameters of both copies; the harness clears them after every step
+                setup=lambda params=params, ref_params=ref_params: [*params, *ref_params],
+                fns=fns,
+                kind="model",
+                items=b,
+            )
         )
-    ]
+    return out
+
+
+def _fits(name: str, model: torch.nn.Module, device: torch.device, b: int, quick: bool, backend: str) -> bool:
+    spec = get_spec(name)
+    try:
+        batch = spec.example(model, b, device, quick)
+        loss = step_fn(name, model, batch, device, backend)()
+        loss.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return True
+    except torch.OutOfMemoryError:
+        return False
+    finally:
+        model.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def max_batch(
+    name: str,
+    device: torch.device,
+    quick: bool,
+    backend: str = "auto",
+    start: int = 4,
+    limit: int = 4096,
+    budget_s: float = 120.0,
+    setting: str = "defaults",
+) -> dict[str, Any]:
+    """Largest batch (<= ``limit``) whose training step fits: doubling from ``start``, then bisection.
+
+    Returns a report row; ``max_batch`` is the largest batch that ran, ``status`` says why the search
+    stopped (out of memory, the limit, or the time budget)."""
+    model = build(name, device, setting)
+    t0 = time.perf_counter()
+    lo, hi, probes = 0, None, []
+    b = start
+    status = "ok"
+    while hi is None or hi - lo > 1:
+        if time.perf_counter() - t0 > budget_s:
+            status = f"stopped: time budget of {budget_s:.0f} s used up"
+            break
+        ok = _fits(name, model, device, b, quick, backend)
+        probes.append((b, ok))
+        if ok:
+            lo = b
+            if hi is None and b >= limit:
+                status = f"stopped at the limit {limit}"
+                break
+            b = min(2 * b, limit) if hi is None else (lo + hi) // 2
+        else:
+            hi = b
+            b = (lo + hi) // 2
+            if b <= lo:
+                break
+    row: dict[str, Any] = {
+        "op": f"model:{name}",
+        "case": f"largest batch ({setting}, {backend})",
+        "backend": backend,
+        "kind": "max_batch",
+        "max_batch": lo,
+        "probes": probes,
+        "status": status if lo else "error: not even the first probe fitted",
+    }
+    if device.type == "cuda":
+        row["device_memory_gb"] = torch.cuda.get_device_properties(device).total_memory / 2**30
+    return row

@@ -58,3 +58,28 @@ def test_mjepa_kept_counts_are_static() -> None:
     for grid, coarsen, ratio in (((4, 4), 2, 0.5), ((32, 24), 4, 0.5), ((32, 24), 2, 0.25), ((6,), 3, 0.9)):
         m = coarse_mask(3, grid, coarsen, ratio)
         assert m.sum(1).tolist() == [kept_tokens(grid, coarsen, ratio)] * 3
+
+
+def test_avit_mjepa_step_compiles_as_one_graph(device: torch.device) -> None:
+    # the first GPU run's torch.compile of this step hit a graph break on Tensor.item() (mask counts) and
+    # dynamo's recompile limit (a new predictor length every step); the reference stem's TF32 switch broke
+    # every frame above it. fullgraph=True fails on any graph break; two steps with fresh masks must not
+    # recompile (the compile counter of the backend counts graphs).
+    obj = _tiny_objective(device)
+    images = torch.randint(0, 4096, (2, 1, 32, 32), dtype=torch.int32).to(torch.uint16).to(device)
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def loss(obj: MJEPA, images: torch.Tensor) -> torch.Tensor:
+        return obj(images, intensity_scale=1 / 4095)["loss"]
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, fullgraph=True, backend=counting_backend)
+    with fm_engine.use_backend("reference"):
+        for _ in range(3):
+            compiled(obj, images).backward()
+    assert len(graphs) == 1
+    torch._dynamo.reset()

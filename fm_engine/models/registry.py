@@ -6,7 +6,9 @@ by the training-step benchmark and the registry tests:
 
 * ``example(model, batch_size, device, small) -> tuple`` builds a synthetic batch for ``model``
   (``small=True``: a reduced input size that runs on a CPU in seconds);
-* ``loss(model, batch) -> Tensor`` runs the model's training objective on that batch.
+* ``loss(model, batch) -> Tensor`` runs the model's training objective on that batch;
+* ``dropout_off`` (optional): the overrides that turn every dropout of the model off (the benchmark's
+  "dropout 0" setting, which lets attention run on fused kernels that take no dropout).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class ModelSpec:
     loss: Callable[..., torch.Tensor]
     description: str = ""
     defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
+    dropout_off: dict[str, Any] | None = None
 
 
 _MODELS: dict[str, ModelSpec] = {}

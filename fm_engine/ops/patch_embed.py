@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from fm_engine.ops import _checks
 from fm_engine.ops._dispatch import Op, public, triton_available, triton_device_ok
+from fm_engine.ops._exact import conv_ieee
 
 IMAGE_DTYPES = (torch.uint8, torch.uint16, torch.int16, torch.float32, torch.bfloat16, torch.float64)
 _TRITON_IMAGE_DTYPES = (torch.uint8, torch.uint16, torch.int16, torch.float32, torch.bfloat16)
@@ -91,13 +92,11 @@ def patch_embed_reference(
 ) -> torch.Tensor:
     cdt = torch.promote_types(weight.dtype, torch.float32)
     odt = output_dtype(image, weight.dtype, out_dtype)
-    # TF32 off for the conv; the position is element-wise (no matmul), so no global matmul flag is touched
-    with (
-        torch.autocast(image.device.type, enabled=False),
-        torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False),
-    ):
+    # TF32 off for the conv (conv_ieee); the position is element-wise (no matmul), so no global matmul flag
+    # is touched
+    with torch.autocast(image.device.type, enabled=False):
         x = image.to(cdt) * intensity_scale + intensity_offset
-        feat = F.conv2d(x, weight.to(cdt), bias.to(cdt), stride=patch)
+        feat = conv_ieee(x, weight.to(cdt), bias.to(cdt), (patch, patch))
         if pool_to is not None:
             feat = F.adaptive_max_pool2d(feat, tuple(pool_to))
         grid = (feat.shape[-2], feat.shape[-1])

@@ -76,7 +76,7 @@ def _kept_cells(cells: int, ratio: float) -> int:
 
 def kept_tokens(grid: Sequence[int], coarsen: int, ratio: float) -> int:
     """Tokens each example keeps in :func:`coarse_mask` (known without drawing a mask)."""
-    cells = math.prod(int(g) // coarsen for g in grid)
+    cells = math.prod([int(g) // coarsen for g in grid])  # a list: dynamo cannot trace prod(generator)
     return _kept_cells(cells, ratio) * coarsen ** len(grid)
 
 

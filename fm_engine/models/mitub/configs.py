@@ -108,6 +108,7 @@ def _register() -> None:
                 loss=mjepa_loss,
                 description=desc,
                 defaults=dict(defaults),
+                dropout_off=dict(dropout=0.0, attn_dropout=0.0),
             )
         )
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fm_engine.nn import Attention, ReLU2MLP
+from fm_engine.ops._exact import conv_ieee
 from fm_engine.ops.patch_embed import grid_coords
 
 
@@ -147,13 +148,10 @@ class PatchEmbed3d(nn.Module):
         cdt = torch.promote_types(w.dtype, torch.float32)
         dev = image.device.type
         odt = out_dtype or (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else w.dtype)
-        # TF32 would round 16-bit pixel values: keep the convolution in ieee fp32
-        with (
-            torch.autocast(dev, enabled=False),
-            torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False),
-        ):
+        # TF32 would round 16-bit pixel values: keep the convolution in ieee fp32 (conv_ieee)
+        with torch.autocast(dev, enabled=False):
             x = image.to(cdt) * intensity_scale + intensity_offset
-            feat = F.conv3d(x, w.to(cdt), stride=self.patch)
+            feat = conv_ieee(x, w.to(cdt), None, self.patch)
             grid = tuple(feat.shape[2:])
             tokens = feat.flatten(2).transpose(1, 2)
             tokens = F.layer_norm(tokens, tokens.shape[-1:], self.norm.weight.to(cdt), self.norm.bias.to(cdt))

@@ -65,6 +65,11 @@ def cls_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torc
     return F.cross_entropy(model(x), labels)
 
 
+def _no_dropout(cell: CellConfig) -> CellConfig:
+    """The cell without attention dropout or stochastic depth."""
+    return cell.replace(att_dropout_p=0.0, dropout_p=0.0)
+
+
 def _register() -> None:
     register_model(
         ModelSpec(
@@ -87,6 +92,7 @@ def _register() -> None:
                 patch=2,
                 cfg=PRODUCTION_CELL,
             ),
+            dropout_off=dict(cfg=_no_dropout(PRODUCTION_CELL)),
         )
     )
     register_model(
@@ -110,6 +116,7 @@ def _register() -> None:
                 patch=16,
                 cfg=PARSER_DEFAULT_CELL,
             ),
+            dropout_off=dict(cfg=_no_dropout(PARSER_DEFAULT_CELL)),
         )
     )
     register_model(
@@ -135,6 +142,7 @@ def _register() -> None:
                 patch=2,
                 cfg=PRODUCTION_CELL,
             ),
+            dropout_off=dict(cfg=_no_dropout(PRODUCTION_CELL)),
         )
     )
 

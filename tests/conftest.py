@@ -3,13 +3,19 @@
 * without a CUDA GPU, ``TRITON_INTERPRET=1`` so the Triton backends run in Triton's interpreter,
   with the interpreter's bf16 ``tl.dot`` patched (fm_engine.testing.patch_triton_interpreter) and
   autotuning reduced to each kernel's interpreter config (kernels/_aot.py: runtime_configs);
+  (when the interpreter cannot work with the installed numpy, collection stops here with the reason);
 * ``FM_ENGINE_POISON=1`` so every output a fast backend allocates starts as NaN;
-* the ``gpu`` marker skips tests when no CUDA GPU is present.
+* the ``gpu`` marker skips tests when no CUDA GPU is present;
+* a guard fails any test (setup, call or teardown) that changes ``TRITON_INTERPRET`` inside the test
+  process: kernel modules are decorated at import, so a flip turns this worker's kernels into interpreted
+  functions (or the reverse) and leaks Triton's interpreter patches into later real compilations. Code
+  that needs the other mode runs in a subprocess with its own environment (tests/test_cli.py).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 os.environ.setdefault("FM_ENGINE_POISON", "1")
 
@@ -34,6 +40,52 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# environment variables that must keep their value for the whole test process
+GUARDED_ENV = ("TRITON_INTERPRET",)
+
+
+def _check_guarded_env(before: dict[str, str | None], when: str) -> None:
+    changed = {k: (v, os.environ.get(k)) for k, v in before.items() if os.environ.get(k) != v}
+    if not changed:
+        return
+    for k, (v, _) in changed.items():  # put it back so later tests in this worker see the original mode
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    what = ", ".join(f"{k} from {v!r} to {now!r}" for k, (v, now) in changed.items())
+    pytest.fail(
+        f"this test changed {what} inside the test process ({when}); kernel modules are decorated at "
+        "import, so the flip turns this worker's kernels into interpreted functions (or the reverse) and "
+        "leaks interpreter patches into later compilations. Run that code in a subprocess with its own "
+        "environment, or skip with a reason.",
+        pytrace=False,
+    )
+
+
+def _guarded(when: str) -> Iterator[None]:
+    before = {k: os.environ.get(k) for k in GUARDED_ENV}
+    try:
+        return (yield)
+    finally:
+        _check_guarded_env(before, when)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    return (yield from _guarded("setup"))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    return (yield from _guarded("call"))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    return (yield from _guarded("teardown"))
 
 
 @pytest.fixture

@@ -6,10 +6,11 @@
   (when the interpreter cannot work with the installed numpy, collection stops here with the reason);
 * ``FM_ENGINE_POISON=1`` so every output a fast backend allocates starts as NaN;
 * the ``gpu`` marker skips tests when no CUDA GPU is present;
-* a guard fails any test (setup, call or teardown) that changes ``TRITON_INTERPRET`` inside the test
-  process: kernel modules are decorated at import, so a flip turns this worker's kernels into interpreted
-  functions (or the reverse) and leaks Triton's interpreter patches into later real compilations. Code
-  that needs the other mode runs in a subprocess with its own environment (tests/test_cli.py).
+* every kernel module is imported here, and a guard fails any test (setup, call or teardown) that changes
+  ``TRITON_INTERPRET`` inside the test process: kernel modules are decorated at import, so a flip before
+  their import turns this worker's kernels into interpreted functions (or the reverse), and interpreted
+  kernels leak Triton's interpreter patches into later real compilations. Code that needs the other mode
+  runs in a subprocess with its own environment (tests/test_cli.py, tests/test_env_guard.py).
 """
 
 from __future__ import annotations
@@ -23,8 +24,19 @@ from fm_engine.testing import setup_interpreter_if_no_gpu
 
 INTERPRET = setup_interpreter_if_no_gpu()
 
+import importlib  # noqa: E402
+import pkgutil  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+import fm_engine.kernels  # noqa: E402
+
+# Every kernel module is imported now, in this process's one mode: Triton decides when it decorates a kernel
+# whether it is compiled or interpreted, so a test that flips TRITON_INTERPRET (which the guard below fails)
+# cannot leave this worker with kernels of the other kind.
+for _module in pkgutil.iter_modules(fm_engine.kernels.__path__):
+    importlib.import_module(f"fm_engine.kernels.{_module.name}")
 
 HAS_GPU = torch.cuda.is_available()
 

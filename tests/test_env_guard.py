@@ -1,4 +1,5 @@
-"""The guard of tests/conftest.py: a test that changes TRITON_INTERPRET inside the test process fails.
+"""The guard of tests/conftest.py: a test that changes TRITON_INTERPRET inside the test process fails, and
+the kernel modules are imported (in the process's one mode) before any test runs.
 
 The flips run in a pytest subprocess (with tests/conftest.py loaded as a plugin), so this process never
 changes mode.
@@ -24,6 +25,7 @@ def test_a_flip_of_triton_interpret_fails_the_test_that_made_it(tmp_path: Path) 
         textwrap.dedent(
             f"""
             import os
+            import sys
 
             import pytest
 
@@ -53,6 +55,10 @@ def test_a_flip_of_triton_interpret_fails_the_test_that_made_it(tmp_path: Path) 
 
             def test_zz_the_value_was_put_back():
                 assert os.environ.get("TRITON_INTERPRET") == {before!r}
+
+
+            def test_kernel_modules_were_imported_before_any_test():
+                assert {{"fm_engine.kernels.relu2", "fm_engine.kernels.cross_attention"}} <= set(sys.modules)
             """
         )
     )
@@ -80,6 +86,7 @@ def test_a_flip_of_triton_interpret_fails_the_test_that_made_it(tmp_path: Path) 
         "test_flip_in_a_fixture",
         "test_same_value_is_no_flip",
         "test_zz_the_value_was_put_back",
+        "test_kernel_modules_were_imported_before_any_test",
     }, out
     for name, when in (
         ("test_flip_with_monkeypatch", "call"),
@@ -89,5 +96,10 @@ def test_a_flip_of_triton_interpret_fails_the_test_that_made_it(tmp_path: Path) 
         assert (
             f"changed TRITON_INTERPRET from {before!r} to {other!r} inside the test process ({when})" in cases[name]
         ), (name, out)
-    assert cases["test_same_value_is_no_flip"] == "" and cases["test_zz_the_value_was_put_back"] == "", out
+    for name in (
+        "test_same_value_is_no_flip",
+        "test_zz_the_value_was_put_back",
+        "test_kernel_modules_were_imported_before_any_test",
+    ):
+        assert cases[name] == "", (name, out)
     assert os.environ.get("TRITON_INTERPRET") == before

@@ -177,8 +177,9 @@ def test_dropout_only_in_training():
     assert not torch.equal(m(x), m(x))
 
 
-def test_modules_reach_the_triton_kernels(device):
-    """Modules built without a backend follow fm_engine.use_backend("triton") down to the kernels."""
+def test_modules_reach_the_triton_kernels(device, no_tf32):
+    """Modules built without a backend follow fm_engine.use_backend("triton") down to the kernels. (TF32 off:
+    on a GPU the output projection's cuDNN convolution would round the two runs' inputs to TF32.)"""
     torch.manual_seed(0)
     loc = SpatialLocalAttention(2, 4, 4, 4, window_size=4, patch_size=2, n_head=2).to(device)
     tem = TemporalAttention(2, 4, n_head=2, is_causal=True).to(device)

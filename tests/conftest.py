@@ -2,10 +2,11 @@
 
 * without a CUDA GPU, ``TRITON_INTERPRET=1`` so the Triton backends run in Triton's interpreter,
   with the interpreter's bf16 ``tl.dot`` patched (fm_engine.testing.patch_triton_interpreter) and
-  autotuning reduced to each kernel's interpreter config (kernels/_aot.py: runtime_configs);
-  (when the interpreter cannot work with the installed numpy, collection stops here with the reason);
+  autotuning reduced to each kernel's interpreter config (kernels/_aot.py: runtime_configs); when the
+  interpreter cannot work with the installed numpy, setup stops here with the reason;
 * ``FM_ENGINE_POISON=1`` so every output a fast backend allocates starts as NaN;
-* the ``gpu`` marker skips tests when no CUDA GPU is present;
+* the ``gpu`` marker skips tests when no CUDA GPU is present; the ``device`` fixture is the GPU when there
+  is one, else the CPU (kernels in the interpreter), and every kernel test runs on it;
 * every kernel module is imported here, and a guard fails any test (setup, call or teardown) that changes
   ``TRITON_INTERPRET`` inside the test process: kernel modules are decorated at import, so a flip before
   their import turns this worker's kernels into interpreted functions (or the reverse), and interpreted
@@ -69,10 +70,10 @@ def _check_guarded_env(before: dict[str, str | None], when: str) -> None:
             os.environ[k] = v
     what = ", ".join(f"{k} from {v!r} to {now!r}" for k, (v, now) in changed.items())
     pytest.fail(
-        f"this test changed {what} inside the test process ({when}); kernel modules are decorated at "
-        "import, so the flip turns this worker's kernels into interpreted functions (or the reverse) and "
-        "leaks interpreter patches into later compilations. Run that code in a subprocess with its own "
-        "environment, or skip with a reason.",
+        f"this test changed {what} inside the test process ({when}); kernel modules are decorated for one "
+        "mode at import (compiled or interpreted), and a flip makes dispatch disagree with them or, before "
+        "their import, turns the worker's kernels into the other kind and leaks interpreter patches into "
+        "later compilations. Run that code in a subprocess with its own environment, or skip with a reason.",
         pytrace=False,
     )
 

@@ -16,6 +16,7 @@ Non-finite values where the fp64 reference is finite always fail.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -198,8 +199,47 @@ def patch_triton_interpreter() -> None:
     # the create_fp_trunc / create_fp_to_fp lambdas look cast_impl up on self, so they see the patch
 
 
+def _version(text: str) -> tuple[int, ...]:
+    """(major, minor, patch) of a version string such as ``"3.6.0"`` or ``"2.5.0rc1+git"``."""
+    parts = []
+    for piece in text.split(".")[:3]:
+        digits = re.match(r"\d*", piece).group()  # type: ignore[union-attr]
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
+
+
+def interpreter_unusable_reason(triton_version: str | None = None, numpy_version: str | None = None) -> str | None:
+    """None when Triton's interpreter works with the installed numpy, else why it does not.
+
+    Triton 3.6 and older call ``int()`` on 1-element arrays inside the interpreter, which new numpy refuses
+    (``TypeError: only 0-dimensional arrays can be converted to Python scalars``, seen with numpy 2.4 and
+    2.5), so every interpreted kernel fails; ARCHITECTURE.md pins numpy < 2.3 for Triton 3.6's interpreter.
+    Newer Triton (3.9 is known to work) converts explicitly. The versions default to the installed ones.
+    """
+    if triton_version is None or numpy_version is None:
+        try:
+            import numpy
+            import triton
+        except Exception as e:  # pragma: no cover - depends on the machine
+            return f"Triton's interpreter cannot be imported ({e.__class__.__name__}: {e})"
+        triton_version = triton_version or triton.__version__
+        numpy_version = numpy_version or numpy.__version__
+    if _version(triton_version) < (3, 7) and _version(numpy_version) >= (2, 3):
+        return (
+            f"Triton {triton_version}'s interpreter does not work with numpy {numpy_version} "
+            "(Triton <= 3.6 needs numpy < 2.3; install numpy<2.3 or a newer Triton)"
+        )
+    return None
+
+
 def setup_interpreter_if_no_gpu() -> bool:
-    """Set TRITON_INTERPRET=1 when no CUDA GPU is present (call before importing kernels)."""
+    """Set TRITON_INTERPRET=1 when no CUDA GPU is present (call before importing kernels).
+
+    Returns True when the kernels will run in Triton's interpreter. Raises RuntimeError, before any kernel
+    runs, when they would but the interpreter cannot work here (see interpreter_unusable_reason).
+    """
     if "TRITON_INTERPRET" not in os.environ:
         has_gpu = False
         try:
@@ -209,6 +249,12 @@ def setup_interpreter_if_no_gpu() -> bool:
         if not has_gpu:
             os.environ["TRITON_INTERPRET"] = "1"
     if os.environ.get("TRITON_INTERPRET") == "1":
+        reason = interpreter_unusable_reason()
+        if reason is not None:
+            raise RuntimeError(
+                f"TRITON_INTERPRET=1 (no CUDA GPU, or set by hand): the Triton kernels would run in Triton's "
+                f"interpreter, but {reason}"
+            )
         patch_triton_interpreter()
         return True
     return False

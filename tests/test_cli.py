@@ -8,6 +8,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from fm_engine.testing import interpreter_unusable_reason
+
+# The interpreter runs below are CPU-machine runs on every machine: TRITON_INTERPRET=1 and no visible GPU,
+# in a subprocess of their own (this process never changes mode).
+INTERPRETER_CPU = {"TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+needs_interpreter = pytest.mark.skipif(
+    interpreter_unusable_reason() is not None, reason=interpreter_unusable_reason() or ""
+)
+
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run(
@@ -34,6 +45,7 @@ def test_info() -> None:
     assert "relu2_mlp" in r.stdout and "reference: available" in r.stdout
 
 
+@needs_interpreter
 def test_bench_smoke_writes_reports(tmp_path: Path) -> None:
     # interpreter run, fast backends only (torch.compile on CPU is too slow for the suite)
     r = run_cli(
@@ -47,7 +59,7 @@ def test_bench_smoke_writes_reports(tmp_path: Path) -> None:
         "cuda",
         "--out",
         str(tmp_path),
-        env={"TRITON_INTERPRET": "1"},
+        env=INTERPRETER_CPU,
     )
     assert r.returncode == 0, r.stdout + r.stderr
     res = json.loads((tmp_path / "results.json").read_text())
@@ -87,9 +99,10 @@ def test_bench_model_training_step(tmp_path: Path) -> None:
         assert rows[label]["kind"] == "model" and rows[label]["images_per_s"] > 0
 
 
+@needs_interpreter
 def test_bench_selects_one_op_by_name(tmp_path: Path) -> None:
     r = run_cli("bench", "--op", "relu2_mlp", "--quick", "--backend", "triton", "--out", str(tmp_path),
-                env={"TRITON_INTERPRET": "1"})  # fmt: skip
+                env=INTERPRETER_CPU)  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert {row["op"] for row in rows} == {"relu2_mlp"}

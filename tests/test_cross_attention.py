@@ -1,7 +1,10 @@
 """cross_attention (KERNELS.md K4): Triton backend vs the reference, outputs and every gradient.
 
-Interpreter tiles are 16 x 16 (kernels/cross_attention.py), so sequence lengths 1, 15, 16, 17, 33
-cover single, partial and multiple tiles, and the forward / dQ key splits (3 in the interpreter).
+Sequence lengths are written for the interpreter's 16-key tiles (kernels/cross_attention.py): 1, 15, 16,
+17, 33 cover single, partial and multiple tiles, and the forward / dQ key splits (up to 3 in the
+interpreter). On a GPU the tiles are larger (32 keys for fp32, 64 for fp16 / bf16), so ``at_tile`` moves
+each length to the same place relative to the real key tile, and the small-shape tests split the keys as
+the interpreter does (a GPU's own policy splits only large key ranges on small grids).
 """
 
 from __future__ import annotations
@@ -9,12 +12,33 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fm_engine import ops
+from fm_engine import ops, use_backend
+from fm_engine.kernels import cross_attention as K
 from fm_engine.ops import BackendUnsupportedError
 from fm_engine.ops.cross_attention import cross_attention, cross_attention_reference
 from fm_engine.testing import assert_parity
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def key_tile(dtype: torch.dtype, d: int) -> int:
+    """Keys per tile of the kernels here (16 in the interpreter; the backward uses the forward's on a GPU)."""
+    return K.fwd_tiles(dtype, d)["BLOCK_N"]
+
+
+def at_tile(n: int, tile: int) -> int:
+    """``n``, written for 16-key tiles, at the same place relative to ``tile``-key tiles: 15 -> tile - 1,
+    33 -> 2 tile + 1, 50 -> 3 tile + 2 (the identity for tile 16)."""
+    whole = round(n / 16)
+    return whole * tile + n - 16 * whole
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_key_splits(request: pytest.FixtureRequest, device: torch.device, monkeypatch: pytest.MonkeyPatch):
+    """On a GPU, split the keys of every multi-tile call up to 3 ways as the interpreter does, so the small
+    shapes below run the split merge there too (gpu-marked tests keep the GPU's own policy)."""
+    if device.type == "cuda" and request.node.get_closest_marker("gpu") is None:
+        monkeypatch.setattr(K, "num_splits", lambda programs, n_kblocks, dev: min(3, n_kblocks))
 
 
 def qkv(b: int, hq: int, hkv: int, nq: int, nk: int, d: int, dtype: torch.dtype, device: torch.device):
@@ -62,7 +86,9 @@ SHAPES = [
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_parity(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
-    check(*qkv(*shape, dtype=dtype, device=device))
+    b, hq, hkv, nq, nk, d = shape
+    t = key_tile(dtype, d)
+    check(*qkv(b, hq, hkv, at_tile(nq, t), at_tile(nk, t), d, dtype, device))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -72,11 +98,13 @@ def test_parity_random_shapes(dtype: torch.dtype, device: torch.device) -> None:
     nq = int(torch.randint(1, 40, ()))
     nk = int(torch.randint(2, 60, ()))
     d = [16, 32, 64][int(torch.randint(0, 3, ()))]
-    check(*qkv(1, hkv * group, hkv, nq, nk, d, dtype, device))
+    t = key_tile(dtype, d)
+    check(*qkv(1, hkv * group, hkv, at_tile(nq, t), at_tile(nk, t), d, dtype, device))
 
 
 def test_custom_scale_and_large_logits(device: torch.device) -> None:
-    q, k, v = qkv(1, 2, 1, 20, 40, 32, torch.bfloat16, device)
+    t = key_tile(torch.bfloat16, 32)
+    q, k, v = qkv(1, 2, 1, at_tile(20, t), at_tile(40, t), 32, torch.bfloat16, device)
     check(q * 4, k * 4, v, scale=0.5)  # logits of order 100: the running max must keep exp finite
 
 
@@ -93,9 +121,8 @@ def test_strided_inputs(device: torch.device) -> None:
 @pytest.mark.parametrize("splits", [2, 5])
 def test_key_splits_merge_exactly(splits: int, device: torch.device) -> None:
     """Every split count (including uneven key ranges) gives the same forward output and dQ as one pass."""
-    from fm_engine.kernels import cross_attention as K
-
-    q, k, v = qkv(1, 2, 1, 18, 75, 16, torch.float32, device)  # 5 key tiles
+    t = key_tile(torch.float32, 16)
+    q, k, v = qkv(1, 2, 1, at_tile(18, t), at_tile(75, t), 16, torch.float32, device)  # 5 key tiles
     scale = 16**-0.5
     o1, lse1 = K.forward(q, k, v, 1, scale, splits=1)
     o, lse = K.forward(q, k, v, 1, scale, splits=splits)
@@ -137,9 +164,10 @@ def test_no_nan_with_many_equal_keys(device: torch.device) -> None:
 
 # --- key-padding mask ---------------------------------------------------------------------------
 #
-# Interpreter tiles are 16 keys and the interpreter splits the keys 3 ways (kernels/cross_attention.py:
-# num_splits), so with Nk 50 (4 key tiles, the last partial) the forward and dQ run 2 splits of 2 tiles
-# (keys 0..31 and 32..49), and with Nk 33 (3 tiles) 3 splits of one tile each.
+# In 16-key tiles (at_tile moves them to the real tile), with keys split up to 3 ways (the interpreter's
+# kernels/cross_attention.py: num_splits, and _interpreter_key_splits on a GPU): with Nk 50 (4 key tiles,
+# the last partial) the forward and dQ run 2 splits of 2 tiles (keys 0..31 and 32..49), and with Nk 33
+# (3 tiles) 3 splits of one tile each.
 
 
 def padding_mask(b: int, nk: int, device: torch.device, whole: tuple[int, int] | None = None) -> torch.Tensor:
@@ -166,16 +194,19 @@ MASK_SHAPES = [
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", MASK_SHAPES, ids=str)
 def test_mask_parity(shape: tuple, dtype: torch.dtype, device: torch.device) -> None:
-    *dims, whole = shape
-    b, nk = dims[0], dims[4]
+    b, hq, hkv, nq, nk, d, whole = shape
+    t = key_tile(dtype, d)
+    nq, nk, whole = at_tile(nq, t), at_tile(nk, t), (at_tile(whole[0], t), at_tile(whole[1], t))
     mask = padding_mask(b, nk, device, whole)
-    check(*qkv(*dims, dtype=dtype, device=device), key_padding_mask=mask)
+    check(*qkv(b, hq, hkv, nq, nk, d, dtype=dtype, device=device), key_padding_mask=mask)
 
 
 def test_mask_parity_random_shapes(device: torch.device) -> None:
     dtype = DTYPES[int(torch.randint(0, 3, ()))]
     hkv, group = int(torch.randint(1, 3, ())), int(torch.randint(1, 3, ()))
     nq, nk = int(torch.randint(1, 40, ())), int(torch.randint(2, 70, ()))
+    t = key_tile(dtype, 16)
+    nq, nk = at_tile(nq, t), at_tile(nk, t)
     b = int(torch.randint(1, 3, ()))
     mask = torch.rand(b, nk, device=device) < float(torch.rand(()))
     mask[:, torch.randperm(nk)[:2]] = False  # two valid keys: dq and dk are not just rounding noise
@@ -186,17 +217,16 @@ def test_mask_strided_and_whole_split_merge_exactly(device: torch.device) -> Non
     """A non-contiguous mask; every split count gives the same output, log-sum-exp and gradients,
     including splits whose keys are all padding; padding keys get dK = dV = 0 exactly; a query whose
     keys are all padding gets o = 0, log-sum-exp -inf and zero gradients (the reference's SDPA gives 0)."""
-    from fm_engine.kernels import cross_attention as K
-
-    b, nk = 3, 75  # 5 key tiles
-    q, k, v = qkv(b, 2, 1, 18, nk, 16, torch.float32, device)
+    t = key_tile(torch.float32, 16)
+    b, nk = 3, at_tile(75, t)  # 5 key tiles
+    q, k, v = qkv(b, 2, 1, at_tile(18, t), nk, 16, torch.float32, device)
     wide = torch.rand(b, 2 * nk, device=device) < 0.3
     mask = wide[:, 5 : 5 + nk]  # batch stride 2 * nk: the kernels read it in place
     assert not mask.is_contiguous()
-    mask[0, :48] = True  # 3 whole tiles: whole splits for every split count here
-    mask[0, 70] = False
+    mask[0, : 3 * t] = True  # 3 whole tiles: whole splits for every split count here
+    mask[0, at_tile(70, t)] = False
     mask[1] = True  # batch 1: no valid key
-    mask[2, 60:] = True
+    mask[2, at_tile(60, t) :] = True
     scale = 16**-0.5
     do = torch.randn_like(q)
     o1, lse1 = K.forward(q, k, v, 1, scale, mask, splits=1)
@@ -242,8 +272,9 @@ def test_mask_under_torch_compile(device: torch.device) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_attention_module_with_mask_runs_triton(dtype: torch.dtype, device: torch.device) -> None:
-    """fm_engine.nn.Attention with a key-padding mask (the M-JEPA predictor's call) now runs the Triton
-    kernels, and matches the module on the reference backend (output and every parameter gradient)."""
+    """fm_engine.nn.Attention with a key-padding mask (the M-JEPA predictor's call) runs on the Triton kernels
+    (named with use_backend), and matches the module on the reference backend (output and every parameter
+    gradient)."""
     from fm_engine.nn import Attention
     from fm_engine.testing import assert_parity_tensor
 
@@ -257,7 +288,7 @@ def test_attention_module_with_mask_runs_triton(dtype: torch.dtype, device: torc
     def run(module: torch.nn.Module, cast: torch.dtype, backend: str) -> tuple[torch.Tensor, dict]:
         module = module.to(cast)
         module.zero_grad()
-        with ops.use_backend(backend), ops.trace() as calls:
+        with use_backend(backend), ops.trace() as calls:
             y = module(x.to(cast), key_padding_mask=mask)
         assert calls == [("cross_attention", backend)]
         y.backward(g.to(cast))
@@ -265,9 +296,6 @@ def test_attention_module_with_mask_runs_triton(dtype: torch.dtype, device: torc
 
     attn64 = Attention(32, heads=4, kv_heads=2, head_dim=16).to(device).double()
     attn64.load_state_dict(attn.state_dict())  # the same (rounded) weights, upcast
-    with ops.trace() as calls:
-        attn(x, key_padding_mask=mask)  # automatic choice
-    assert calls == [("cross_attention", "triton")]
     y_t, gr_t = run(attn, dtype, "triton")
     y_r, gr_r = run(attn, dtype, "reference")
     y_h, gr_h = run(attn64, torch.float64, "reference")
@@ -303,9 +331,10 @@ def test_triton_refuses_with_reason(kwargs: dict, reason: str, device: torch.dev
     assert calls == [("cross_attention", "reference")]
 
 
-def test_auto_dispatch_uses_triton(device: torch.device) -> None:
+def test_triton_accepts_a_plain_call(device: torch.device) -> None:
     q, k, v = qkv(1, 2, 1, 5, 9, 32, torch.bfloat16, device)
-    assert ops.explain(cross_attention, q, k, v, kv_heads=1).chosen == "triton"
+    ex = ops.explain(cross_attention, q, k, v, kv_heads=1, backend="triton")
+    assert ex.chosen == "triton" and {v.backend: v.ok for v in ex.verdicts}["triton"], str(ex)
 
 
 # --- bad inputs ---------------------------------------------------------------------------------

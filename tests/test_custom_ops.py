@@ -1,8 +1,9 @@
 """Every fm_engine custom op passes torch.library.opcheck with the arguments its public op really uses.
 
 The calls are recorded with a TorchDispatchMode while each public op runs forward and backward on the
-Triton backend (non-contiguous inputs where the op takes them), then replayed through opcheck: schema,
-fake (meta) implementation against the real kernel — shapes, dtypes and strides — and autograd wiring.
+Triton backend on the test device (non-contiguous inputs where the op takes them), then replayed through
+opcheck: schema, fake (meta) implementation against the real kernel — shapes, dtypes and strides — and
+autograd wiring.
 """
 
 from __future__ import annotations
@@ -32,19 +33,20 @@ def _clone(x: object) -> object:
     return x.detach().clone() if isinstance(x, torch.Tensor) else x
 
 
-def _relu2_mlp() -> tuple[Callable, list[torch.Tensor]]:
-    x = torch.randn(12, 2, 16).transpose(0, 1)  # [2, 12, 16], non-contiguous
-    return (lambda x, a, b: ops.relu2_mlp(x, a, b, backend="triton")), [x, torch.randn(32, 16), torch.randn(16, 32)]
+def _relu2_mlp(dev: torch.device) -> tuple[Callable, list[torch.Tensor]]:
+    x = torch.randn(12, 2, 16, device=dev).transpose(0, 1)  # [2, 12, 16], non-contiguous
+    w1, w2 = torch.randn(32, 16, device=dev), torch.randn(16, 32, device=dev)
+    return (lambda x, a, b: ops.relu2_mlp(x, a, b, backend="triton")), [x, w1, w2]
 
 
-def _relu2() -> tuple[Callable, list[torch.Tensor]]:
-    return (lambda x: ops.relu2(x, backend="triton")), [torch.randn(5, 7)]
+def _relu2(dev: torch.device) -> tuple[Callable, list[torch.Tensor]]:
+    return (lambda x: ops.relu2(x, backend="triton")), [torch.randn(5, 7, device=dev)]
 
 
-def _cross_attention() -> tuple[Callable, list[torch.Tensor]]:
-    q = torch.randn(2, 20, 4, 16).transpose(1, 2)  # [2, 4, 20, 16], non-contiguous
-    k, v = torch.randn(2, 2, 33, 16), torch.randn(2, 2, 33, 16)
-    mask = torch.zeros(2, 33, dtype=torch.bool)
+def _cross_attention(dev: torch.device) -> tuple[Callable, list[torch.Tensor]]:
+    q = torch.randn(2, 20, 4, 16, device=dev).transpose(1, 2)  # [2, 4, 20, 16], non-contiguous
+    k, v = torch.randn(2, 2, 33, 16, device=dev), torch.randn(2, 2, 33, 16, device=dev)
+    mask = torch.zeros(2, 33, dtype=torch.bool, device=dev)
     mask[1, 20:] = True
     return (lambda q, k, v: ops.cross_attention(q, k, v, kv_heads=2, key_padding_mask=mask, backend="triton")), [
         q,
@@ -53,17 +55,10 @@ def _cross_attention() -> tuple[Callable, list[torch.Tensor]]:
     ]
 
 
-def _patch_embed() -> tuple[Callable, list[torch.Tensor]]:
-    img = torch.randint(0, 4096, (2, 1, 32, 24), dtype=torch.int16)
+def _patch_embed(dev: torch.device) -> tuple[Callable, list[torch.Tensor]]:
+    img = torch.randint(0, 4096, (2, 1, 32, 24), dtype=torch.int16, device=dev)
     d = 8
-    params = [
-        torch.randn(d, 1, 4, 4),
-        torch.randn(d),
-        torch.randn(d),
-        torch.randn(d),
-        torch.randn(d, 2),
-        torch.randn(d),
-    ]
+    params = [torch.randn(*shape, device=dev) for shape in ((d, 1, 4, 4), (d,), (d,), (d,), (d, 2), (d,))]
 
     def f(*p: torch.Tensor) -> torch.Tensor:
         return ops.patch_embed(img, *p, patch=4, pool_to=(3, 2), intensity_scale=1 / 4095, backend="triton")
@@ -71,8 +66,8 @@ def _patch_embed() -> tuple[Callable, list[torch.Tensor]]:
     return f, params
 
 
-def _window_attention() -> tuple[Callable, list[torch.Tensor]]:
-    q, k, v = (torch.randn(1, 2, 4, 8, 8) for _ in range(3))
+def _window_attention(dev: torch.device) -> tuple[Callable, list[torch.Tensor]]:
+    q, k, v = (torch.randn(1, 2, 4, 8, 8, device=dev) for _ in range(3))
     return (
         lambda q, k, v: ops.window_attention(
             q, k, v, mode="local", num_patches=(2, 2), patch_size=(2, 2), n_head=2, backend="triton"
@@ -80,9 +75,9 @@ def _window_attention() -> tuple[Callable, list[torch.Tensor]]:
     ), [q, k, v]
 
 
-def _temporal_attention() -> tuple[Callable, list[torch.Tensor]]:
-    q, k = torch.randn(2, 3, 4, 4, 4), torch.randn(2, 3, 4, 4, 4)
-    v = torch.randn(2, 3, 4, 8, 8)
+def _temporal_attention(dev: torch.device) -> tuple[Callable, list[torch.Tensor]]:
+    q, k = torch.randn(2, 3, 4, 4, 4, device=dev), torch.randn(2, 3, 4, 4, 4, device=dev)
+    v = torch.randn(2, 3, 4, 8, 8, device=dev)
     return (lambda q, k, v: ops.temporal_attention(q, k, v, n_head=2, causal=True, backend="triton")), [q, k, v]
 
 
@@ -102,8 +97,8 @@ def test_every_op_with_a_triton_backend_is_covered() -> None:
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_opcheck(name: str) -> None:
-    fn, inputs = CASES[name]()
+def test_opcheck(name: str, device: torch.device) -> None:
+    fn, inputs = CASES[name](device)
     inputs = [x.requires_grad_() if x.is_floating_point() else x for x in inputs]
     rec = _Record()
     with rec:

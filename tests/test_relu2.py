@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import re
 
 import pytest
 import torch
@@ -11,12 +12,18 @@ from torch import nn
 
 import fm_engine
 from fm_engine import ops
+from fm_engine.kernels import relu2 as K
+from fm_engine.ops._dispatch import interpreting
 from fm_engine.ops.relu2 import relu2_mlp_reference, relu2_mlp_triton_with_seed
 from fm_engine.testing import assert_parity, assert_parity_tensor
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-TILE = 16  # interpreter tile of the MLP kernels (kernels/relu2.py: MM_TILE)
-EW_BLOCK = 256  # interpreter block of the element-wise kernels
+# The shapes below sit around the tiles the kernels really launch with here: the MLP's one interpreter
+# tile (MM_TILE), or on a GPU the largest tile edge of its autotune configs (sizes around it are partial
+# tiles of the 64-wide configs too, and of BK 32); the element-wise kernels' block (256 interpreted, 2048 on
+# a GPU).
+TILE = K.MM_TILE if interpreting() else max(max(c.kwargs["BM"], c.kwargs["BN"]) for c in K.GPU_CONFIGS)
+EW_BLOCK = K._ew_block()
 
 
 def triton_relu2(x: torch.Tensor) -> torch.Tensor:
@@ -183,7 +190,7 @@ def test_relu2_mlp_module_loads_eager_state_dict(device: torch.device) -> None:
             return self.fc2(torch.relu(self.fc1(x)) ** 2)
 
     eager = EagerMLP().to(device)
-    mod = fm_engine.nn.ReLU2MLP(24, 64, dropout=0.1).to(device)
+    mod = fm_engine.nn.ReLU2MLP(24, 64, dropout=0.1, backend="triton").to(device)
     mod.load_state_dict(eager.state_dict(), strict=True)
     mod.eval()  # dropout off in eval
     x = torch.randn(3, 7, 24, device=device)
@@ -235,14 +242,28 @@ def test_unsupported_backend_says_why(device: torch.device) -> None:
     torch.testing.assert_close(ops.relu2(xt), torch.relu(xt) ** 2)
     with pytest.raises(ops.BackendUnsupportedError, match=r"triton.*float64"):
         ops.relu2_mlp(
-            torch.randn(2, 4, dtype=torch.float64),
-            torch.randn(4, 4, dtype=torch.float64),
-            torch.randn(4, 4, dtype=torch.float64),
+            torch.randn(2, 4, dtype=torch.float64, device=device),
+            torch.randn(4, 4, dtype=torch.float64, device=device),
+            torch.randn(4, 4, dtype=torch.float64, device=device),
             backend="triton",
         )
-    if not torch.cuda.is_available():
-        with pytest.raises(ops.BackendUnsupportedError, match=r"cuda"):
-            ops.relu2(torch.randn(4), backend="cuda")
+    # the device: what each backend refuses differs by machine kind, and each refusal says why
+    cpu_x = torch.randn(4)
+    built = fm_engine._C_status()  # None when the CUDA extension was built
+    if torch.cuda.is_available():
+        with pytest.raises(ops.BackendUnsupportedError, match=r"triton.*tensor on cpu \(Triton needs CUDA tensors"):
+            ops.relu2(cpu_x, backend="triton")
+        reason = r"x: on cpu \(the CUDA kernel needs a CUDA tensor\)" if built is None else re.escape(built)
+        with pytest.raises(ops.BackendUnsupportedError, match=r"'cuda' cannot run this call: " + reason):
+            ops.relu2(cpu_x, backend="cuda")
+    else:
+        assert interpreting()  # CPU tensors run in the interpreter
+        torch.testing.assert_close(ops.relu2(cpu_x, backend="triton"), torch.relu(cpu_x) ** 2)
+        reason = "no CUDA GPU" if built is None else re.escape(built)
+        with pytest.raises(ops.BackendUnsupportedError, match=r"'cuda' cannot run this call: " + reason):
+            ops.relu2(cpu_x, backend="cuda")
+        with pytest.raises(ops.BackendUnsupportedError, match=r"triton.*tensor on meta"):
+            ops.relu2(torch.empty(4, device="meta"), backend="triton")
 
 
 # --- GPU (skipped without CUDA) ------------------------------------------------------------------
@@ -252,9 +273,16 @@ def test_unsupported_backend_says_why(device: torch.device) -> None:
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("offset", [0, 1])
 def test_relu2_cuda_parity(dtype: torch.dtype, offset: int) -> None:
-    # offset 1 misaligns the pointers: the CUDA kernel must take its scalar path
-    x = torch.randn(1 << 20 | 5, device="cuda").to(dtype)[offset:]
-    assert_parity(lambda t: ops.relu2(t, backend="cuda"), lambda t: torch.relu(t) ** 2, [x], name="relu2 cuda")
+    # offset 1 misaligns the pointers: the CUDA kernel must take its scalar path. The slice is taken inside
+    # the functions: assert_parity clones its inputs, and a clone is a fresh (aligned) allocation.
+    x = torch.randn(1 << 20 | 5, device="cuda").to(dtype)
+
+    def fast(t: torch.Tensor) -> torch.Tensor:
+        t = t[offset:]
+        assert t.data_ptr() % 16 == offset * t.element_size()
+        return ops.relu2(t, backend="cuda")
+
+    assert_parity(fast, lambda t: torch.relu(t[offset:]) ** 2, [x], name=f"relu2 cuda offset {offset}")
 
 
 @pytest.mark.gpu

@@ -1,7 +1,7 @@
 """ST-CNNT attention modules and the Conv2DExt / Conv3DExt helpers: shapes, sizing rules, parameters,
 input checks and backend selection. Shape tests pin ``backend="reference"`` (the Triton interpreter would
-take minutes at these sizes); the op tests cover the kernels, and the last test here shows a module
-reaching them."""
+take minutes at these sizes); the op tests cover the kernels, and test_modules_reach_the_triton_kernels
+shows a module reaching them."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fm_engine import use_backend
 from fm_engine.nn.conv import Conv2DExt, Conv3DExt
 from fm_engine.nn.stcnnt_attention import (
     SpatialGlobalAttention,
@@ -176,12 +177,14 @@ def test_dropout_only_in_training():
     assert not torch.equal(m(x), m(x))
 
 
-def test_modules_run_the_triton_kernels_automatically_in_the_interpreter(device):
+def test_modules_reach_the_triton_kernels(device, no_tf32):
+    """Modules built without a backend follow fm_engine.use_backend("triton") down to the kernels. (TF32 off:
+    on a GPU the output projection's cuDNN convolution would round the two runs' inputs to TF32.)"""
     torch.manual_seed(0)
     loc = SpatialLocalAttention(2, 4, 4, 4, window_size=4, patch_size=2, n_head=2).to(device)
     tem = TemporalAttention(2, 4, n_head=2, is_causal=True).to(device)
     x = torch.randn(1, 2, 2, 4, 4, device=device)
-    with _dispatch.trace() as calls:
+    with use_backend("triton"), _dispatch.trace() as calls:
         y = loc(x)
         z = tem(x)
     assert calls == [("window_attention", "triton"), ("temporal_attention", "triton")]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fm_engine import ops
+from fm_engine import ops, use_backend
 from fm_engine.nn import AdaptiveStem2d, Attention, PatchEmbed2d
 from fm_engine.testing import assert_parity_tensor
 
@@ -23,13 +23,13 @@ def randomize(module: torch.nn.Module) -> torch.nn.Module:
 
 def test_vit_stem_state_dict_loads_into_avit_stem(device: torch.device) -> None:
     vit = randomize(PatchEmbed2d(1, 32, 4)).to(device)
-    avit = AdaptiveStem2d(1, 32, kv_dim=16, patch=4, target_grid=(2, 3)).to(device)
+    avit = AdaptiveStem2d(1, 32, kv_dim=16, patch=4, target_grid=(2, 3), backend="triton").to(device)
     result = avit.load_state_dict(vit.state_dict(), strict=False)
     assert set(result.missing_keys) == KV_KEYS
     assert result.unexpected_keys == []
     # the query path is then the ViT stem on max-pooled conv features
     image = torch.randint(0, 65536, (1, 1, 16, 24), dtype=torch.int64).to(torch.uint16).to(device)
-    pooled_vit = PatchEmbed2d(1, 32, 4, pool_to=(2, 3)).to(device)
+    pooled_vit = PatchEmbed2d(1, 32, 4, pool_to=(2, 3), backend="triton").to(device)
     pooled_vit.load_state_dict(vit.state_dict())
     q, kv = avit(image, intensity_scale=1 / 65535)
     assert q.shape == (1, 6, 32) and kv.shape == (1, 24, 16)
@@ -113,11 +113,18 @@ def test_attention_triton_matches_reference(cross: bool, dtype: torch.dtype, dev
         assert_parity_tensor(f"grad {n}", gr_t[n], gr_r[n], gr_h[n], dtype)
 
 
-def test_attention_dropout_uses_the_reference_and_masks_use_triton(device: torch.device) -> None:
+def test_attention_dropout_needs_the_reference_and_masks_run_on_triton(device: torch.device) -> None:
+    """Training with attention dropout: the triton backend refuses naming dropout, automatic dispatch runs the
+    reference; in eval, with or without a key-padding mask, the module runs on the named triton backend."""
     attn = Attention(32, heads=2, kv_heads=1, head_dim=16, dropout=0.1).to(device)
     x = torch.randn(1, 5, 32, device=device)
     with ops.trace() as calls:
         attn.train()(x)
-        attn.eval()(x)
-        attn(x, key_padding_mask=torch.zeros(1, 5, dtype=torch.bool, device=device))
-    assert calls == [("cross_attention", "reference"), ("cross_attention", "triton"), ("cross_attention", "triton")]
+    assert calls == [("cross_attention", "reference")]
+    with use_backend("triton"):
+        with pytest.raises(ops.BackendUnsupportedError, match="dropout"):
+            attn.train()(x)
+        with ops.trace() as calls:
+            attn.eval()(x)
+            attn(x, key_padding_mask=torch.zeros(1, 5, dtype=torch.bool, device=device))
+    assert calls == [("cross_attention", "triton"), ("cross_attention", "triton")]

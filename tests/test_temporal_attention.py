@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from fm_engine import use_backend
 from fm_engine.ops import _dispatch
 from fm_engine.ops.temporal_attention import temporal_attention
 from fm_engine.testing import assert_parity
@@ -159,15 +160,23 @@ def test_triton_parity_random_config(draw, device):
     _run_parity(pick([1, 2, 3]), pick([1, 2, 7, 16, 18]), C, H, W, s, n_head, flags, pick(list(DTYPES)), device)
 
 
-def test_triton_is_automatic_in_the_interpreter_and_dropout_falls_back(device):
+def test_named_triton_backend_runs_and_refuses_with_reasons(device):
+    """use_backend("triton") reaches the kernels; what they cannot take (dropout, more than 64 frames) the
+    triton backend refuses naming the reason, and automatic dispatch runs on the reference."""
     q, k, v = _inputs(1, 3, 2, 4, 4, 2, dtype=torch.float32, device=device)
-    with _dispatch.trace() as calls:
+    with use_backend("triton"), _dispatch.trace() as calls:
         temporal_attention(q, k, v, n_head=2)
+    with _dispatch.trace() as auto_calls:
         temporal_attention(q, k, v, n_head=2, dropout_p=0.1)
-    assert calls == [("temporal_attention", "triton"), ("temporal_attention", "reference")]
+    assert calls == [("temporal_attention", "triton")]
+    assert auto_calls == [("temporal_attention", "reference")]
     assert "draw no dropout mask" in str(_dispatch.explain(temporal_attention, q, k, v, n_head=2, dropout_p=0.1))
+    with use_backend("triton"), pytest.raises(_dispatch.BackendUnsupportedError, match="dropout"):
+        temporal_attention(q, k, v, n_head=2, dropout_p=0.1)
     long = _inputs(1, 65, 1, 2, 2, 1, dtype=torch.float32, device=device)
     assert "65 tokens per attention group > 64" in str(_dispatch.explain(temporal_attention, *long, n_head=1))
+    with pytest.raises(_dispatch.BackendUnsupportedError, match="65 tokens per attention group > 64"):
+        temporal_attention(*long, n_head=1, backend="triton")
 
 
 def test_triton_under_torch_compile(device):

@@ -1,12 +1,19 @@
-"""The parity helper itself must reject wrong kernels (a rule that cannot fail tests nothing)."""
+"""The parity helper itself must reject wrong kernels (a rule that cannot fail tests nothing); the check of
+whether Triton's interpreter can run here."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
 
 from fm_engine import _alloc
-from fm_engine.testing import assert_parity, parity_error
+from fm_engine.ops._dispatch import interpreting
+from fm_engine.testing import assert_parity, interpreter_unusable_reason, parity_error
 
 
 def ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -60,3 +67,54 @@ def test_outputs_are_poisoned_in_tests() -> None:
     assert _alloc.poisoning()
     assert torch.isnan(_alloc.empty(3, dtype=torch.float32, device="cpu")).all()
     assert (_alloc.empty(2, dtype=torch.int32, device="cpu") == torch.iinfo(torch.int32).max).all()
+
+
+# --- whether Triton's interpreter can run here ----------------------------------------------------
+
+
+def test_interpreter_unusable_reason_compares_versions() -> None:
+    reason = interpreter_unusable_reason("3.6.0", "2.5.0")
+    assert reason is not None and "numpy 2.5.0" in reason and "numpy < 2.3" in reason
+    assert interpreter_unusable_reason("3.6.0", "2.3.0") is not None
+    assert interpreter_unusable_reason("3.6.0", "2.2.6") is None
+    assert interpreter_unusable_reason("3.9.0", "2.5.0") is None
+    if interpreting():  # this process runs the kernels in the interpreter, so it works here
+        assert interpreter_unusable_reason() is None
+
+
+def test_setup_stops_early_when_the_interpreter_cannot_run() -> None:
+    """Without a GPU (hidden here) the suite would run every kernel in the interpreter: with a numpy the
+    interpreter cannot use, setup raises one clear error instead of failing kernel by kernel."""
+    script = textwrap.dedent(
+        """
+        import os
+
+        import numpy
+        import torch
+        import triton
+
+        numpy.__version__, triton.__version__ = "2.5.0", "3.6.0"
+        from fm_engine.testing import setup_interpreter_if_no_gpu
+
+        for preset in (None, "1"):
+            if preset is None:
+                os.environ.pop("TRITON_INTERPRET", None)
+            else:
+                os.environ["TRITON_INTERPRET"] = preset
+            try:
+                setup_interpreter_if_no_gpu()
+            except RuntimeError as e:
+                print("RuntimeError:", e)
+            else:
+                print("no error")
+        """
+    )
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    env.pop("TRITON_INTERPRET", None)
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 2, r.stdout
+    for line in lines:
+        assert line.startswith("RuntimeError: TRITON_INTERPRET=1"), r.stdout
+        assert "Triton 3.6.0's interpreter does not work with numpy 2.5.0" in line, r.stdout

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from fm_engine import use_backend
 from fm_engine.ops import _dispatch
 from fm_engine.ops.window_attention import window_attention
 from fm_engine.testing import assert_parity
@@ -319,26 +320,33 @@ def test_triton_parity_random_config(draw, device):
     )
 
 
-def test_triton_is_automatic_in_the_interpreter_and_dropout_falls_back(device):
+def test_named_triton_backend_runs_and_refuses_with_reasons(device):
+    """use_backend("triton") reaches the kernels; what they cannot take (dropout, float64, more than 64 tokens
+    per group) the triton backend refuses naming the reason, and automatic dispatch runs on the reference."""
     q, k, v = _inputs(1, 1, 2, 4, 4, 1, dtype=torch.float32, device=device)
     kw = {"mode": "local", "num_patches": 2, "patch_size": 2, "n_head": 2}
-    with _dispatch.trace() as calls:
+    with use_backend("triton"), _dispatch.trace() as calls:
         window_attention(q, k, v, **kw)
+    with _dispatch.trace() as auto_calls:
         window_attention(q, k, v, dropout_p=0.2, **kw)
-    assert calls == [("window_attention", "triton"), ("window_attention", "reference")]
+    assert calls == [("window_attention", "triton")]
+    assert auto_calls == [("window_attention", "reference")]
     text = str(_dispatch.explain(window_attention, q, k, v, dropout_p=0.2, **kw))
     assert "draw no dropout mask" in text
     with pytest.raises(_dispatch.BackendUnsupportedError, match="dropout"):
         window_attention(q, k, v, dropout_p=0.2, backend="triton", **kw)
+    with use_backend("triton"), pytest.raises(_dispatch.BackendUnsupportedError, match="dropout"):
+        window_attention(q, k, v, dropout_p=0.2, **kw)
     with pytest.raises(_dispatch.BackendUnsupportedError, match="float64"):
         window_attention(q.double(), k.double(), v.double(), backend="triton", **kw)
     big = _inputs(1, 1, 1, 5, 13, 1, dtype=torch.float32, device=device)  # 65 tokens in one group
+    big_kw = {"mode": "global", "num_windows": (5, 13), "patch_size": 1, "n_head": 1}
     with _dispatch.trace() as calls:
-        window_attention(*big, mode="global", num_windows=(5, 13), patch_size=1, n_head=1)
+        window_attention(*big, **big_kw)
     assert calls == [("window_attention", "reference")]
-    assert "65 tokens per attention group > 64" in str(
-        _dispatch.explain(window_attention, *big, mode="global", num_windows=(5, 13), patch_size=1, n_head=1)
-    )
+    assert "65 tokens per attention group > 64" in str(_dispatch.explain(window_attention, *big, **big_kw))
+    with pytest.raises(_dispatch.BackendUnsupportedError, match="65 tokens per attention group > 64"):
+        window_attention(*big, backend="triton", **big_kw)
 
 
 def test_triton_reads_non_contiguous_inputs(device):

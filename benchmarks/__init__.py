@@ -152,7 +152,7 @@ def run_args(a: argparse.Namespace) -> int:
             for setting in settings:
                 row = models.max_batch(name, device, quick, backend=backend, setting=setting,
                                        limit=8 if quick else 4096, budget_s=a.budget or 120.0)  # fmt: skip
-                print(f"{name} ({setting}, {backend}): largest batch that fits: {row['max_batch']} ({row['status']})")
+                print(f"{name} ({setting}, {backend}): largest batch that fits: {row['max_batch']} ({row['stopped']})")
                 result["rows"].append(row)
                 if a.out:
                     harness.write_reports(result, a.out, chart_too=False)

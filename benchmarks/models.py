@@ -139,23 +139,23 @@ def max_batch(
 ) -> dict[str, Any]:
     """Largest batch (<= ``limit``) whose training step fits: doubling from ``start``, then bisection.
 
-    Returns a report row; ``max_batch`` is the largest batch that ran, ``status`` says why the search
-    stopped (out of memory, the limit, or the time budget)."""
+    Returns a report row; ``max_batch`` is the largest batch that ran, ``stopped`` says why the search
+    ended (the first batch that did not fit, the limit, or the time budget)."""
     model = build(name, device, setting)
     t0 = time.perf_counter()
     lo, hi, probes = 0, None, []
     b = start
-    status = "ok"
+    stopped = ""
     while hi is None or hi - lo > 1:
         if time.perf_counter() - t0 > budget_s:
-            status = f"stopped: time budget of {budget_s:.0f} s used up"
+            stopped = f"time budget of {budget_s:.0f} s used up (the largest batch may be larger)"
             break
         ok = _fits(name, model, device, b, quick, backend)
         probes.append((b, ok))
         if ok:
             lo = b
             if hi is None and b >= limit:
-                status = f"stopped at the limit {limit}"
+                stopped = f"reached the search limit {limit}"
                 break
             b = min(2 * b, limit) if hi is None else (lo + hi) // 2
         else:
@@ -170,7 +170,8 @@ def max_batch(
         "kind": "max_batch",
         "max_batch": lo,
         "probes": probes,
-        "status": status if lo else "error: not even the first probe fitted",
+        "stopped": stopped or (f"batch {hi} did not fit" if hi else ""),
+        "status": "ok" if lo else f"error: not even batch {start} fitted",
     }
     if device.type == "cuda":
         row["device_memory_gb"] = torch.cuda.get_device_properties(device).total_memory / 2**30

@@ -52,7 +52,7 @@ def ratio_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     rows = result.get("rows", [])
     for r in rows:
         row = {k: r.get(k) for k in ("op", "case", "backend", "status", "fwd_ms", "fwd_bwd_ms", "images_per_s",
-                                      "peak_mem_mb", "saved_mb", "max_batch")}  # fmt: skip
+                                      "peak_mem_mb", "saved_mb", "max_batch", "stopped")}  # fmt: skip
         for key in ("fwd_bwd", "fwd"):
             sp = r.get(f"speedup_{key}")
             if sp:
@@ -167,7 +167,7 @@ def markdown(s: dict[str, Any]) -> str:
                 f"{_f(r.get('x_reference_fwd_bwd'))} | {other} | {_f(100 * cbw if cbw else None, '.1f')} | "
                 f"{_f(100 * mmp if mmp else None, '.1f')} | {_f(r.get('images_per_s'), '.1f')} | "
                 f"{_f(r.get('peak_mem_mb'), '.0f')} | {r.get('status')}"
-                + (f", max batch {r['max_batch']}" if "max_batch" in r else "")
+                + (f", max batch {r['max_batch']} ({r.get('stopped')})" if "max_batch" in r else "")
                 + " |"
             )
     for name, b in (s.get("breakdown") or {}).items():

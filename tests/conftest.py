@@ -28,10 +28,9 @@ INTERPRET = setup_interpreter_if_no_gpu()
 import importlib  # noqa: E402
 import pkgutil  # noqa: E402
 
+import fm_engine.kernels  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
-import fm_engine.kernels  # noqa: E402
 
 # Every kernel module is imported now, in this process's one mode: Triton decides when it decorates a kernel
 # whether it is compiled or interpreted, so a test that flips TRITON_INTERPRET (which the guard below fails)

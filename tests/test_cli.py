@@ -80,23 +80,55 @@ def test_bench_rejects_unknown_op() -> None:
 
 
 def test_bench_model_training_step(tmp_path: Path) -> None:
-    # harness path of `fm-engine bench --model` (reference vs automatic dispatch; no interpreter: CPU speed)
-    r = run_cli(
-        "bench",
-        "--model",
-        "vit-cifar10",
-        "--quick",
-        "--backend",
-        "fast",
-        "--out",
-        str(tmp_path),
-        env={"TRITON_INTERPRET": "0"},
-    )
+    # harness path of `fm-engine bench --model`: reference vs automatic dispatch in both settings (the
+    # compile label is skipped: torch.compile on a CPU is too slow for the suite)
+    r = run_cli("bench", "--model", "vit-cifar10", "--quick", "--backend", "auto", "--setting", "defaults",
+                "--out", str(tmp_path), env={"TRITON_INTERPRET": "0"})  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
-    rows = {row["backend"]: row for row in json.loads((tmp_path / "results.json").read_text())["rows"]}
-    for label in ("reference", "fast"):
-        assert rows[label]["status"] == "ok", rows[label]
-        assert rows[label]["kind"] == "model" and rows[label]["images_per_s"] > 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [(row["case"], row["backend"]) for row in rows] == [
+        ("train step B1 16x16 defaults (small)", "reference"),
+        ("train step B1 16x16 defaults (small)", "auto"),
+    ]
+    for row in rows:
+        assert row["status"] == "ok", row
+        assert row["kind"] == "model" and row["images_per_s"] > 0 and row["fwd_bwd_ms"] > 0
+
+
+@pytest.mark.parametrize("model", ["vit-cifar10-adaptive", "stcnnt-mri-hrnet-production"])
+def test_bench_breakdown(tmp_path: Path, model: str) -> None:
+    r = run_cli("bench", "--model", model, "--quick", "--breakdown", "--profile", "--setting", "dropout 0",
+                "--out", str(tmp_path), env={"TRITON_INTERPRET": "0"})  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    rep = json.loads((tmp_path / f"breakdown-{model}-dropout0.json").read_text())
+    assert rep["step_ms"] > 0 and rep["rows"], rep
+    ops_seen = {row["op"] for row in rep["rows"]}
+    expected = {"patch_embed", "cross_attention", "relu2_mlp"} if "vit" in model else {"window_attention"}
+    assert expected <= ops_seen, ops_seen
+    totals = [row["total_ms"] for row in rep["rows"]]
+    assert totals == sorted(totals, reverse=True)  # sorted by total time
+    for row in rep["rows"]:
+        assert row["count"] >= 1 and row["backend"] == "reference"  # no evidence on a CPU: the reference
+        assert row["backends"]["reference"]["status"] == "ok"
+    assert abs(rep["unattributed_ms"] - (rep["step_ms"] - rep["ops_ms"])) < 1e-6
+    assert rep["profile"]["top"] and len(rep["profile"]["top"]) <= 30
+    md = (tmp_path / f"breakdown-{model}-dropout0.md").read_text()
+    assert "not accounted for by any op" in md and "Top kernels" in md and "share of step" in md
+
+
+def test_bench_max_batch(tmp_path: Path) -> None:
+    r = run_cli("bench", "--model", "vit-cifar10", "--quick", "--max-batch", "--setting", "dropout 0",
+                "--out", str(tmp_path), env={"TRITON_INTERPRET": "0"})  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    (row,) = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert row["kind"] == "max_batch" and row["status"] == "ok" and row["max_batch"] == 8
+    assert "limit 8" in row["stopped"]  # quick: a CPU search stops at 8
+    assert [b for b, _ in row["probes"]] == [4, 8]
+
+
+def test_bench_breakdown_needs_a_model() -> None:
+    r = run_cli("bench", "--op", "relu2", "--breakdown")
+    assert r.returncode != 0 and "need --model" in (r.stdout + r.stderr)
 
 
 @needs_interpreter

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fm_engine.kernels import cross_attention as K
 
 from fm_engine import ops, use_backend
-from fm_engine.kernels import cross_attention as K
 from fm_engine.ops import BackendUnsupportedError
 from fm_engine.ops.cross_attention import cross_attention, cross_attention_reference
 from fm_engine.testing import assert_parity

@@ -8,11 +8,11 @@ import re
 
 import pytest
 import torch
+from fm_engine.kernels import relu2 as K
 from torch import nn
 
 import fm_engine
 from fm_engine import ops
-from fm_engine.kernels import relu2 as K
 from fm_engine.ops._dispatch import interpreting
 from fm_engine.ops.relu2 import relu2_mlp_reference, relu2_mlp_triton_with_seed
 from fm_engine.testing import assert_parity, assert_parity_tensor

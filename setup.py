@@ -82,6 +82,7 @@ packages += ["fm_engine.kernels", "fm_engine.benchmarks"]
 setup(
     packages=packages,
     package_dir={"fm_engine.kernels": "kernels", "fm_engine.benchmarks": "benchmarks"},
+    package_data={"fm_engine": ["evidence/*.json"]},
     ext_modules=[CMakeExtension("fm_engine._C")] if nvcc else [],
     cmdclass={"build_ext": CMakeBuild},
     zip_safe=False,

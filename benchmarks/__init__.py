@@ -13,6 +13,7 @@ import pkgutil
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -145,15 +146,16 @@ def run_args(a: argparse.Namespace) -> int:
                     print(breakdown.markdown(rep))
         return 0
     if a.max_batch:
+        rows: list[dict[str, Any]] = []
         result = {"environment": harness.environment(device), "quick": quick, "ceilings": {}, "formulas": {}}
-        result["rows"] = []
+        result["rows"] = rows
         backend = a.backend[0] if a.backend else "auto"
         for name in a.model:
             for setting in settings:
                 row = models.max_batch(name, device, quick, backend=backend, setting=setting,
                                        limit=8 if quick else 4096, budget_s=a.budget or 120.0)  # fmt: skip
                 print(f"{name} ({setting}, {backend}): largest batch that fits: {row['max_batch']} ({row['stopped']})")
-                result["rows"].append(row)
+                rows.append(row)
                 if a.out:
                     harness.write_reports(result, a.out, chart_too=False)
         return 0

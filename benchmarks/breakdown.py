@@ -94,7 +94,7 @@ def _launch_counter() -> Any:
     return _launches.count()
 
 
-def _time_call(call: Call, backend: str, device: torch.device, quick: bool) -> dict[str, Any]:
+def time_call(call: Call, backend: str, device: torch.device, quick: bool) -> dict[str, Any]:
     """Median fwd (no grad) and fwd+bwd ms of one recorded call on one backend."""
     op = get_op(call.op)
     reps, warmup = (2, 1) if quick else (20, 3)
@@ -175,10 +175,10 @@ def breakdown(
     step_ms = harness.time_ms(step, device, reps, wu)
     log(f"{name} B{b} {setting} on {backend}: step {step_ms:.3f} ms, {len(rec.calls)} distinct op calls")
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     for call in rec.calls:
         backends = [n for n in get_op(call.op).backends]
-        times = {bk: _time_call(call, bk, device, quick) for bk in backends}
+        times = {bk: time_call(call, bk, device, quick) for bk in backends}
         key = "fwd_bwd_ms" if call.needs_grad else "fwd_ms"
         chosen = times.get(call.backend, {})
         per_call = chosen.get(key)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import time
 from collections.abc import Callable
 from typing import Any
@@ -101,7 +102,7 @@ def cases(
                 op=f"model:{name}",
                 name=f"train step B{b} {size} {setting}{' (small)' if quick else ''}".replace("  ", " "),
                 # gradients flow to the parameters of both copies; the harness clears them after every step
-                setup=lambda params=params, ref_params=ref_params: [*params, *ref_params],
+                setup=functools.partial(list, [*params, *ref_params]),
                 fns=fns,
                 kind="model",
                 items=b,

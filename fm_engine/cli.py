@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 
 # Modules that add subcommands: each defines register(subparsers).
-_SUBCOMMAND_MODULES = ("fm_engine.train.cli",)
+_SUBCOMMAND_MODULES = ("fm_engine.train.cli", "fm_engine.tune")
 
 
 def _info(_: argparse.Namespace) -> int:
@@ -38,6 +38,22 @@ def _info(_: argparse.Namespace) -> int:
 
     if interpreting():
         print("TRITON_INTERPRET=1: Triton kernels run in the CPU interpreter")
+    from fm_engine import _device
+    from fm_engine.ops import _evidence
+
+    here = _device.device_class()
+    print(f"\ntuning tables (automatic dispatch follows them; this device class: {here!r}):")
+    found = _evidence.all_tables()
+    for t in found:
+        if t.problem and t.device_class is None:
+            state = f"unusable: {t.problem}"
+        elif t.device_class == here:
+            state = "in use" if t.problem is None else f"unusable: {t.problem}"
+        else:
+            state = "for another device class"
+        print(f"  {t.origin:<8} {t.path}  {t.device_class or '?'}: {t.entries} buckets, {state}")
+    if not any(t.device_class == here and t.problem is None for t in found):
+        print(f"  none for {here}: automatic dispatch runs every op's reference (`fm-engine tune` measures)")
     print("\nop backends (implemented; 'available' = can run in this process):")
     for name, op in sorted(registered_ops().items()):
         cells = []

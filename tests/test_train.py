@@ -236,3 +236,40 @@ def test_demo_job_reduced(tmp_path):
     assert Path(summary["stage2 checkpoint"], "encoder.safetensors").is_file()
     assert "tensors copied" in summary["converted AViT"]
     assert summary["stage1 probe accuracy"] is not None
+
+
+def test_tuning_tables_logged_kept_and_checked_on_resume(data_dir, tmp_path, monkeypatch, caplog):
+    import logging
+    import warnings
+
+    from fm_engine._device import device_class
+    from fm_engine.checkpoint import read_metadata
+    from fm_engine.ops import _evidence as E
+
+    monkeypatch.setenv("FM_ENGINE_CACHE_DIR", str(tmp_path / "cache"))
+    cls = device_class(torch.device("cpu"))
+    table = E.empty_table(cls)
+    table["ops"]["relu2"] = {"dtype=float32,grad=0|n=8": {"backends": {"reference": {"fwd_ms": 1.0}}}}
+    E.write_table(E.table_path("user", cls), table)
+    E.reload()
+    try:
+        cfg = dict(backend="auto", steps=4, checkpoint_every=2)
+        with caplog.at_level(logging.INFO, logger="fm_engine.train.mjepa"):
+            train_mjepa(tiny_config(data_dir, tmp_path / "run", stop_after=2, **cfg))
+        assert str(E.table_path("user", cls)) in caplog.text
+        expected = E.in_use(cls)["sha256"]
+        assert len(expected) == 64
+        ckpt = tmp_path / "run/checkpoints/step_0000002"
+        assert torch.load(ckpt / "state.pt", weights_only=False)["tuning"]["sha256"] == expected
+        assert read_metadata(ckpt / "model.safetensors")["extra"]["tuning_sha256"] == expected
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            Trainer(tiny_config(data_dir, tmp_path / "run", resume=True, **cfg))  # same tables: quiet
+        assert not [w for w in caught if "tuning tables" in str(w.message)]
+        table["ops"]["relu2"]["dtype=float32,grad=0|n=8"]["backends"]["reference"]["fwd_ms"] = 2.0
+        E.write_table(E.table_path("user", cls), table)
+        E.reload()
+        with pytest.warns(UserWarning, match="tuning tables differ"):
+            Trainer(tiny_config(data_dir, tmp_path / "run", resume=True, **cfg))
+    finally:
+        E.reload()

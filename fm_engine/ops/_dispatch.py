@@ -229,6 +229,8 @@ class Op:
 
     def __call__(self, *args: Any, backend: str | None = None, **kwargs: Any) -> Any:
         self.validate(*args, **kwargs)
+        if _recorders and _recorders[-1].dry:  # record the call's inputs and stop (see _record.record)
+            _recorders[-1].add(self, None, args, kwargs)
         name = self.choose(args, kwargs, backend)
         if _trace_stack:
             _trace_stack[-1].append((self.name, name))
@@ -326,11 +328,18 @@ def autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     (a matrix product, like ``F.linear``) casts its inputs here, before validation, exactly as eager
     autocast would: bf16 activations meet bf16 weights instead of fp32 master weights.
     """
-    dev = tensors[0].device.type
-    if not torch.is_autocast_enabled(dev):
+    dt = autocast_dtype(tensors[0].device.type)
+    if dt is None:
         return tensors
-    dt = torch.get_autocast_dtype(dev)
     return tuple(t.to(dt) if t.is_floating_point() else t for t in tensors)
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype when autocast is on for ``device_type``, else None (also for devices autocast does not
+    know, such as meta)."""
+    if device_type not in ("cuda", "cpu", "xpu", "mps", "hpu", "xla", "mtia"):
+        return None
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
 def public(op: Op, fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -19,7 +19,12 @@ then the package's ``fm_engine/evidence/<slug>.json`` (from committed GPU runs);
 the package entry of the same bucket. A corrupt file, a wrong format version, or a table whose
 ``device_class`` is not this device's is skipped with one warning naming the file and the reason.
 
-**Choice** (:func:`choose`): the bucket's entry, else the nearest measured bucket of the same op and
+**Kernel versions.** Each measured fast backend records a short hash of the kernel source that implements
+it (for Triton ``kernels/<op>.py`` and the kernel modules it imports; for CUDA ``csrc/<op>.cu`` or, in an
+installed package, the built extension). A measurement of other code than the one installed is ignored: after a kernel
+changes, ``auto`` runs the reference there until ``fm-engine tune`` measures the new kernel.
+
+**Choice** (:func:`measured_order`): the bucket's entry, else the nearest measured bucket of the same op and
 flags with every size within a factor of 4; among the backends measured there that accept the call,
 the fastest by forward + backward time when the call needs gradients, forward time otherwise; a fast
 backend must beat the reference by more than 3%, else the reference runs. No entry: the reference.
@@ -54,6 +59,10 @@ NEAR = 2  # nearest-bucket search: each size within 2 powers of two (a factor of
 
 class EvidenceWarning(UserWarning):
     """A tuning table was skipped (corrupt, wrong version, or measured on another device class)."""
+
+
+def interpreting() -> bool:
+    return _device._interpreting()
 
 
 def pow2(n: int) -> int:
@@ -250,6 +259,18 @@ def tables(device_class_name: str) -> Merged:
     return m
 
 
+def in_use(device_class_name: str) -> dict[str, Any]:
+    """What automatic dispatch reads on this device class: the tables (path, origin, sha256) and one hash of
+    them all ("" when there are none). Training runs log this and keep it in their checkpoints."""
+    m = tables(device_class_name)
+    used = [t for t in m.tables if t.problem is None]
+    return {
+        "device_class": device_class_name,
+        "tables": [{"path": str(t.path), "origin": t.origin, "sha256": t.sha256, "entries": t.entries} for t in used],
+        "sha256": m.sha256,
+    }
+
+
 def all_tables() -> list[Table]:
     """Every table file in the user and package folders, whatever its device class (``fm-engine info``)."""
     out = []
@@ -307,12 +328,64 @@ def metric(grad: bool) -> str:
     return "fwd_bwd_ms" if grad else "fwd_ms"
 
 
-def ranking(match: Match, grad: bool) -> tuple[float | None, list[tuple[str, float]]]:
-    """(reference time, [(fast backend, time)] fastest first) under the call's metric."""
+_versions: dict[tuple[str, str], str | None] = {}
+
+
+def _source_files(op: str, backend: str) -> list[Path]:
+    """The kernel sources of a fast backend (found from the op module's name: fm_engine.ops.<stem>)."""
+    import importlib.util
+    import re
+
+    from fm_engine.ops import _dispatch
+
+    stem = _dispatch.get_op(op).backends[REFERENCE].fn.__module__.rsplit(".", 1)[-1]
+    if backend == "cuda":
+        csrc = Path(__file__).resolve().parents[2] / "csrc" / f"{stem}.cu"
+        spec = importlib.util.find_spec("fm_engine._C")
+        return [csrc if csrc.exists() else Path(spec.origin) if spec and spec.origin else csrc]
+    spec = importlib.util.find_spec(f"fm_engine.kernels.{stem}")
+    if spec is None or not spec.origin:
+        return []
+    main = Path(spec.origin)
+    text = main.read_text()
+    names = set(re.findall(r"fm_engine\.kernels\.(\w+)", text))
+    for group in re.findall(r"from fm_engine\.kernels import ([\w, ()\n]+)", text):
+        names |= set(re.findall(r"\w+", group))
+    deps = sorted(main.parent / f"{n}.py" for n in names if n != stem and (main.parent / f"{n}.py").exists())
+    return [main, *deps]
+
+
+def backend_version(op: str, backend: str) -> str | None:
+    """Short hash of the source implementing ``backend`` of ``op`` (None for the reference or unknown code)."""
+    key = (op, backend)
+    if key not in _versions:
+        if backend == REFERENCE:
+            _versions[key] = None
+        else:
+            h = hashlib.sha256()
+            try:
+                files = _source_files(op, backend)
+                for path in files:
+                    h.update(path.read_bytes())
+                _versions[key] = h.hexdigest()[:12] if files else None
+            except (OSError, KeyError):
+                _versions[key] = None
+    return _versions[key]
+
+
+def stale(op: str, backend: str, times: Mapping[str, Any]) -> bool:
+    """True when the measurement was of other code than the installed backend."""
+    recorded = times.get("version")
+    return recorded is not None and recorded != backend_version(op, backend)
+
+
+def ranking(match: Match, grad: bool, op: str | None = None) -> tuple[float | None, list[tuple[str, float]]]:
+    """(reference time, [(fast backend, time)] fastest first) under the call's metric; with ``op``, measurements
+    of other kernel versions than the installed ones are left out."""
     m = metric(grad)
     backends = match.entry["backends"]
     ref = backends.get(REFERENCE, {}).get(m)
-    fast = sorted((t[m], b) for b, t in backends.items() if b != REFERENCE and m in t)
+    fast = sorted((t[m], b) for b, t in backends.items() if b != REFERENCE and m in t and not (op and stale(op, b, t)))
     return ref, [(b, t) for t, b in fast]
 
 
@@ -337,7 +410,7 @@ def measured_order(device_class_name: str, op: str, bucket_key: str) -> str:
     match = lookup(device_class_name, op, bucket)
     order = ""
     if match is not None:
-        ref, fast = ranking(match, bucket.grad)
+        ref, fast = ranking(match, bucket.grad, op)
         if ref is not None:
             order = ",".join(b for b, t in fast if t < MARGIN * ref)
     _choice_cache[cache_key] = (order,)
@@ -364,10 +437,10 @@ def describe(device_class_name: str, op: str, bucket: Bucket, accepted: Iterable
             f"evidence: none for {op} at bucket {bucket.key} on {device_class_name} "
             "-> reference (`fm-engine tune` measures it)"
         ]
-    ref, fast = ranking(match, bucket.grad)
+    ref, fast = ranking(match, bucket.grad, op)
     e = match.entry
-    t = match.table
-    where = f"measured on {t.device_class} {e.get('date', '?')} ({t.origin} table {t.path.name})"
+    table = match.table
+    where = f"measured on {table.device_class} {e.get('date', '?')} ({table.origin} table {table.path.name})"
     head = "bucket" if match.exact else "nearest measured bucket"
     lines = [f"evidence at {head} {match.bucket} ({'fwd+bwd' if bucket.grad else 'fwd'} time), {where}:"]
     ok = set(accepted)
@@ -378,6 +451,10 @@ def describe(device_class_name: str, op: str, bucket: Bucket, accepted: Iterable
         lines.append(f"  {b:<10} {t:.4g} ms, {ratio}{usable}")
         if chosen == REFERENCE and b in ok and ref is not None and t < MARGIN * ref:
             chosen = b
+    m = metric(bucket.grad)
+    for b, times in e["backends"].items():
+        if b != REFERENCE and m in times and stale(op, b, times):
+            lines.append(f"  {b:<10} {times[m]:.4g} ms, measured on another version of its kernels: ignored")
     lines.append(f"  {REFERENCE:<10} {ref:.4g} ms" if ref is not None else f"  {REFERENCE:<10} not measured")
     lines.append(f"  -> {chosen}")
     return lines
@@ -409,7 +486,7 @@ def write_table(path: Path, data: dict[str, Any]) -> None:
 
 
 def environment_stamp() -> dict[str, str]:
-    out = {"torch": torch.__version__}
+    out = {"torch": str(torch.__version__)}
     try:
         import triton
 

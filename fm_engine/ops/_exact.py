@@ -12,11 +12,13 @@ dynamo sees one op with a fake (meta) implementation, and the reference semantic
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
-def _no_tf32() -> torch.backends.cudnn.flags:  # type: ignore[name-defined]
-    return torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False)
+def _no_tf32() -> contextlib.AbstractContextManager:
+    return torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False)  # type: ignore[return-value]
 
 
 @torch.library.custom_op("fm_engine::conv_ieee", mutates_args=())

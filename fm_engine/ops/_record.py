@@ -9,6 +9,8 @@ are kept from the first call because their values can change the work done). Use
 ``fm-engine bench --breakdown`` and ``fm-engine tune --model``.
 
 Recording is off inside ``torch.compile`` tracing (a compiled step records nothing: record eagerly).
+``record(dry=True)`` stops each op call right after validation (raising :class:`DryRun`), before any
+backend is chosen or run: it captures the calls of code whose inputs are meta tensors.
 """
 
 from __future__ import annotations
@@ -91,20 +93,28 @@ def _key_part(x: Any) -> Any:
     return repr(x)
 
 
+class DryRun(Exception):
+    """Raised by an op call inside ``record(dry=True)`` once the call is recorded."""
+
+
 class Recorder:
     """Distinct op calls in first-seen order (``calls``) with their counts."""
 
-    def __init__(self) -> None:
+    def __init__(self, dry: bool = False) -> None:
         self._by_key: dict[Any, Call] = {}
+        self.dry = dry
 
     @property
     def calls(self) -> list[Call]:
         return list(self._by_key.values())
 
-    def add(self, op: _dispatch.Op, backend: str, args: tuple, kwargs: dict) -> None:
+    def add(self, op: _dispatch.Op, backend: str | None, args: tuple, kwargs: dict) -> None:
+        if backend is not None and self.dry:
+            return  # a dry recorder saw this call before the backend was chosen
         t = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
         dev = t.device.type if t is not None else "cpu"
-        autocast = str(torch.get_autocast_dtype(dev)).replace("torch.", "") if torch.is_autocast_enabled(dev) else None
+        amp = _dispatch.autocast_dtype(dev)
+        autocast = str(amp).replace("torch.", "") if amp is not None else None
         sargs = tuple(_spec(a) for a in args)
         skw = {k: _spec(v) for k, v in kwargs.items()}
         grad = torch.is_grad_enabled()
@@ -112,21 +122,24 @@ class Recorder:
         call = self._by_key.get(key)
         if call is None:
             bucket = op.bucket(args, kwargs)
-            call = Call(op.name, backend, sargs, skw, grad, autocast, bucket.key if bucket else None)
+            call = Call(op.name, backend or "", sargs, skw, grad, autocast, bucket.key if bucket else None)
             for i, a in (*enumerate(args), *kwargs.items()):
-                if isinstance(a, torch.Tensor) and not a.is_floating_point():
+                if isinstance(a, torch.Tensor) and not a.is_floating_point() and not a.is_meta:
                     call.examples[i] = a.detach().clone()
             self._by_key[key] = call
         call.count += 1
+        if self.dry:
+            raise DryRun(op.name)
 
     def clear(self) -> None:
         self._by_key.clear()
 
 
 @contextlib.contextmanager
-def record() -> Iterator[Recorder]:
-    """Record every op call inside the block (nested recorders each see every call)."""
-    rec = Recorder()
+def record(dry: bool = False) -> Iterator[Recorder]:
+    """Record every op call inside the block (nested recorders each see every call; ``dry``: see the module
+    docstring)."""
+    rec = Recorder(dry)
     _dispatch._recorders.append(rec)
     try:
         yield rec

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from fm_engine.ops import _checks
-from fm_engine.ops._dispatch import Op, public, triton_available, triton_device_ok
+from fm_engine.ops._dispatch import Op, autocast_dtype, public, triton_available, triton_device_ok
 from fm_engine.ops._exact import conv_ieee
 
 IMAGE_DTYPES = (torch.uint8, torch.uint16, torch.int16, torch.float32, torch.bfloat16, torch.float64)
@@ -64,10 +64,7 @@ def factorized_position(grid: tuple[int, int], pos_weight: torch.Tensor, pos_bia
 def output_dtype(image: torch.Tensor, param_dtype: torch.dtype, out_dtype: torch.dtype | None) -> torch.dtype:
     if out_dtype is not None:
         return out_dtype
-    dev = image.device.type
-    if torch.is_autocast_enabled(dev):
-        return torch.get_autocast_dtype(dev)
-    return param_dtype
+    return autocast_dtype(image.device.type) or param_dtype
 
 
 def token_grid(h: int, w: int, patch: int, pool_to: tuple[int, int] | None) -> tuple[int, int]:

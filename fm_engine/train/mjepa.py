@@ -29,6 +29,7 @@ import contextlib
 import csv
 import functools
 import json
+import logging
 import os
 import resource
 import shutil
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
     from torch.nn.parallel import DistributedDataParallel
 
 STATE_VERSION = 1
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -334,6 +336,14 @@ class Trainer:
         self.epoch = 0
         self.batch_in_epoch = 0
         self.skipped = 0
+        # the measurements automatic dispatch follows (fm-engine tune): logged, kept in every checkpoint
+        from fm_engine import _device
+        from fm_engine.ops import _evidence
+
+        self.tuning = _evidence.in_use(_device.device_class(self.device))
+        if self.dist.main:
+            names = ", ".join(f"{t['origin']} {t['path']}" for t in self.tuning["tables"]) or "none"
+            log.info("tuning tables for %s (backend %s): %s", self.tuning["device_class"], cfg.backend, names)
         if cfg.resume:
             self.load_state()
 
@@ -397,7 +407,7 @@ class Trainer:
                     tmp / "model.safetensors",
                     self.objective,
                     config={},
-                    extra={"step": self.step, "model": self.cfg.model},
+                    extra={"step": self.step, "model": self.cfg.model, "tuning_sha256": self.tuning["sha256"]},
                 )
                 save_checkpoint(
                     tmp / "encoder.safetensors", self.objective.encoder, name=self.cfg.model, extra={"step": self.step}
@@ -429,6 +439,7 @@ class Trainer:
                     "scheduler": self.scheduler.state_dict(),
                     "rng": all_rng,
                     "config": self.cfg.to_dict(),
+                    "tuning": self.tuning,
                 },
                 tmp / "state.pt",
             )
@@ -478,6 +489,16 @@ class Trainer:
                 )
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        saved = state.get("tuning", {}).get("sha256", "")
+        if saved != self.tuning["sha256"] and self.cfg.backend == "auto":
+            import warnings
+
+            warnings.warn(
+                f"resume: the tuning tables differ from the run's so far ({saved[:12] or 'none'} -> "
+                f"{self.tuning['sha256'][:12] or 'none'}): automatic dispatch may pick other kernels, so the "
+                "resumed run is not bit-exact with an uninterrupted one (pass --backend to pin the kernels)",
+                stacklevel=2,
+            )
         self.step, self.epoch = state["step"], state["epoch"]
         self.batch_in_epoch, self.skipped = state["batch_in_epoch"], state["skipped"]
         _set_rng_state(state["rng"][self.dist.rank], self.device, self.aug_gen)

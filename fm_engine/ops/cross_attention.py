@@ -84,20 +84,13 @@ def _validate(
 
 
 def _bucket(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    kv_heads: int,
-    scale: float | None = None,
-    dropout_p: float = 0.0,
-    key_padding_mask: torch.Tensor | None = None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kv_heads: int, dropout_p: float = 0.0, **kw: Any
 ) -> tuple[dict, dict]:
     flags = {
         "dtype": q.dtype,
         "head_dim": q.shape[-1],
         "group": q.shape[1] // kv_heads,
-        "mask": key_padding_mask is not None,
+        "mask": kw.get("key_padding_mask") is not None,
         "dropout": dropout_p > 0,
     }
     return flags, {"B": q.shape[0], "Hq": q.shape[1], "Nq": q.shape[2], "Nk": k.shape[2]}

@@ -21,6 +21,8 @@ does not draw dropout: with ``dropout_p > 0`` automatic dispatch runs the refere
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from fm_engine.ops._dispatch import Op, public, triton_available
@@ -98,24 +100,15 @@ def _validate(
 
 
 def _bucket(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    n_head: int,
-    scale: float | None = None,
-    cosine: bool = False,
-    normalize_qk: bool = False,
-    causal: bool = False,
-    dropout_p: float = 0.0,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, n_head: int, cosine: bool = False, **kw: Any
 ) -> tuple[dict, dict]:
     d_qk, d_v = head_dims(q, v, n_head)
     flags = {
         "dtype": q.dtype,
-        "causal": causal,
+        "causal": bool(kw.get("causal", False)),
         "cosine": cosine,
-        "normalize_qk": normalize_qk and not cosine,
-        "dropout": dropout_p > 0,
+        "normalize_qk": bool(kw.get("normalize_qk", False)) and not cosine,
+        "dropout": float(kw.get("dropout_p", 0.0)) > 0,
     }
     return flags, {"B": v.shape[0], "T": v.shape[1], "heads": n_head, "D_qk": d_qk, "D_v": d_v}
 

@@ -39,7 +39,7 @@ dispatch runs the reference and ``explain()`` says why.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -307,25 +307,12 @@ def _validate(
         _checks.same_device(q=q, rel_pos_bias=rel_pos_bias)
 
 
-def _bucket(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    mode: str = "local",
-    num_patches: int | tuple[int, int] | None = None,
-    num_windows: int | tuple[int, int] | None = None,
-    patch_size: int | tuple[int, int],
-    n_head: int,
-    scale: float | None = None,
-    cosine: bool = False,
-    normalize_qk: bool = False,
-    rel_pos_bias: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-) -> tuple[dict, dict]:
+def _bucket(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mode: str = "local", **kw: Any) -> tuple[dict, dict]:
     g = geometry(
-        q, v, mode=mode, num_patches=num_patches, num_windows=num_windows, patch_size=patch_size, n_head=n_head
-    )
+        q, v, mode=mode, num_patches=kw.get("num_patches"), num_windows=kw.get("num_windows"),
+        patch_size=kw["patch_size"], n_head=kw["n_head"],
+    )  # fmt: skip
+    cosine = bool(kw.get("cosine", False))
     flags = {
         "dtype": q.dtype,
         "mode": mode,
@@ -333,9 +320,9 @@ def _bucket(
         "hc_v": g.hc_v,
         "tokens": g.n_tokens,
         "cosine": cosine,
-        "normalize_qk": normalize_qk and not cosine,
-        "bias": rel_pos_bias is not None,
-        "dropout": dropout_p > 0,
+        "normalize_qk": bool(kw.get("normalize_qk", False)) and not cosine,
+        "bias": kw.get("rel_pos_bias") is not None,
+        "dropout": float(kw.get("dropout_p", 0.0)) > 0,
     }
     B, T, C, H, W = v.shape
     return flags, {"BT": B * T, "C": C, "HW": H * W}

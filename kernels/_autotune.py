@@ -4,8 +4,10 @@ Why not ``triton.autotune``: its key is the exact argument values, so every new 
 (seconds of compilation and timing inside a training step), its results die with the process, and its
 configs cannot be listed for the ahead-of-time compile gate. Here a kernel is wrapped with
 
-* ``configs``: the GPU configs (``triton.Config``) worth trying, every one of which the compile gate
-  (kernels/_aot.py) compiles for sm_80 and sm_90 and rejects if it spills registers or exceeds shared memory;
+* ``configs``: the GPU configs (``triton.Config``) worth trying, or a map from compute capability (80, 90)
+  to such lists when the architectures want different ones (a device uses the list of the highest
+  capability not above its own); the compile gate (kernels/_aot.py) compiles every one for its
+  architectures and rejects any that spills registers or exceeds shared memory;
 * ``interpreter_config``: the one config used under ``TRITON_INTERPRET=1`` (small tiles make the edge cases
   of CPU tests cheap to reach; the interpreter's timings say nothing about a GPU, so it never times);
 * ``key``: launch arguments (by name) -> a *bucket*, a tuple of JSON values: sizes rounded up to powers
@@ -13,7 +15,9 @@ configs cannot be listed for the ahead-of-time compile gate. Here a kernel is wr
 * ``reset`` (optional): called with the arguments before every timed run and before the final launch,
   for kernels that accumulate into their outputs (zero them there);
 * ``restore`` (optional): names of tensor arguments a kernel overwrites in place; they are saved before
-  tuning and restored before every timed run and before the final launch.
+  tuning and restored before every timed run and before the final launch;
+* ``prune`` (optional): ``prune(config, args) -> bool``, False for configs that make no sense for these
+  arguments (e.g. a row block too large for a wide row); it may only read what the bucket holds.
 
 On a miss it times every config (``triton.testing.do_bench``, 5 ms warm-up, 25 ms of repetitions, median),
 skipping configs that fail to compile or run out of resources, launches the winner, and remembers it in
@@ -57,7 +61,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -219,44 +223,73 @@ class Autotuned:
         fn: Any,
         *,
         name: str,
-        configs: Sequence[triton.Config],
+        configs: Sequence[triton.Config] | Mapping[int, Sequence[triton.Config]],
         interpreter_config: triton.Config,
         key: Callable[[dict[str, Any]], Bucket],
         reset: Callable[[dict[str, Any]], None] | None = None,
         restore: Sequence[str] = (),
+        prune: Callable[[triton.Config, dict[str, Any]], bool] | None = None,
     ) -> None:
-        if not configs:
+        lists = {int(k): list(v) for k, v in configs.items()} if isinstance(configs, Mapping) else {0: list(configs)}
+        if not lists or not all(lists.values()):
             raise ValueError(f"autotune {name}: no configs")
         if any(t.name == name for t in _TUNED):
             raise ValueError(f"autotune {name}: the name is taken (it keys the disk cache)")
         self.fn = fn  # the JITFunction (InterpretedFunction under the interpreter); _aot unwraps .fn
         self.name = name
-        self.configs = list(configs)
+        self._lists = dict(sorted(lists.items()))
         self.interpreter_config = interpreter_config
         self.key = key
         self.reset = reset
         self.restore = tuple(restore)
+        self.prune = prune
         self.arg_names: list[str] = list(getattr(fn, "arg_names", inspect.signature(getattr(fn, "fn", fn)).parameters))
         self.stats = {"tunings": 0, "memory_hits": 0, "disk_hits": 0, "untuned": 0}
         self.timings: dict[tuple[str, Bucket], list[tuple[dict[str, Any], float]]] = {}
         self._memory: dict[tuple[str, str, Bucket], triton.Config] = {}
-        self._configs_hash: str | None = None
+        self._hashes: dict[int, str] = {}
+        self._arch: dict[Any, int] = {}
         self._override: tuple[list[triton.Config], Timer | None, str] | None = None
         self._device_class: dict[Any, str] = {}
         _TUNED.append(self)
 
     # -- what is tried ------------------------------------------------------------------------------
 
-    def candidates(self) -> tuple[list[triton.Config], str]:
+    def configs_for(self, arch: int) -> list[triton.Config]:
+        """The GPU configs for compute capability ``arch`` (80 for sm_80, 90 for sm_90, ...)."""
+        keys = [k for k in self._lists if k <= arch] or [min(self._lists)]
+        return self._lists[max(keys)]
+
+    @property
+    def configs(self) -> list[triton.Config]:
+        """The GPU configs of this machine's first GPU (of the newest architecture listed without one)."""
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability(0)
+            return self.configs_for(10 * major + minor)
+        return self._lists[max(self._lists)]
+
+    def _arch_of(self, named: dict[str, Any]) -> int:
+        dev = next((v.device for v in named.values() if isinstance(v, torch.Tensor) and v.is_cuda), None)
+        if dev is None:
+            return max(self._lists)
+        arch = self._arch.get(dev)
+        if arch is None:
+            major, minor = torch.cuda.get_device_capability(dev)
+            arch = self._arch[dev] = 10 * major + minor
+        return arch
+
+    def candidates(self, named: dict[str, Any]) -> tuple[list[triton.Config], str]:
         """Configs a launch chooses from now and their hash: an override, else the interpreter config or
-        the GPU configs."""
+        the GPU configs of the arguments' device."""
         if self._override is not None:
             return self._override[0], self._override[2]
         if interpreting():
             return [self.interpreter_config], ""
-        if self._configs_hash is None:
-            self._configs_hash = self.source_hash(self.configs)
-        return self.configs, self._configs_hash
+        cands = self.configs_for(self._arch_of(named))
+        h = self._hashes.get(id(cands))
+        if h is None:
+            h = self._hashes[id(cands)] = self.source_hash(cands)
+        return cands, h
 
     @contextlib.contextmanager
     def override(self, configs: Sequence[triton.Config], timer: Timer | None = None) -> Iterator[Autotuned]:
@@ -309,7 +342,7 @@ class Autotuned:
     def run(self, grid: Any, *args: Any, **kwargs: Any) -> triton.Config:
         """Launch on ``grid`` with the bucket's best config (tuning it first on a miss); returns that config."""
         named = self._bind(args, kwargs)
-        cands, chash = self.candidates()
+        cands, chash = self.candidates(named)
         if len(cands) == 1 or not _enabled():
             self._launch(cands[0], grid, named)
             return cands[0]
@@ -338,7 +371,8 @@ class Autotuned:
                 self.stats["untuned"] += 1
                 self._launch(cands[0], grid, named)
                 return cands[0]
-            config, results = self._tune(cands, grid, named)
+            kept = [c for c in cands if self.prune is None or self.prune(c, named)]
+            config, results = self._tune(kept or cands, grid, named)
             self.stats["tunings"] += 1
             self.timings[(dev, bucket)] = results
             table.store(
@@ -398,17 +432,25 @@ class Autotuned:
 def autotune(
     *,
     name: str,
-    configs: Sequence[triton.Config],
+    configs: Sequence[triton.Config] | Mapping[int, Sequence[triton.Config]],
     interpreter_config: triton.Config,
     key: Callable[[dict[str, Any]], Bucket],
     reset: Callable[[dict[str, Any]], None] | None = None,
     restore: Sequence[str] = (),
+    prune: Callable[[triton.Config, dict[str, Any]], bool] | None = None,
 ) -> Callable[[Any], Autotuned]:
     """Decorator over a ``@triton.jit`` function: see the module docstring."""
 
     def wrap(fn: Any) -> Autotuned:
         return Autotuned(
-            fn, name=name, configs=configs, interpreter_config=interpreter_config, key=key, reset=reset, restore=restore
+            fn,
+            name=name,
+            configs=configs,
+            interpreter_config=interpreter_config,
+            key=key,
+            reset=reset,
+            restore=restore,
+            prune=prune,
         )
 
     return wrap

@@ -1,7 +1,12 @@
-"""Ahead-of-time compile gate: every registered Triton kernel config for sm_80 and sm_90, and csrc with nvcc.
+"""Ahead-of-time compile gate: registered Triton kernel configs for sm_80 and sm_90, and csrc with nvcc.
 
 The Triton part runs in subprocesses without TRITON_INTERPRET (this test session runs kernels in the
 interpreter, where kernels are not compilable JITFunctions), sharded so pytest-xdist can spread it.
+Here it compiles one representative config per kernel x signature x specialization (shared memory and
+register spills checked); the sweep over every autotune config is CI's own step (``.ci/run``)::
+
+    python3 -m fm_engine.kernels._aot --all --jobs 2
+
 Kernels join by calling ``fm_engine.kernels._aot.register``; ``test_every_kernel_is_registered``
 fails for a launchable kernel that did not.
 """
@@ -54,6 +59,32 @@ def test_triton_kernels_compile(arch: int, shard: int) -> None:
     )
     assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
     assert "compiled" in r.stdout
+
+
+def test_gate_rejects_spilling_and_oversized_configs(tmp_path: Path) -> None:
+    """A 256x256 fp32 accumulator on one warp cannot live in registers; a 3-stage 256x256x128 fp32 tile does
+    not fit in shared memory: the gate says so for both."""
+    (tmp_path / "spill_probe.py").write_text(
+        "import triton\nimport triton.language as tl\n\n\n@triton.jit\n"
+        "def big_dot(a_ptr, c_ptr, BM: tl.constexpr, BK: tl.constexpr):\n"
+        "    acc = tl.zeros((BM, BM), tl.float32)\n"
+        "    for k in range(0, 4):\n"
+        "        a = tl.load(a_ptr + tl.arange(0, BM)[:, None] * BK + tl.arange(0, BK)[None, :] + k)\n"
+        "        acc = tl.dot(a, tl.trans(a), acc)\n"
+        "    tl.store(c_ptr + tl.arange(0, BM)[:, None] * BM + tl.arange(0, BM)[None, :], acc)\n"
+    )
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import spill_probe; from fm_engine.kernels import _aot\n"
+        "sig = {'a_ptr': '*fp32', 'c_ptr': '*fp32', 'BM': 'constexpr', 'BK': 'constexpr'}\n"
+        "spill = _aot.AOTCase('spill', spill_probe.big_dot, sig, {'BM': 256, 'BK': 16}, 1, 1)\n"
+        "smem = _aot.AOTCase('smem', spill_probe.big_dot, sig, {'BM': 256, 'BK': 128}, 8, 3)\n"
+        "print(_aot.check_case(spill, 90)); print(_aot.check_case(smem, 80))\n"
+    )
+    r = _run(code, str(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    spill, smem = r.stdout.strip().splitlines()[-2:]
+    assert spill.startswith("spills registers"), spill
+    assert "shared memory" in smem, smem
 
 
 NVCC = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").exists() else None)

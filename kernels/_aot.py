@@ -67,7 +67,9 @@ class AOTCase:
         cx = ",".join(f"{k}={v}" for k, v in sorted(self.constexprs.items()))
         types = ",".join(v for v in self.signature.values() if v.startswith("*"))
         arch = f",sm_{self.arch}" if self.arch else ""
-        return f"{self.name}[{types}][{cx},w{self.num_warps},s{self.num_stages}{',aligned' if self.aligned else ''}{arch}]"
+        return (
+            f"{self.name}[{types}][{cx},w{self.num_warps},s{self.num_stages}{',aligned' if self.aligned else ''}{arch}]"
+        )
 
     def attrs(self) -> dict[tuple[int, ...], list[list[Any]]]:
         if not self.aligned:
@@ -134,11 +136,11 @@ def register(
             raise ValueError(f"compile gate: {fn.__name__}: give configs (the kernel is not autotuned)")
         prune = getattr(kernel, "prune", None)
         lists = {}
-        for arch in ARCHS:
-            tuned = kernel.configs_for(arch)
+        for cc in ARCHS:
+            tuned = kernel.configs_for(cc)
             if prune is not None and prune_args is not None:
                 tuned = [c for c in tuned if prune(c, {**(constexprs or {}), **prune_args})]
-            lists[arch] = config_dicts(tuned)
+            lists[cc] = config_dicts(tuned)
         same = all(v == lists[ARCHS[0]] for v in lists.values())
         per_arch = [(None, lists[ARCHS[0]])] if same else [(a, v) for a, v in lists.items()]
     for arch, cfgs in per_arch:

@@ -20,7 +20,6 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-
 from fm_engine.kernels import _autotune
 from fm_engine.kernels._autotune import dtype, pow2
 

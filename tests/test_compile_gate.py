@@ -8,7 +8,8 @@ register spills checked); the sweep over every autotune config is CI's own step 
     python3 -m fm_engine.kernels._aot --all --jobs 2
 
 Kernels join by calling ``fm_engine.kernels._aot.register``; ``test_every_kernel_is_registered``
-fails for a launchable kernel that did not.
+fails for a launchable kernel that did not. Also checked from the sm_90 PTX, without a GPU: the relu2
+element-wise kernels move 16-byte vectors, and the MLP GEMMs keep a wgmma group in flight.
 """
 
 from __future__ import annotations
@@ -59,6 +60,46 @@ def test_triton_kernels_compile(arch: int, shard: int) -> None:
     )
     assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
     assert "compiled" in r.stdout
+
+
+_PTX_PROBE = """
+import re, sys
+from fm_engine.kernels import _aot
+cases = [c for c in _aot.all_cases() if c.representative and c.aligned and c.arch in (None, 90)]
+cases = [c for c in cases if c.id.startswith(sys.argv[1]) and "unaligned" not in c.name]
+for c in cases:
+    if sys.argv[2] not in c.id:
+        continue
+    ptx = _aot.compile_case(c, 90).asm["ptx"]
+    mem = sorted(set(re.findall(r"(?:ld|st)\\.global(?:\\.[a-z0-9]+)*", ptx)))
+    waits = sorted(set(re.findall(r"wgmma\\.wait_group\\.sync\\.aligned\\s+(\\d+)", ptx)))
+    print(c.id, "|", " ".join(mem), "|", " ".join(waits))
+"""
+
+
+def _ptx_probe(prefix: str, contains: str) -> list[tuple[str, str, str]]:
+    r = _run(_PTX_PROBE, prefix, contains)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [tuple(part.strip() for part in line.split("|")) for line in r.stdout.strip().splitlines()]
+    assert rows, f"no registered case matches {prefix} / {contains}"
+    return rows  # type: ignore[return-value]
+
+
+def test_relu2_elementwise_moves_16_byte_vectors() -> None:
+    """With aligned pointers, whole blocks load and store 16 bytes per access (v4 x 32 bit) for every dtype."""
+    for prefix in ("relu2_fwd", "relu2_bwd", "relu2_mlp_act_fwd", "relu2_mlp_act_bwd"):
+        for case, mem, _ in _ptx_probe(prefix, "[*"):
+            assert "ld.global.v4.b32" in mem and "st.global.v4.b32" in mem, f"{case}: {mem}"
+
+
+def test_relu2_mlp_gemms_keep_a_wgmma_group_in_flight() -> None:
+    """Every bf16 product of the fused MLP (prologues and epilogues included, 16-aligned operands) uses wgmma
+    on sm_90 and never waits for every group at each step: some wait_group N >= 1 leaves MMAs in flight (a
+    B operand changed in registers compiled to wait_group 0 only, serialising the MMAs)."""
+    for case, _, waits in _ptx_probe("relu2_mlp_", "*bf16"):
+        if "_act_" in case:
+            continue
+        assert any(int(w) >= 1 for w in waits.split()), f"{case}: wgmma wait groups {waits or 'none (no wgmma)'}"
 
 
 def test_gate_rejects_spilling_and_oversized_configs(tmp_path: Path) -> None:

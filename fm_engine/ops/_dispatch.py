@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-BACKENDS = ("reference", "triton", "cuda")
+BACKENDS = ("reference", "triton", "cuda", "hybrid")  # hybrid: vendor GEMMs with the Triton element-wise kernels
 _AUTO = "auto"
 
 # Plain module state rather than ContextVars: torch.compile (dynamo) traces reads of module globals

@@ -104,7 +104,7 @@ def test_relu2_mlp_gemms_keep_a_wgmma_group_in_flight() -> None:
 
 def test_gate_rejects_spilling_and_oversized_configs(tmp_path: Path) -> None:
     """A 256x256 fp32 accumulator on one warp cannot live in registers; a 3-stage 256x256x128 fp32 tile does
-    not fit in shared memory: the gate says so for both."""
+    not fit in shared memory: the gate fails both (a spill only notes it for hand-listed configs)."""
     (tmp_path / "spill_probe.py").write_text(
         "import triton\nimport triton.language as tl\n\n\n@triton.jit\n"
         "def big_dot(a_ptr, c_ptr, BM: tl.constexpr, BK: tl.constexpr):\n"
@@ -119,13 +119,16 @@ def test_gate_rejects_spilling_and_oversized_configs(tmp_path: Path) -> None:
         "sig = {'a_ptr': '*fp32', 'c_ptr': '*fp32', 'BM': 'constexpr', 'BK': 'constexpr'}\n"
         "spill = _aot.AOTCase('spill', spill_probe.big_dot, sig, {'BM': 256, 'BK': 16}, 1, 1)\n"
         "smem = _aot.AOTCase('smem', spill_probe.big_dot, sig, {'BM': 256, 'BK': 128}, 8, 3)\n"
-        "print(_aot.check_case(spill, 90)); print(_aot.check_case(smem, 80))\n"
+        "import dataclasses\n"
+        "print(_aot.check_case(spill, 90)[0]); print(_aot.check_case(smem, 80)[0])\n"
+        "print(_aot.check_case(dataclasses.replace(spill, strict=False), 90))\n"
     )
     r = _run(code, str(tmp_path))
     assert r.returncode == 0, r.stderr[-3000:]
-    spill, smem = r.stdout.strip().splitlines()[-2:]
+    spill, smem, lenient = r.stdout.strip().splitlines()[-3:]
     assert spill.startswith("spills registers"), spill
     assert "shared memory" in smem, smem
+    assert lenient.startswith("(None, 'spills registers"), lenient  # hand-listed configs: reported, not failed
 
 
 NVCC = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").exists() else None)

@@ -242,3 +242,20 @@ def test_names_are_unique() -> None:
         _autotune.autotune(name="test_scale", configs=CONFIGS, interpreter_config=CONFIGS[0], key=lambda a: ())(
             scale_kernel.fn
         )
+
+
+@pytest.mark.gpu
+def test_gpu_tunes_a_bucket_once(cache_dir: Path) -> None:
+    """On a GPU: the first relu2 backward of a size tunes (do_bench), the next one of the same bucket does not,
+    and a fresh process state reads the winner from disk."""
+    from fm_engine.kernels import relu2 as K
+
+    x = torch.randn(1 << 20, device="cuda")
+    dy = torch.randn_like(x)
+    ref = 2 * torch.relu(x) * dy
+    for _ in range(2):
+        torch.testing.assert_close(K.relu2_backward(x, dy), ref)
+    assert K.relu2_bwd_kernel.stats["tunings"] == 1 and K.relu2_bwd_kernel.stats["memory_hits"] == 1
+    _autotune.forget()
+    torch.testing.assert_close(K.relu2_backward(x[: 1000 * 1000], dy[: 1000 * 1000]), ref[: 1000 * 1000])
+    assert K.relu2_bwd_kernel.stats["disk_hits"] == 1 and K.relu2_bwd_kernel.stats["tunings"] == 1

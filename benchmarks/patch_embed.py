@@ -3,10 +3,16 @@
 image [B, C, H, W] uint16, patch p, T_conv = (H/p)·(W/p) conv tokens, K = C·p², output T tokens of width D.
 AViT: B 1 / 4, 1 x 3072 x 2304, p 16 (T_conv 27,648, K 256); query path D 512 pooled to 32 x 24
 (T 768), key/value path D 256 on the full grid (T 27,648); output bf16 (the autocast dtype).
+The formulas are the op's floor (what any fp32-exact implementation must do):
   FLOP  fwd = 2·B·T_conv·K·D       (the conv as a GEMM; pooling, LayerNorm and position are O(B·T·D))
-        bwd = 2·B·T_conv·K·D       (the weight gradient; the image takes no gradient)
-  bytes fwd = B·C·H·W·s_img + 4·D·K + B·T·D·s_out   (image read once, weight, tokens written)
-        bwd = B·T·D·s_out + B·C·H·W·s_img + 4·D·K   (read dY and the image again, write dW)
+        bwd = 2·B·T·K·D            (the weight gradient: each of the T output tokens' gradients reaches one
+                                    conv token per channel; T = T_conv on the full grid)
+  bytes fwd = B·C·H·W·s_img + 4·D·K + B·T·D·(s_out + 4)   (image once, weight, tokens written, fp32
+                                                           features kept for the LayerNorm backward)
+        bwd = B·T·D·(s_out + 4) + B·C·H·W·s_img + 4·D·K    (read dY, the features and the image, write dW)
+The ceiling for fp32-exact products on tensor cores is a sixth of the bf16 matmul peak (three TF32 products
+per product, TF32 at half the bf16 rate on A100/H100/H200): "% matmul peak" of 16.7 is that roofline; the
+copy-bandwidth fraction is small at these shapes (the stem is compute-bound).
 Peers: the eager fp32 stem (conv -> pool -> norm -> position, TF32 off) and torch.compile of it.
 """
 
@@ -61,13 +67,13 @@ def _case(
         name=f"B{b} {c}x{h}x{w} u16 p{patch} D{dim} {path}",
         setup=setup,
         fns=fns,
-        flops={"fwd": 2.0 * b * t_conv * k * dim, "bwd": 2.0 * b * t_conv * k * dim},
+        flops={"fwd": 2.0 * b * t_conv * k * dim, "bwd": 2.0 * b * t * k * dim},
         bytes={
-            "fwd": img_bytes + 4.0 * dim * k + 2.0 * b * t * dim,
-            "bwd": 2.0 * b * t * dim + img_bytes + 4.0 * dim * k,
+            "fwd": img_bytes + 4.0 * dim * k + (2.0 + 4.0) * b * t * dim,
+            "bwd": (2.0 + 4.0) * b * t * dim + img_bytes + 4.0 * dim * k,
         },
-        flop_formula="fwd 2·B·T_conv·K·D, bwd 2·B·T_conv·K·D",
-        byte_formula="fwd B·C·H·W·s_img + 4·D·K + B·T·D·s_out, bwd the same (dY, image, dW)",
+        flop_formula="fwd 2·B·T_conv·K·D, bwd 2·B·T·K·D; fp32-exact ceiling = bf16 peak / 6",
+        byte_formula="fwd B·C·H·W·s_img + 4·D·K + B·T·D·(s_out + 4), bwd the same (dY, features, image, dW)",
         notes=notes,
     )
 

@@ -2,13 +2,16 @@
 
 A Triton kernel is compiled once per *specialisation*: its constexpr values, the dtypes of its
 tensors, whether each pointer is 16-byte aligned, and whether each integer argument is 1 or a multiple
-of 16. ``@triton.autotune`` re-times every config for each new value of its ``key`` arguments. Both
+of 16. An autotuner re-times every config for each new key: ``@triton.autotune`` for each new value of
+its ``key`` arguments, fm_engine's ``kernels/_autotune.py`` for each new bucket (sizes rounded to powers of
+two, remembered across processes). Both
 are expensive (a compilation takes about a second, an autotuning sweep tens of milliseconds per
 config), so a training step that keeps meeting new shapes never reaches steady state. This module
 makes that visible, also on a CPU in Triton's interpreter where nothing is compiled: while
 :func:`count` is active it records each launch's specialisation key (emulating Triton's rule) and
 each ``triton.autotune`` key, process-wide, so a later counting block reports only what is new.
-On a GPU it also counts Triton's real compilations through ``triton.knobs.runtime.jit_cache_hook``.
+On a GPU it also counts Triton's real compilations through ``triton.knobs.runtime.jit_cache_hook`` and
+the tunings ``_autotune`` really ran (``tunings``).
 
     with count():                # warm-up steps: everything seen here is "known"
         step(); step()
@@ -39,6 +42,7 @@ class LaunchStats:
     new_specializations: list[str] = dataclasses.field(default_factory=list)  # kernels a GPU would compile anew
     autotune_keys: list[str] = dataclasses.field(default_factory=list)  # autotune keys a GPU would tune anew
     compilations: int = 0  # real Triton compilations (GPU only; 0 in the interpreter)
+    tunings: int = 0  # buckets _autotune timed (GPU only; the interpreter never times)
 
     @property
     def total_launches(self) -> int:
@@ -51,6 +55,7 @@ class LaunchStats:
             "new_specializations": list(self.new_specializations),
             "autotune_keys": list(self.autotune_keys),
             "compilations": self.compilations,
+            "tunings": self.tunings,
         }
 
 
@@ -117,7 +122,10 @@ def _record_autotune(tuner: Any, args: tuple, kwargs: dict) -> None:
     named = {**dict(zip(tuner.arg_names, args, strict=False)), **kwargs}
     key = [named[k] for k in tuner.keys if k in named]
     key += [str(v.dtype) for v in named.values() if hasattr(v, "dtype")]
-    full = (tuner.base_fn.__name__, tuple(key))
+    _new_tuning_key((tuner.base_fn.__name__, tuple(key)))
+
+
+def _new_tuning_key(full: tuple) -> None:
     if full in _SEEN_AUTOTUNE:
         return
     _SEEN_AUTOTUNE.add(full)
@@ -167,6 +175,20 @@ def count() -> Iterator[LaunchStats]:
             return orig_tune(self, *args, **kwargs)
 
         patch(autotuner.Autotuner, "run", tune_run)
+        from fm_engine.kernels import _autotune
+
+        orig_ours = _autotune.Autotuned.run
+
+        def ours_run(self: Any, grid: Any, *args: Any, **kwargs: Any) -> Any:
+            _new_tuning_key((self.name, tuple(self.key(self._bind(args, kwargs)))))
+            before = self.stats["tunings"]
+            try:
+                return orig_ours(self, grid, *args, **kwargs)
+            finally:
+                for s in _active:
+                    s.tunings += self.stats["tunings"] - before
+
+        patch(_autotune.Autotuned, "run", ours_run)
         knobs = getattr(triton, "knobs", None)
         prev_hook = knobs.runtime.jit_cache_hook if knobs is not None else None
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 
 from fm_engine import ops
 from fm_engine.ops import BackendUnsupportedError
@@ -87,6 +88,22 @@ def test_uint16_full_range_is_exact_to_fp32(device: torch.device) -> None:
     assert_parity_tensor("uint16 stem", out, out, ref64, torch.float32)
 
 
+@pytest.mark.parametrize("pool", [None, (3, 2)], ids=["full", "pooled"])
+def test_full_range_uint16_large_weights_at_the_error_bound(pool: tuple[int, int] | None, device: torch.device) -> None:
+    """The split products' error bound (3·2^-22 |x||w| per product) at its edge: raw uint16 pixels 0..65535
+    with a DICOM rescale (|x| up to 5e4 next to an offset of -1024), weights of every magnitude up to 1e4
+    with a large shared component (so the products nearly cancel in the LayerNorm's centring), patch 8
+    (K 64). fp32-exact against fp64, outputs and every gradient; one TF32 product per term would miss
+    the 1e-5 bound by about two orders of magnitude."""
+    image = raw_image(2, 1, 48, 32, torch.uint16, device)
+    image.view(-1)[1::7] = 65535
+    params = stem_params(1, 24, 8, device)
+    w = params[0]
+    params[0] = (w * torch.exp2(torch.randint(-12, 14, w.shape, device=device).float()) + 3e3).clamp(-1e4, 1e4)
+    params[1] = params[1] * 1e6
+    check(image, params, patch=8, pool_to=pool, intensity_scale=0.731, intensity_offset=-1024.0)
+
+
 def test_tf32_and_autocast_do_not_change_the_result(device: torch.device) -> None:
     """TF32 on and autocast bf16: still fp32-exact (checked with out_dtype=float32), and the default
     output is that same fp32 result rounded once to bf16; gradients too."""
@@ -129,40 +146,104 @@ def test_max_pool_routes_ties_like_pytorch(device: torch.device) -> None:
     check(image, params, patch=2, pool_to=(4, 4))
 
 
-@pytest.mark.parametrize("splits", [1, 2, 4])
-def test_weight_grad_splits(splits: int, device: torch.device) -> None:
-    """The token-split weight-gradient GEMM against an fp64 unfold + matmul.
-
-    Splits hold whole token tiles (BLOCK_T: 16 in the interpreter, larger on a GPU): 2 x 3 x gw tokens with
-    gw = 5 * BLOCK_T / 16 is just under two tiles, so 2 and 4 requested splits run 2."""
+def _dweight_config(split: int) -> triton.Config:
     from fm_engine.kernels import patch_embed as K
 
-    gw = 5 * K.dweight_tiles()["BLOCK_T"] // 16
-    n = 2 * 3 * gw
-    image = raw_image(2, 2, 12, 4 * gw, torch.int16, device)
-    dconv = torch.randn(2, 3 * gw, 24, device=device)
-    no_arg = torch.empty(0, dtype=torch.int32, device=device)
-    dw = K.weight_grad(image, dconv, no_arg, 4, 1 / 32768, 0.25, splits=splits)
+    base = K.DWEIGHT_INTERPRETER if not torch.cuda.is_available() else K._dweight_kernel.configs[0]
+    return triton.Config({**base.kwargs, "SPLIT": split}, num_warps=base.num_warps, num_stages=base.num_stages)
+
+
+@pytest.mark.parametrize("splits", [1, 2, 4])
+def test_weight_grad_splits(splits: int, device: torch.device) -> None:
+    """The token-split 3xTF32 weight-gradient GEMM against an fp64 unfold + matmul."""
+    from fm_engine.kernels import patch_embed as K
+
+    image = raw_image(2, 2, 12, 20, torch.int16, device)
+    dconv = torch.randn(2, 3 * 5, 24, device=device)
+    with K._dweight_kernel.override([_dweight_config(splits)]):
+        dw = K.weight_grad(image, dconv, torch.empty(0, dtype=torch.int32, device=device), 4, None, 1 / 32768, 0.25)
     x = image.double() / 32768 + 0.25
-    patches = x.reshape(2, 2, 3, 4, gw, 4).permute(0, 2, 4, 1, 3, 5).reshape(n, 32)
-    ref = (dconv.reshape(n, 24).double().T @ patches).reshape(24, 2, 4, 4)
+    patches = x.reshape(2, 2, 3, 4, 5, 4).permute(0, 2, 4, 1, 3, 5).reshape(30, 32)
+    ref = (dconv.reshape(30, 24).double().T @ patches).reshape(24, 2, 4, 4)
     assert_parity_tensor("dW", dw, dw, ref, torch.float32)
 
 
-@pytest.mark.parametrize("splits", [1, 4])
-def test_weight_grad_pooled_gather(splits: int, device: torch.device) -> None:
-    """The pooled weight gradient (a gather of the argmax patches) against an fp64 scatter + matmul."""
+@pytest.mark.parametrize("grid", [(8, 8, 3, 5), (9, 7, 4, 3), (6, 10, 6, 1)], ids=str)
+def test_weight_grad_pooled_routing(grid: tuple[int, int, int, int], device: torch.device) -> None:
+    """Pooled gradients routed back to their argmax conv tokens (bins overlapping or not, the same conv token
+    chosen by several bins) and the weight-gradient GEMM, against an fp64 scatter + matmul."""
     from fm_engine.kernels import patch_embed as K
 
-    image = raw_image(2, 2, 12, 20, torch.uint16, device)
-    g = torch.randn(2, 4, 24, device=device)
-    arg = torch.randint(0, 15, (2, 4, 24), dtype=torch.int32, device=device)
-    dw = K.weight_grad(image, g, arg, 4, 1 / 65535, -0.5, splits=splits)
-    dconv = torch.zeros(2, 15, 24, dtype=torch.float64, device=device).scatter_add_(1, arg.long(), g.double())
-    x = image.double() / 65535 - 0.5
-    patches = x.reshape(2, 2, 3, 4, 5, 4).permute(0, 2, 4, 1, 3, 5).reshape(30, 32)
-    ref = (dconv.reshape(30, 24).T @ patches).reshape(24, 2, 4, 4)
-    assert_parity_tensor("pooled dW", dw, dw, ref, torch.float32)
+    gh, gw, th, tw = grid
+    image = raw_image(2, 2, 4 * gh, 4 * gw, torch.uint16, device)
+    g = torch.randn(2, th * tw, 24, device=device)
+    # a valid argmax: each pooled token picks a conv token of its own bin, per channel
+    arg = torch.empty(2, th, tw, 24, dtype=torch.int64)
+    for i in range(th):
+        for j in range(tw):
+            hs, he = (i * gh) // th, -(-((i + 1) * gh) // th)
+            ws, we = (j * gw) // tw, -(-((j + 1) * gw) // tw)
+            rows = torch.randint(hs, he, (2, 24))
+            cols = torch.randint(ws, we, (2, 24))
+            arg[:, i, j] = rows * gw + cols
+    arg = arg.reshape(2, th * tw, 24).to(torch.int32).to(device)
+    for split in (1, 3):
+        with K._dweight_kernel.override([_dweight_config(split)]):
+            dw = K.weight_grad(image, g, arg, 4, (th, tw), 1 / 65535, -0.5)
+        dconv = torch.zeros(2, gh * gw, 24, dtype=torch.float64, device=device).scatter_add_(1, arg.long(), g.double())
+        x = image.double() / 65535 - 0.5
+        patches = x.reshape(2, 2, gh, 4, gw, 4).permute(0, 2, 4, 1, 3, 5).reshape(2 * gh * gw, 32)
+        ref = (dconv.reshape(-1, 24).T @ patches).reshape(24, 2, 4, 4)
+        assert_parity_tensor(f"pooled dW split {split}", dw, dw, ref, torch.float32)
+
+
+@pytest.mark.parametrize("affine", [(1.0, 0.0), (0.731, -1024.0), (1 / 65535, -0.5)], ids=["raw", "dicom", "unit"])
+def test_split_products_reach_fp32_rounding(affine: tuple[float, float], device: torch.device) -> None:
+    """Conv features and the weight gradient, full-range uint16 pixels, weights over 16 binary orders of
+    magnitude: the 3xTF32 products are as accurate as an fp32 computation (max error <= 2x that of torch's
+    fp32 conv / matmul + fp32's rounding of the result, against fp64). Stricter than the 1e-5 rule on
+    purpose: a split into bf16 halves (16 significant bits) passes 1e-5 here but misses this by ~3x."""
+    from fm_engine.kernels import patch_embed as K
+
+    scale, offset = affine
+    d, p = 32, 16
+    image = raw_image(2, 1, 64, 48, torch.uint16, device)
+    w = torch.randn(d, 1, p, p, device=device) * torch.exp2(torch.randint(-8, 8, (d, 1, p, p), device=device).float())
+    zeros, ones = torch.zeros(d, device=device), torch.ones(d, device=device)
+    for pool in (0, 2):
+        _, feat, *_ = K.forward(
+            image, w, zeros, ones, zeros, torch.zeros(d, 2, device=device), zeros, p, pool, pool, scale, offset,
+            torch.float32, 1e-5,
+        )  # fmt: skip
+        conv64 = F.conv2d(image.double() * scale + offset, w.double(), stride=p)
+        conv32 = F.conv2d(image.float() * scale + offset, w, stride=p)
+        if pool:
+            conv64, conv32 = F.adaptive_max_pool2d(conv64, pool), F.adaptive_max_pool2d(conv32, pool)
+        ref64, ref32 = (c.flatten(2).transpose(1, 2) for c in (conv64, conv32))
+        err, err32, top = ((feat.double() - ref64).abs().max(), (ref32.double() - ref64).abs().max(), ref64.abs().max())
+        assert err <= 2 * err32 + 2.0**-24 * top, f"pool {pool}: {err / top:.2e} vs fp32 {err32 / top:.2e} relative"
+    g = torch.randn(2, 12, d, device=device)
+    dw = K.weight_grad(image, g, torch.empty(0, dtype=torch.int32), p, None, scale, offset)
+    x64 = (image.double() * scale + offset).reshape(2, 1, 4, p, 3, p).permute(0, 2, 4, 1, 3, 5).reshape(24, p * p)
+    ref64 = (g.reshape(24, d).double().T @ x64).reshape(d, 1, p, p)
+    ref32 = (g.reshape(24, d).T @ x64.float()).reshape(d, 1, p, p)
+    err, err32, top = ((dw.double() - ref64).abs().max(), (ref32.double() - ref64).abs().max(), ref64.abs().max())
+    assert err <= 2 * err32 + 2.0**-24 * top, f"dW: {err / top:.2e} vs fp32 {err32 / top:.2e} relative"
+
+
+def test_tf32_split_is_exact_and_tight(device: torch.device) -> None:
+    """hi and lo are TF32 values (low 13 bits clear) and hi + lo is within 2^-22 relative of x, over signs and
+    exponents, at rounding ties too."""
+    from fm_engine.kernels.patch_embed import tf32_split
+
+    x = torch.randn(4096, device=device) * torch.exp2(torch.randint(-40, 40, (4096,), device=device).float())
+    ties = 1.0 + torch.arange(1, 65, device=device, dtype=torch.float32) * 2.0**-11 + 2.0**-12  # exactly half-way
+    x = torch.cat([x, ties, -ties, torch.tensor([0.0, 65535.0, -1024.0, 1 / 65535], device=device)])
+    hi, lo = tf32_split(x)
+    for part in (hi, lo):
+        assert not bool((part.view(torch.int32) & 0x1FFF).any())
+    err = (x.double() - hi.double() - lo.double()).abs()
+    assert bool((err <= 2.0**-22 * x.double().abs()).all()), float((err / x.double().abs().clamp_min(1e-300)).max())
 
 
 def test_under_torch_compile(device: torch.device) -> None:

@@ -1,7 +1,9 @@
-"""ReLU² family: relu2 (Triton, CUDA) and relu2_mlp (Triton) against the eager reference."""
+"""ReLU² family: relu2 (Triton, CUDA) and relu2_mlp (Triton fused GEMMs, hybrid cuBLAS + Triton) against the
+eager reference. Every test names the backend it exercises."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import re
@@ -20,10 +22,15 @@ from fm_engine.testing import assert_parity, assert_parity_tensor
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # The shapes below sit around the tiles the kernels really launch with here: the MLP's one interpreter
 # tile (MM_TILE), or on a GPU the largest tile edge of its autotune configs (sizes around it are partial
-# tiles of the 64-wide configs too, and of BK 32); the element-wise kernels' block (256 interpreted, 2048 on
-# a GPU).
-TILE = K.MM_TILE if interpreting() else max(max(c.kwargs["BM"], c.kwargs["BN"]) for c in K.GPU_CONFIGS)
-EW_BLOCK = K._ew_block()
+# tiles of the smaller configs too); the element-wise kernels' block (256 interpreted, the largest tuned
+# block on a GPU).
+TILE = (
+    K.MM_TILE
+    if interpreting()
+    else max(max(c.kwargs["BM"], c.kwargs["BN"]) for cs in K.MM_CONFIGS.values() for c in cs)
+)
+EW_BLOCK = K.EW_BLOCK_INTERPRETER if interpreting() else max(c.kwargs["BLOCK"] for c in K.EW_CONFIGS)
+MLP_BACKENDS = ["triton", "hybrid"]
 
 
 def triton_relu2(x: torch.Tensor) -> torch.Tensor:
@@ -32,6 +39,10 @@ def triton_relu2(x: torch.Tensor) -> torch.Tensor:
 
 def triton_mlp(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     return ops.relu2_mlp(x, w1, w2, backend="triton")
+
+
+def mlp_on(backend: str):
+    return lambda x, w1, w2: ops.relu2_mlp(x, w1, w2, backend=backend)
 
 
 def mlp_weights(d: int, h: int, dout: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -58,6 +69,17 @@ def test_relu2_triton_shapes_and_nan(device: torch.device) -> None:
     assert torch.isnan(y[0, 0, 0])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_relu2_triton_nan_inf_gradients(dtype: torch.dtype, device: torch.device) -> None:
+    """NaN and +-inf inputs, in a whole block and in the masked last block: outputs and gradients match
+    eager's non-finite values (relu keeps NaN; 2 * relu(inf) * dy is +-inf)."""
+    x = torch.randn(2 * EW_BLOCK + 3, device=device)
+    for i in (5, EW_BLOCK + 1, 2 * EW_BLOCK + 1):
+        x[i], x[i + 1] = float("nan"), float("inf")
+    x[7] = -float("inf")
+    assert_parity(triton_relu2, lambda t: torch.relu(t) ** 2, [x.to(dtype)], name="relu2 NaN/inf")
+
+
 def test_relu2_empty(device: torch.device) -> None:
     x = torch.empty(0, 4, device=device)
     assert triton_relu2(x).shape == (0, 4)
@@ -74,66 +96,85 @@ def test_relu2_empty(device: torch.device) -> None:
         (3 * TILE + 5, 24, 72, 24),
     ],
 )
-def test_relu2_mlp_triton_parity(dtype: torch.dtype, m: int, d: int, h: int, dout: int, device: torch.device) -> None:
+@pytest.mark.parametrize("backend", MLP_BACKENDS)
+def test_relu2_mlp_parity(
+    backend: str, dtype: torch.dtype, m: int, d: int, h: int, dout: int, device: torch.device
+) -> None:
     x = torch.randn(m, d, device=device).to(dtype)
     w1, w2 = mlp_weights(d, h, dout, dtype, device)
-    assert_parity(triton_mlp, relu2_mlp_reference, [x, w1, w2], name=f"relu2_mlp {m}x{d}->{h}->{dout}")
+    assert_parity(mlp_on(backend), relu2_mlp_reference, [x, w1, w2], name=f"relu2_mlp {backend} {m}x{d}->{h}->{dout}")
 
 
+@pytest.mark.parametrize("backend", MLP_BACKENDS)
 @pytest.mark.parametrize("shape", [(2, 3, 5, 20), (20,), (1, 1, 20)])
-def test_relu2_mlp_leading_shapes(shape: tuple[int, ...], device: torch.device) -> None:
+def test_relu2_mlp_leading_shapes(backend: str, shape: tuple[int, ...], device: torch.device) -> None:
     x = torch.randn(*shape, device=device)
     w1, w2 = mlp_weights(20, 36, 20, torch.float32, device)
-    assert_parity(triton_mlp, relu2_mlp_reference, [x, w1, w2], name=f"relu2_mlp {shape}")
-    assert triton_mlp(x, w1, w2).shape == (*shape[:-1], 20)
+    assert_parity(mlp_on(backend), relu2_mlp_reference, [x, w1, w2], name=f"relu2_mlp {backend} {shape}")
+    assert mlp_on(backend)(x, w1, w2).shape == (*shape[:-1], 20)
 
 
-def test_relu2_mlp_noncontiguous(device: torch.device) -> None:
-    # the GEMMs read through strides: a transposed input and transposed weights need no copies
+@pytest.mark.parametrize("backend", MLP_BACKENDS)
+def test_relu2_mlp_noncontiguous(backend: str, device: torch.device) -> None:
+    # non-contiguous inputs and weights: cuBLAS reads the strides, the fused design copies them once
     x = torch.randn(24, 33, device=device).t()  # [33, 24], not contiguous
     w1 = torch.randn(40, 24, device=device).div(5).t().contiguous().t()
     w2 = torch.randn(40, 24, device=device).div(6).t()  # [24, 40], not contiguous
     assert not x.is_contiguous() and not w2.is_contiguous()
-    assert_parity(triton_mlp, relu2_mlp_reference, [x, w1, w2], name="relu2_mlp non-contiguous")
+    assert_parity(mlp_on(backend), relu2_mlp_reference, [x, w1, w2], name=f"relu2_mlp {backend} non-contiguous")
 
 
+@pytest.mark.parametrize("backend", MLP_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_relu2_mlp_dropout_matches_mask(dtype: torch.dtype, device: torch.device) -> None:
+def test_relu2_mlp_dropout_matches_mask(backend: str, dtype: torch.dtype, device: torch.device) -> None:
     """The kernels' dropout equals the reference with the same keep mask, forward and backward."""
     from fm_engine.kernels.relu2 import dropout_keep_mask
 
     p = 0.3
-    m, d, h = 37, 24, 40
+    m, d, h = 37, 24, 40  # M * H = 1480: a whole interpreter block and a partial one
     x = torch.randn(m, d, device=device).to(dtype)
     w1, w2 = mlp_weights(d, h, d, dtype, device)
-    _, seed = relu2_mlp_triton_with_seed(x, w1, w2, p)
+    _, seed = relu2_mlp_triton_with_seed(x, w1, w2, p, backend)
     keep = dropout_keep_mask(seed, m, h, p, device)
     frac = keep.float().mean().item()
     assert 0.55 < frac < 0.85, f"keep fraction {frac} for p={p}"
 
     def fast(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
         torch.manual_seed(1)  # same seed draw as below
-        return relu2_mlp_triton_with_seed(x, w1, w2, p)[0]
+        return relu2_mlp_triton_with_seed(x, w1, w2, p, backend)[0]
 
     torch.manual_seed(1)
-    _, seed1 = relu2_mlp_triton_with_seed(x, w1, w2, p)
+    _, seed1 = relu2_mlp_triton_with_seed(x, w1, w2, p, backend)
     keep1 = dropout_keep_mask(seed1, m, h, p, device)
 
     def masked_reference(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
         hid = torch.relu(x @ w1.t()) ** 2
         return (hid * keep1.to(hid.dtype) / (1 - p)) @ w2.t()
 
-    assert_parity(fast, masked_reference, [x, w1, w2], name="relu2_mlp dropout")
+    assert_parity(fast, masked_reference, [x, w1, w2], name=f"relu2_mlp {backend} dropout")
 
 
-def test_relu2_mlp_dropout_reproducible(device: torch.device) -> None:
+def test_relu2_mlp_designs_draw_one_mask(device: torch.device) -> None:
+    """Same seed, same mask: the fused and the hybrid design compute the same dropped MLP."""
+    x = torch.randn(19, 16, device=device)
+    w1, w2 = mlp_weights(16, 48, 16, torch.float32, device)
+    torch.manual_seed(3)
+    a, sa = relu2_mlp_triton_with_seed(x, w1, w2, 0.4, "triton")
+    torch.manual_seed(3)
+    b, sb = relu2_mlp_triton_with_seed(x, w1, w2, 0.4, "hybrid")
+    assert sa == sb
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", MLP_BACKENDS)
+def test_relu2_mlp_dropout_reproducible(backend: str, device: torch.device) -> None:
     x = torch.randn(9, 16, device=device)
     w1, w2 = mlp_weights(16, 32, 16, torch.float32, device)
     torch.manual_seed(5)
-    a = ops.relu2_mlp(x, w1, w2, 0.5, backend="triton")
+    a = ops.relu2_mlp(x, w1, w2, 0.5, backend=backend)
     torch.manual_seed(5)
-    b = ops.relu2_mlp(x, w1, w2, 0.5, backend="triton")
-    c = ops.relu2_mlp(x, w1, w2, 0.5, backend="triton")
+    b = ops.relu2_mlp(x, w1, w2, 0.5, backend=backend)
+    c = ops.relu2_mlp(x, w1, w2, 0.5, backend=backend)
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
 
@@ -154,19 +195,22 @@ def _saved_hidden_tensors(fn, x, w1, w2) -> int:
     return count
 
 
-def test_relu2_mlp_keeps_one_hidden_tensor(device: torch.device) -> None:
+@pytest.mark.parametrize("backend", MLP_BACKENDS)
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_relu2_mlp_keeps_one_hidden_tensor(backend: str, p: float, device: torch.device) -> None:
     x = torch.randn(33, 16, device=device, requires_grad=True)
     w1, w2 = (w.requires_grad_() for w in mlp_weights(16, 48, 16, torch.float32, device))
-    assert _saved_hidden_tensors(triton_mlp, x, w1, w2) == 1
-    assert _saved_hidden_tensors(lambda *a: relu2_mlp_reference(*a), x, w1, w2) >= 2
+    assert _saved_hidden_tensors(lambda *a: ops.relu2_mlp(*a, p, backend=backend), x, w1, w2) == 1
+    assert _saved_hidden_tensors(lambda *a: relu2_mlp_reference(*a, p), x, w1, w2) >= 2
 
 
-def test_relu2_mlp_under_torch_compile(device: torch.device) -> None:
+@pytest.mark.parametrize("backend", MLP_BACKENDS)
+def test_relu2_mlp_under_torch_compile(backend: str, device: torch.device) -> None:
     x = torch.randn(2, 9, 16, device=device, requires_grad=True)
     w1, w2 = (w.requires_grad_() for w in mlp_weights(16, 32, 16, torch.float32, device))
 
     def f(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-        return ops.relu2_mlp(x, w1, w2, backend="triton") + ops.relu2(x, backend="triton")
+        return ops.relu2_mlp(x, w1, w2, backend=backend) + ops.relu2(x, backend="triton")
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     y = compiled(x, w1, w2)
@@ -240,13 +284,18 @@ def test_unsupported_backend_says_why(device: torch.device) -> None:
         ops.relu2(xt, backend="triton")
     # automatic dispatch takes the reference for it: same math, no error
     torch.testing.assert_close(ops.relu2(xt), torch.relu(xt) ** 2)
-    with pytest.raises(ops.BackendUnsupportedError, match=r"triton.*float64"):
-        ops.relu2_mlp(
-            torch.randn(2, 4, dtype=torch.float64, device=device),
-            torch.randn(4, 4, dtype=torch.float64, device=device),
-            torch.randn(4, 4, dtype=torch.float64, device=device),
-            backend="triton",
-        )
+    for backend in MLP_BACKENDS:
+        with pytest.raises(ops.BackendUnsupportedError, match=rf"'{backend}'.*float64"):
+            ops.relu2_mlp(
+                torch.randn(2, 4, dtype=torch.float64, device=device),
+                torch.randn(4, 4, dtype=torch.float64, device=device),
+                torch.randn(4, 4, dtype=torch.float64, device=device),
+                backend=backend,
+            )
+    ex = ops.explain(
+        ops.relu2_mlp, *(torch.randn(s, device=device) for s in ((2, 4), (4, 4), (4, 4))), backend="hybrid"
+    )
+    assert ex.chosen == "hybrid"
     # the device: what each backend refuses differs by machine kind, and each refusal says why
     cpu_x = torch.randn(4)
     built = fm_engine._C_status()  # None when the CUDA extension was built
@@ -286,37 +335,49 @@ def test_relu2_cuda_parity(dtype: torch.dtype, offset: int) -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", MLP_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_relu2_mlp_triton_parity_real_size(dtype: torch.dtype) -> None:
+def test_relu2_mlp_parity_real_size(backend: str, dtype: torch.dtype) -> None:
     x = torch.randn(8 * 768, 512, device="cuda").to(dtype)
     w1, w2 = mlp_weights(512, 2048, 512, dtype, torch.device("cuda"))
-    assert_parity(triton_mlp, relu2_mlp_reference, [x, w1, w2], name="relu2_mlp 6144x512->2048->512")
+    assert_parity(mlp_on(backend), relu2_mlp_reference, [x, w1, w2], name=f"relu2_mlp {backend} 6144x512->2048->512")
 
 
 @pytest.mark.gpu
-def test_relu2_mlp_triton_deterministic() -> None:
+@pytest.mark.parametrize("backend", MLP_BACKENDS)
+def test_relu2_mlp_deterministic(backend: str) -> None:
     x = torch.randn(4096, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     w1, w2 = (w.requires_grad_() for w in mlp_weights(512, 2048, 512, torch.bfloat16, torch.device("cuda")))
     outs = []
     for _ in range(2):
-        y = triton_mlp(x, w1, w2)
+        y = mlp_on(backend)(x, w1, w2)
         gx, g1, g2 = torch.autograd.grad(y.float().square().sum(), (x, w1, w2))
         outs.append((y, gx, g1, g2))
     for a, b in zip(*outs):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("split", [1, 3, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_relu2_mlp_weight_grads_split_k(dtype: torch.dtype, device: torch.device) -> None:
-    """Split-K weight gradients (used on GPUs when few output tiles meet a long K) match the reference."""
+def test_relu2_mlp_weight_grads_split_k(split: int, dtype: torch.dtype, device: torch.device) -> None:
+    """Weight gradients with 1, 3 or 4 K slices (the split is part of the tuned config) match the reference."""
+    import triton
     from fm_engine.kernels import relu2 as K
 
-    m, d, h = 3 * K.K_SPLIT_ALIGN + 5, 16, 32
+    m, d, h = 5 * TILE + 3, 16, 32  # K = m: slices of 32, 32, 32 (and 16 / empty) tokens, a partial last tile
     x = torch.randn(m, d, device=device).to(dtype)
     w1, w2 = mlp_weights(d, h, d, dtype, device)
     dy = torch.randn(m, d, device=device).to(dtype)
     _, r = K.mlp_forward(x, w1, w2, 0.0, 0)
-    _, dw1, dw2 = K.mlp_backward(dy, x, w1, w2, r, 0.0, 0, split_k=4)
+    with contextlib.ExitStack() as stack:
+        for (wgrad, _, _), tuned in K.GEMMS.items():
+            if wgrad:  # every weight-gradient family, whichever this launch picks, runs its first config
+                base = K.WGRAD_INTERPRETER if not torch.cuda.is_available() else tuned.configs[0]
+                cfg = triton.Config(
+                    {**base.kwargs, "SPLIT": split}, num_warps=base.num_warps, num_stages=base.num_stages
+                )
+                stack.enter_context(tuned.override([cfg]))
+        _, dw1, dw2 = K.mlp_backward(dy, x, w1, w2, r, 0.0, 0)
 
     def ref_grads(cast: torch.dtype | None) -> tuple[torch.Tensor, ...]:
         xs, a, b, g = (t.to(cast) if cast else t for t in (x, w1, w2, dy))
@@ -328,7 +389,7 @@ def test_relu2_mlp_weight_grads_split_k(dtype: torch.dtype, device: torch.device
     assert_parity_tensor("dw2 split-K", dw2, lo[1], hi[1], dtype)
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", *MLP_BACKENDS])
 def test_relu2_mlp_under_autocast(backend: str, device: torch.device) -> None:
     """bf16 autocast with fp32 weights: inputs are cast like F.linear's, gradients reach the fp32 weights."""
     mod = fm_engine.nn.ReLU2MLP(16, 32, backend=backend).to(device)
@@ -343,16 +404,17 @@ def test_relu2_mlp_under_autocast(backend: str, device: torch.device) -> None:
     assert_parity_tensor("autocast relu2_mlp", y, ref, ref_hi, torch.bfloat16)
 
 
-def test_relu2_mlp_propagates_nan(device: torch.device) -> None:
+@pytest.mark.parametrize("backend", MLP_BACKENDS)
+def test_relu2_mlp_propagates_nan(backend: str, device: torch.device) -> None:
     """A NaN input row gives a NaN output row, as in eager (relu and dropout keep NaN)."""
     x = torch.randn(20, 16, device=device)
     x[3, 5] = float("nan")
     w1, w2 = mlp_weights(16, 32, 16, torch.float32, device)
     for p in (0.0, 0.5):
-        y = ops.relu2_mlp(x, w1, w2, p, backend="triton")
+        y = ops.relu2_mlp(x, w1, w2, p, backend=backend)
         assert torch.isnan(y[3]).all(), f"p={p}: NaN was not propagated"
         assert torch.isfinite(y[torch.arange(20) != 3]).all()
-    assert_parity(triton_mlp, relu2_mlp_reference, [x, w1, w2], name="relu2_mlp with NaN")
+    assert_parity(mlp_on(backend), relu2_mlp_reference, [x, w1, w2], name=f"relu2_mlp {backend} with NaN")
 
 
 def test_custom_ops_pass_opcheck(device: torch.device) -> None:
@@ -371,13 +433,17 @@ def test_custom_ops_pass_opcheck(device: torch.device) -> None:
     torch.library.opcheck(R._mlp_fwd_triton, (x.requires_grad_(), w1, w2, 0.0), test_utils=tests)
     seed = torch.tensor([0], dtype=torch.int64)
     torch.library.opcheck(R._mlp_bwd_triton, (dy, x.detach(), w1.detach(), w2.detach(), r, seed, 0.0), test_utils=tests)
+    torch.library.opcheck(R._mlp_fwd_hybrid, (x, w1, w2, 0.1), test_utils=tests)
+    a = torch.randn(33, 40, device=device)
+    torch.library.opcheck(R._mlp_bwd_hybrid, (dy, x.detach(), w1.detach(), w2.detach(), a, seed, 0.1), test_utils=tests)
 
 
-def test_relu2_mlp_under_inductor_noncontiguous(device: torch.device) -> None:
+@pytest.mark.parametrize("backend", MLP_BACKENDS)
+def test_relu2_mlp_under_inductor_noncontiguous(backend: str, device: torch.device) -> None:
     """torch.compile's default backend checks the custom ops' output strides against their fakes."""
     x = torch.randn(16, 2, 9, device=device).permute(1, 2, 0).requires_grad_()  # [2, 9, 16], not contiguous
     w1, w2 = (w.requires_grad_() for w in mlp_weights(16, 32, 16, torch.float32, device))
-    f = torch.compile(lambda x, w1, w2: ops.relu2_mlp(x, w1, w2, backend="triton"), fullgraph=True)
+    f = torch.compile(lambda x, w1, w2: ops.relu2_mlp(x, w1, w2, backend=backend), fullgraph=True)
     y = f(x, w1, w2)
     gx, g1, g2 = torch.autograd.grad(y.square().sum(), (x, w1, w2))
     ref = relu2_mlp_reference(x, w1, w2)
@@ -387,10 +453,20 @@ def test_relu2_mlp_under_inductor_noncontiguous(device: torch.device) -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", MLP_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_relu2_mlp_triton_parity_gpu_tile_edges(dtype: torch.dtype) -> None:
+def test_relu2_mlp_parity_gpu_tile_edges(backend: str, dtype: torch.dtype) -> None:
     # several full 128-tiles plus a partial one in every dimension
     m, d, h = 8 * 128 + 1, 3 * 32 + 1, 2 * 128 + 1
     x = torch.randn(m, d, device="cuda").to(dtype)
     w1, w2 = mlp_weights(d, h, d, dtype, torch.device("cuda"))
-    assert_parity(triton_mlp, relu2_mlp_reference, [x, w1, w2], name="relu2_mlp GPU tile edges")
+    assert_parity(mlp_on(backend), relu2_mlp_reference, [x, w1, w2], name=f"relu2_mlp {backend} GPU tile edges")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [(1 << 22) + 5, 1 << 22])
+def test_relu2_triton_parity_gpu_sizes(dtype: torch.dtype, n: int) -> None:
+    """Whole 16-byte-vector blocks and a masked tail at a size the tuner tunes for."""
+    x = torch.randn(n, device="cuda").to(dtype)
+    assert_parity(triton_relu2, lambda t: torch.relu(t) ** 2, [x], name=f"relu2 n={n}")

@@ -46,9 +46,10 @@ def test_avit_mjepa_step_has_no_new_kernels_after_warmup(device: torch.device) -
         assert steady.new_specializations == [], steady.as_dict()
         assert steady.autotune_keys == [], steady.as_dict()
         assert steady.compilations == 0
-    # negative control: a step at a new predictor length is seen as new work, so the counter can fail
+    # negative control: a step whose predictor length crosses into another power-of-two bucket is new work
+    # (a few extra slots stay in their bucket: autotuning is bucketed), so the counter can fail
     with _launches.count() as changed:
-        _step(obj, images, extra_padding=3)
+        _step(obj, images, extra_padding=40)
     assert changed.autotune_keys or changed.new_specializations, changed.as_dict()
 
 

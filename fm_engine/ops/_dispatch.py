@@ -34,7 +34,7 @@ import torch
 
 from fm_engine.ops import _evidence
 
-BACKENDS = ("reference", "triton", "cuda")
+BACKENDS = ("reference", "triton", "cuda", "hybrid")  # hybrid: vendor GEMMs with the Triton element-wise kernels
 REFERENCE = "reference"
 _AUTO = "auto"
 

@@ -16,12 +16,13 @@ Output dtype: ``out_dtype``, else the autocast dtype when autocast is on, else t
 
 Backends: reference (conv2d with TF32 off, adaptive_max_pool2d, layer_norm, all with autocast off)
 and triton (kernels/patch_embed.py): a conv (+ max pool) kernel reading the raw image (once per path
-when bins do not overlap) with ieee fp32 dots, then a LayerNorm + position kernel, so TF32 and autocast settings
-cannot change its result. Its backward gives gradients for every parameter (weight, bias,
-norm_weight, norm_bias, pos_weight, pos_bias; the image gets none): the conv weight gradient is a
-Triton ieee-fp32 kernel that gathers patches from the raw image (with pooling, only the patches the
-maxima came from); the LayerNorm, position and bias gradients are plain torch in fp32 (element-wise
-work and reductions, no matmul).
+when bins do not overlap) with fp32-exact 3xTF32 tensor-core products (an explicit split of every operand
+into two TF32 values; error analysis in kernels/patch_embed.py), then a LayerNorm + position kernel, so
+TF32 and autocast settings cannot change its result. Its backward gives gradients for every parameter
+(weight, bias, norm_weight, norm_bias, pos_weight, pos_bias; the image gets none) in three kernels: the
+LayerNorm backward with the bias / norm / position gradients as per-program sums, the routing of pooled
+gradients back to their conv tokens, and the conv weight gradient as a 3xTF32 GEMM over patches gathered
+from the raw image again.
 The Triton backend takes fp32 parameters, images of uint8 / uint16 / int16 / float32 / bfloat16,
 dims up to 4096 and fp32 / bf16 / fp16 outputs; an image that requires grad goes to the reference.
 """
@@ -280,30 +281,46 @@ def _(
     return (weight.new_empty((b, nt, d), dtype=out_dtype), feat, feat.new_empty((b, nt)), feat.new_empty((b, nt)), arg)
 
 
-@torch.library.custom_op("fm_engine::patch_embed_weight_grad", mutates_args=())
-def _weight_grad(
+@torch.library.custom_op("fm_engine::patch_embed_bwd", mutates_args=())
+def _bwd(
+    dy: torch.Tensor,
     image: torch.Tensor,
-    grad: torch.Tensor,
+    norm_weight: torch.Tensor,
+    feat: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
     arg: torch.Tensor,
     patch: int,
+    pool_h: int,
+    pool_w: int,
     intensity_scale: float,
     intensity_offset: float,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from fm_engine.kernels import patch_embed as K
 
-    return K.weight_grad(image, grad, arg, patch, intensity_scale, intensity_offset)
+    return K.backward(
+        dy, image, norm_weight, feat, mean, rstd, arg, patch, pool_h, pool_w, intensity_scale, intensity_offset
+    )
 
 
-@_weight_grad.register_fake
+@_bwd.register_fake
 def _(
+    dy: torch.Tensor,
     image: torch.Tensor,
-    grad: torch.Tensor,
+    norm_weight: torch.Tensor,
+    feat: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
     arg: torch.Tensor,
     patch: int,
+    pool_h: int,
+    pool_w: int,
     intensity_scale: float,
     intensity_offset: float,
-) -> torch.Tensor:
-    return grad.new_empty((grad.shape[-1], image.shape[1], patch, patch))
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    d = feat.shape[-1]
+    vec = [feat.new_empty((d,)) for _ in range(4)]
+    return (feat.new_empty((d, image.shape[1], patch, patch)), vec[0], vec[1], vec[2], feat.new_empty((d, 2)), vec[3])
 
 
 def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
@@ -316,26 +333,8 @@ def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
 
 def _backward(ctx: Any, dy: torch.Tensor, *_unused: torch.Tensor) -> tuple:
     image, norm_weight, feat, mean, rstd, arg = ctx.saved_tensors
-    h, w = image.shape[-2:]
-    gh, gw = h // ctx.patch, w // ctx.patch
-    th, tw = ctx.pool if ctx.pool[0] > 0 else (gh, gw)
-    g = dy.float()
-    # position: d pos_bias = sum g; d pos_weight[:, 0] = sum g * u_i, [:, 1] = sum g * v_j
-    g_tok = g.sum(0).view(th, tw, -1)
-    u = grid_coords(th, g.device, torch.float32)
-    v = grid_coords(tw, g.device, torch.float32)
-    d_pos_bias = g_tok.sum((0, 1))
-    d_pos_weight = torch.stack(((g_tok.sum(1) * u[:, None]).sum(0), (g_tok.sum(0) * v[:, None]).sum(0)), dim=1)
-    # LayerNorm
-    xhat = (feat - mean[..., None]) * rstd[..., None]
-    d_norm_bias = d_pos_bias.clone()  # same values, but two parameters must not share one .grad tensor
-    d_norm_weight = (g * xhat).sum((0, 1))
-    gx = g * norm_weight
-    dfeat = rstd[..., None] * (gx - gx.mean(-1, keepdim=True) - xhat * (gx * xhat).mean(-1, keepdim=True))
-    d_bias = dfeat.sum((0, 1))  # every pooled output routes to exactly one conv output, which carries the bias
-    # with pooling, the kernel follows each pooled gradient to the conv token it came from (bins may overlap)
-    d_weight = _weight_grad(image, dfeat, arg, ctx.patch, ctx.scale, ctx.offset)
-    return (None, d_weight, d_bias, d_norm_weight, d_norm_bias, d_pos_weight, d_pos_bias) + (None,) * 7
+    grads = _bwd(dy, image, norm_weight, feat, mean, rstd, arg, ctx.patch, *ctx.pool, ctx.scale, ctx.offset)
+    return (None, *grads) + (None,) * 7
 
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)

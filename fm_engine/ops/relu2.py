@@ -3,13 +3,19 @@
 ``relu2(x)``: element-wise; backward ``2 * relu(x) * dy``.
 ``relu2_mlp(x, w1, w2, dropout_p)`` = ``dropout(relu(x @ w1.T) ** 2) @ w2.T``, no biases.
 
-Backends: reference (eager), triton (kernels/relu2.py), cuda (csrc/relu2.cu, element-wise only).
+Backends: reference (eager), triton (kernels/relu2.py), cuda (csrc/relu2.cu, element-wise only), and for
+the MLP hybrid (vendor GEMMs with fm_engine's Triton element-wise kernels).
 The Triton MLP puts relu in the epilogue of the first product and the square (and dropout) in the
 prologue of the second, so the only hidden-sized tensor it writes, and keeps for backward, is
-``relu(x @ w1.T)``; eager keeps two (relu output and its square, plus the dropout mask).
+``relu(x @ w1.T)``; eager keeps two (relu output and its square, plus the dropout mask). The hybrid MLP
+runs the four products in cuBLAS (``torch.mm``) and everything element-wise (relu, square, dropout, their
+derivative, the squared hidden for dW2) in one Triton pass per direction, keeping ``x @ w1.T`` as its one
+hidden-sized tensor. kernels/relu2.py has the byte and FLOP model of both designs.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -88,8 +94,9 @@ def relu2_mlp(
     """``dropout(relu(x @ w1.T) ** 2) @ w2.T``.
 
     x: [..., dim]; w1: [hidden, dim] (fc1.weight); w2: [dim_out, hidden] (fc2.weight) -> [..., dim_out].
-    ``dropout_p`` is applied as given (pass 0.0 in eval); the Triton backend draws its mask with
-    Triton's Philox generator seeded from torch's generator, so masks differ from the reference's.
+    ``dropout_p`` is applied as given (pass 0.0 in eval); the triton and hybrid backends draw their mask
+    with Triton's Philox generator seeded from torch's generator (the same mask for the same seed), so
+    masks differ from the reference's.
     Under autocast, x and the weights are cast to the autocast dtype first, as ``F.linear`` would be.
     """
     x, w1, w2 = autocast_inputs(x, w1, w2)
@@ -198,7 +205,7 @@ def _mlp_fwd_triton(
 
 
 @_mlp_fwd_triton.register_fake
-def _(x, w1, w2, dropout_p):
+def _mlp_fwd_fake(x, w1, w2, dropout_p):
     return x.new_empty(x.shape[0], w2.shape[0]), x.new_empty(x.shape[0], w1.shape[0]), torch.empty(1, dtype=torch.int64)
 
 
@@ -218,7 +225,7 @@ def _mlp_bwd_triton(
 
 
 @_mlp_bwd_triton.register_fake
-def _(dy, x, w1, w2, r, seed, dropout_p):
+def _mlp_bwd_fake(dy, x, w1, w2, r, seed, dropout_p):
     # the kernels write fresh contiguous gradients whatever the inputs' strides
     return (x.new_empty(x.shape), w1.new_empty(w1.shape), w2.new_empty(w2.shape))
 
@@ -239,17 +246,66 @@ def _mlp_backward(ctx, dy, _dr, _dseed):
 _mlp_fwd_triton.register_autograd(_mlp_backward, setup_context=_mlp_setup)
 
 
-def _relu2_mlp_triton(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
+# The hybrid: same wiring, cuBLAS products and Triton element-wise passes (kernels/relu2.py: hybrid_*).
+@torch.library.custom_op("fm_engine::relu2_mlp_fwd_hybrid", mutates_args=())
+def _mlp_fwd_hybrid(
+    x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, dropout_p: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from fm_engine.kernels import relu2 as K
+
+    seed = int(torch.randint(0, _SEED_MAX, (1,)).item()) if dropout_p > 0 else 0
+    y, a = K.hybrid_forward(x, w1, w2, dropout_p, seed)
+    return y, a, torch.tensor([seed], dtype=torch.int64)
+
+
+@torch.library.custom_op("fm_engine::relu2_mlp_bwd_hybrid", mutates_args=())
+def _mlp_bwd_hybrid(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    a: torch.Tensor,
+    seed: torch.Tensor,
+    dropout_p: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from fm_engine.kernels import relu2 as K
+
+    return K.hybrid_backward(dy, x, w1, w2, a, dropout_p, int(seed.item()))
+
+
+_mlp_fwd_hybrid.register_fake(_mlp_fwd_fake)  # same outputs: y, the one hidden tensor, the seed
+_mlp_bwd_hybrid.register_fake(_mlp_bwd_fake)
+
+
+def _mlp_backward_hybrid(ctx, dy, _da, _dseed):
+    x, w1, w2, a, seed = ctx.saved_tensors
+    dx, dw1, dw2 = _mlp_bwd_hybrid(dy, x, w1, w2, a, seed, ctx.p)
+    return dx, dw1, dw2, None
+
+
+_mlp_fwd_hybrid.register_autograd(_mlp_backward_hybrid, setup_context=_mlp_setup)
+
+
+def _mlp_call(fwd: Any, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, p: float) -> torch.Tensor:
     lead = x.shape[:-1]
-    y, _, _ = _mlp_fwd_triton(x.reshape(-1, x.shape[-1]), w1, w2, float(dropout_p))
+    y, _, _ = fwd(x.reshape(-1, x.shape[-1]), w1, w2, float(p))
     return y.reshape(*lead, w2.shape[0])
 
 
+def _relu2_mlp_triton(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
+    return _mlp_call(_mlp_fwd_triton, x, w1, w2, dropout_p)
+
+
+def _relu2_mlp_hybrid(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
+    return _mlp_call(_mlp_fwd_hybrid, x, w1, w2, dropout_p)
+
+
 def relu2_mlp_triton_with_seed(
-    x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, dropout_p: float
+    x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, dropout_p: float, backend: str = "triton"
 ) -> tuple[torch.Tensor, int]:
-    """The Triton MLP on x [M, D] plus the dropout seed it drew (tests rebuild the mask from it)."""
-    y, _, seed = _mlp_fwd_triton(x, w1, w2, float(dropout_p))
+    """The Triton (or hybrid) MLP on x [M, D] plus the dropout seed it drew (tests rebuild the mask from it)."""
+    fwd = _mlp_fwd_hybrid if backend == "hybrid" else _mlp_fwd_triton
+    y, _, seed = fwd(x, w1, w2, float(dropout_p))
     return y, int(seed.item())
 
 
@@ -260,7 +316,7 @@ def _relu2_mlp_triton_supports(
     if reason:
         return reason
     if x.dtype not in _FAST_DTYPES:
-        return f"x: dtype {x.dtype} (the Triton MLP takes float32, float16, bfloat16)"
+        return f"x: dtype {x.dtype} (the fast MLPs take float32, float16, bfloat16)"
     if dropout_p > 0 and x.is_cuda and torch.cuda.is_current_stream_capturing():
         return "dropout during CUDA graph capture (the seed is drawn on the host and would be frozen in the graph)"
     if dropout_p > 0 and x.numel() // max(x.shape[-1], 1) * w1.shape[0] >= 2**31:
@@ -269,3 +325,5 @@ def _relu2_mlp_triton_supports(
 
 
 RELU2_MLP.register("triton", _relu2_mlp_triton, available=triton_available, supports=_relu2_mlp_triton_supports)
+# The hybrid's GEMMs run anywhere torch does; its element-wise passes need Triton (a GPU, or the interpreter).
+RELU2_MLP.register("hybrid", _relu2_mlp_hybrid, available=triton_available, supports=_relu2_mlp_triton_supports)

@@ -1,0 +1,261 @@
+"""fm_engine.kernels._autotune on CPU: the interpreter runs the kernels, a fake timer stands in for do_bench.
+
+Checks that a bucket is tuned once (a second call of the same bucket, or of another size in it, does not
+time again), that winners survive in the disk table across processes, that a stale or corrupt table is
+ignored with one warning, that reset / restore hooks leave correct outputs after the tuning runs, and that
+configs that fail are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+from fm_engine.kernels import _autotune
+from fm_engine.kernels._autotune import dtype, pow2
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = [triton.Config({"BLOCK": b}, num_warps=4, num_stages=1) for b in (64, 128, 256)]
+
+
+@_autotune.autotune(
+    name="test_scale",
+    configs=CONFIGS,
+    interpreter_config=CONFIGS[0],
+    key=lambda a: (pow2(a["n"]), dtype(a["x_ptr"])),
+)
+@triton.jit
+def scale_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=m) * 3.0, mask=m)
+
+
+def _zero_out(a: dict) -> None:
+    a["out_ptr"].zero_()
+
+
+@_autotune.autotune(
+    name="test_accumulate",
+    configs=CONFIGS,
+    interpreter_config=CONFIGS[0],
+    key=lambda a: (pow2(a["n"]),),
+    reset=_zero_out,
+)
+@triton.jit
+def accumulate_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    tl.store(out_ptr + offs, tl.load(out_ptr + offs, mask=m) + tl.load(x_ptr + offs, mask=m), mask=m)
+
+
+@_autotune.autotune(
+    name="test_in_place",
+    configs=CONFIGS,
+    interpreter_config=CONFIGS[0],
+    key=lambda a: (pow2(a["n"]),),
+    restore=("x_ptr",),
+)
+@triton.jit
+def double_in_place_kernel(x_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=m) * 2.0, mask=m)
+
+
+class FakeTimer:
+    """Returns the next of ``times`` per config timed (after running the launch once, as do_bench would)."""
+
+    def __init__(self, times: list[float]) -> None:
+        self.times = list(times)
+        self.calls = 0
+
+    def __call__(self, run) -> float:
+        run()
+        t = self.times[self.calls % len(self.times)]
+        self.calls += 1
+        return t
+
+
+def grid(n: int):
+    return lambda meta: (triton.cdiv(n, meta["BLOCK"]),)
+
+
+def scale(x: torch.Tensor) -> tuple[torch.Tensor, triton.Config]:
+    y = torch.full_like(x, float("nan"))
+    cfg = scale_kernel[grid(x.numel())](x, y, x.numel())
+    return y, cfg
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("FM_ENGINE_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("FM_ENGINE_AUTOTUNE", raising=False)
+    _autotune.forget()
+    _autotune.reset_stats()
+    yield tmp_path
+    _autotune.forget()
+
+
+def test_pow2_buckets() -> None:
+    assert [pow2(n) for n in (0, 1, 2, 3, 4, 5, 1000, 1024, 1025)] == [0, 1, 2, 4, 4, 8, 1024, 1024, 2048]
+
+
+def test_same_bucket_is_tuned_once(cache_dir: Path) -> None:
+    timer = FakeTimer([3.0, 1.0, 2.0])  # the second config (BLOCK 128) wins
+    x = torch.randn(1000)
+    with scale_kernel.override(CONFIGS, timer):
+        y, cfg = scale(x)
+        assert cfg.kwargs["BLOCK"] == 128 and timer.calls == 3
+        torch.testing.assert_close(y, x * 3)  # the final launch wrote the output
+        assert scale_kernel.stats == {"tunings": 1, "memory_hits": 0, "disk_hits": 0, "untuned": 0}
+        _, cfg2 = scale(torch.randn(1000))  # same bucket
+        _, cfg3 = scale(torch.randn(700))  # 700 -> 1024: same bucket again
+        assert cfg2 is cfg and cfg3 is cfg and timer.calls == 3
+        assert scale_kernel.stats["memory_hits"] == 2
+        scale(torch.randn(1025))  # next bucket: tuned
+        assert timer.calls == 6 and scale_kernel.stats["tunings"] == 2
+        scale(torch.randn(1000, dtype=torch.float64))  # a dtype is part of the bucket
+        assert scale_kernel.stats["tunings"] == 3
+    # the table on disk: one file for the interpreter's device class, Triton's version recorded
+    (path,) = (cache_dir / "autotune").iterdir()
+    assert path.name == "cpu-triton-interpreter.json"
+    data = json.loads(path.read_text())
+    assert data["triton"] == triton.__version__
+    assert len(data["entries"]) == 3 and all(k.startswith("test_scale|") for k in data["entries"])
+
+
+def test_winner_is_read_back_from_disk(cache_dir: Path) -> None:
+    timer = FakeTimer([2.0, 3.0, 1.0])
+    with scale_kernel.override(CONFIGS, timer):
+        _, cfg = scale(torch.randn(300))
+        _autotune.forget()  # as a new process: memory empty, the disk table stays
+        y, cfg2 = scale(x := torch.randn(300))
+    assert cfg2.kwargs == cfg.kwargs == {"BLOCK": 256}
+    assert timer.calls == 3
+    assert _autotune.stats()["disk_hits"] == 1 and _autotune.stats()["tunings"] == 1
+    torch.testing.assert_close(y, x * 3)
+
+
+def test_another_process_does_not_tune_again(cache_dir: Path) -> None:
+    """Tune here, then a fresh Python process (same cache folder) finds the winner on disk."""
+    timer = FakeTimer([5.0, 4.0, 1.0])
+    with scale_kernel.override(CONFIGS, timer):
+        scale(torch.randn(513))
+    script = textwrap.dedent(
+        """
+        import json, sys, torch, triton
+        sys.path.insert(0, sys.argv[1])
+        from tests import test_autotune as T
+        from fm_engine.kernels import _autotune
+        def no_timing(run):
+            raise AssertionError("timed in the second process")
+        with T.scale_kernel.override(T.CONFIGS, no_timing):
+            y, cfg = T.scale(x := torch.randn(600))
+        assert torch.equal(y, x * 3)
+        print(json.dumps({"stats": _autotune.stats(), "block": cfg.kwargs["BLOCK"]}))
+        """
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1", "FM_ENGINE_CACHE_DIR": str(cache_dir)}
+    r = subprocess.run(
+        [sys.executable, "-c", script, str(ROOT)], env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["block"] == 256
+    assert out["stats"]["tunings"] == 0 and out["stats"]["disk_hits"] == 1
+
+
+@pytest.mark.parametrize("content", ["not json {", json.dumps({"format": 1, "triton": "0.0.1", "entries": {}})])
+def test_stale_or_corrupt_table_is_ignored_with_one_warning(cache_dir: Path, content: str) -> None:
+    path = _autotune.table_path("cpu triton-interpreter")
+    path.parent.mkdir(parents=True)
+    path.write_text(content)
+    timer = FakeTimer([1.0, 2.0, 3.0])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with scale_kernel.override(CONFIGS, timer):
+            y, _ = scale(x := torch.randn(100))
+            scale(torch.randn(5000))  # another bucket: the table is read and rewritten again
+    msgs = [str(w.message) for w in caught if "autotune cache" in str(w.message)]
+    assert len(msgs) == 1, msgs
+    assert "ignored" in msgs[0]
+    torch.testing.assert_close(y, x * 3)
+    data = json.loads(path.read_text())  # replaced by a valid table of this Triton
+    assert data["triton"] == triton.__version__ and len(data["entries"]) == 2
+
+
+def test_reset_hook_clears_accumulated_outputs(cache_dir: Path) -> None:
+    """Three timed runs accumulate into the output; the reset before the final launch makes it right."""
+    x = torch.randn(500)
+    out = torch.zeros(500)
+    with accumulate_kernel.override(CONFIGS, FakeTimer([1.0, 2.0, 3.0])):
+        accumulate_kernel[grid(500)](x, out, 500)
+    torch.testing.assert_close(out, x)
+
+
+def test_restore_hook_for_in_place_kernels(cache_dir: Path) -> None:
+    x = torch.randn(300)
+    expected = x * 2
+    with double_in_place_kernel.override(CONFIGS, FakeTimer([2.0, 1.0, 3.0])):
+        double_in_place_kernel[grid(300)](x, 300)
+    torch.testing.assert_close(x, expected)
+
+
+def test_failing_configs_are_skipped(cache_dir: Path) -> None:
+    bad = triton.Config({"BLOCK": 100}, num_warps=4, num_stages=1)  # tl.arange needs a power of two
+    timer = FakeTimer([1.0, 5.0])
+    with scale_kernel.override([bad, CONFIGS[1]], timer):
+        y, cfg = scale(x := torch.randn(200))
+    assert cfg.kwargs["BLOCK"] == 128
+    torch.testing.assert_close(y, x * 3)
+    with scale_kernel.override([bad], timer), pytest.raises(Exception, match=r"test_scale|BLOCK|arange"):
+        scale(torch.randn(200))
+
+
+def test_interpreter_never_times_by_default(cache_dir: Path) -> None:
+    y, cfg = scale(x := torch.randn(77))
+    assert cfg is scale_kernel.interpreter_config
+    assert _autotune.stats() == {"tunings": 0, "memory_hits": 0, "disk_hits": 0, "untuned": 0}
+    assert not (cache_dir / "autotune").exists()
+    torch.testing.assert_close(y, x * 3)
+
+
+def test_autotune_off_pins_the_first_config(cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FM_ENGINE_AUTOTUNE", "0")
+    with scale_kernel.override(CONFIGS[::-1], FakeTimer([9.0, 1.0, 1.0])):
+        _, cfg = scale(torch.randn(64))
+    assert cfg.kwargs["BLOCK"] == 256 and _autotune.stats()["tunings"] == 0
+
+
+def test_names_are_unique() -> None:
+    with pytest.raises(ValueError, match="taken"):
+        _autotune.autotune(name="test_scale", configs=CONFIGS, interpreter_config=CONFIGS[0], key=lambda a: ())(
+            scale_kernel.fn
+        )
+
+
+@pytest.mark.gpu
+def test_gpu_tunes_a_bucket_once(cache_dir: Path) -> None:
+    """On a GPU: the first relu2 backward of a size tunes (do_bench), the next one of the same bucket does not,
+    and a fresh process state reads the winner from disk."""
+    from fm_engine.kernels import relu2 as K
+
+    x = torch.randn(1 << 20, device="cuda")
+    dy = torch.randn_like(x)
+    ref = 2 * torch.relu(x) * dy
+    for _ in range(2):
+        torch.testing.assert_close(K.relu2_backward(x, dy), ref)
+    assert K.relu2_bwd_kernel.stats["tunings"] == 1 and K.relu2_bwd_kernel.stats["memory_hits"] == 1
+    _autotune.forget()
+    torch.testing.assert_close(K.relu2_backward(x[: 1000 * 1000], dy[: 1000 * 1000]), ref[: 1000 * 1000])
+    assert K.relu2_bwd_kernel.stats["disk_hits"] == 1 and K.relu2_bwd_kernel.stats["tunings"] == 1

@@ -178,10 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arch", type=int, required=True, choices=ARCHS)
     p.add_argument("--shard", type=int, default=0)
     p.add_argument("--shards", type=int, default=1)
+    p.add_argument("--match", default=None, help="compile only the cases whose id contains this substring")
     a = p.parse_args(argv)
     if interpreting():
         raise SystemExit("the compile gate must run without TRITON_INTERPRET=1")
-    cases = all_cases()[a.shard :: a.shards]
+    cases = [c for c in all_cases() if a.match is None or a.match in c.id][a.shard :: a.shards]
     failures = []
     for case in cases:
         try:

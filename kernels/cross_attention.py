@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 from fm_engine.kernels import _aot
+from fm_engine.kernels._attention_dropout import dropout_keep_mask, dropout_scale, keep4
 
 from fm_engine import _alloc
 
@@ -59,6 +60,14 @@ def _key_ok(kpm_ptr, kpm_off, offs_n, NK, HAS_MASK: tl.constexpr):
         pad = tl.load(kpm_ptr + kpm_off + offs_n, mask=ok, other=1)
         ok = ok & (pad == 0)
     return ok
+
+
+@triton.jit
+def _dropout_mult(seed, rows, kb_start, NK, p, inv_keep, BLOCK_N: tl.constexpr):
+    """[rows, BLOCK_N] dropout multiplier (1/(1-p) kept, 0 dropped) for keys kb_start.. of attention rows
+    ``rows`` = (b * Hq + h) * Nq + query (kernels/_attention_dropout.py); kb_start is a multiple of 4."""
+    ctr = rows[:, None].to(tl.int64) * ((NK + 3) // 4) + kb_start // 4 + tl.arange(0, BLOCK_N // 4)[None, :]
+    return dropout_scale(keep4(seed, ctr, p), inv_keep)
 
 
 @triton.jit
@@ -96,12 +105,15 @@ def _fwd_kernel(
     GROUP,
     BLOCKS_PER_SPLIT,
     scale_log2,
+    seed,
+    p_drop,
     D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr,
     IEEE: tl.constexpr,
     HAS_MASK: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -115,6 +127,7 @@ def _fwd_kernel(
     q = tl.load(q_ptr + b * sq_b + h * sq_h + offs_m[:, None] * sq_m + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     k_base = k_ptr + b * sk_b + hk * sk_h
     v_base = v_ptr + b * sv_b + hk * sv_h
+    inv_keep = 1.0 / (1.0 - p_drop)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -133,6 +146,8 @@ def _fwd_kernel(
         p = tl.exp2(s - m_use[:, None])
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:  # the normaliser l sums the undropped probabilities: dropout acts after the softmax
+            p = p * _dropout_mult(seed, pid_bh * NQ + offs_m, kb * BLOCK_N, NK, p_drop, inv_keep, BLOCK_N)
         v = tl.load(v_base + offs_n[:, None] * sv_n + offs_d[None, :], mask=col_ok[:, None], other=0.0)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
         m_i = m_new
@@ -242,11 +257,14 @@ def _dkdv_kernel(
     GROUP,
     scale,
     scale_log2,
+    seed,
+    p_drop,
     D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     IEEE: tl.constexpr,
     HAS_MASK: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -281,8 +299,15 @@ def _dkdv_kernel(
             delta = tl.load(delta_ptr + row_base + offs_m, mask=row_ok, other=0.0)
             st = _dot(k, tl.trans(q), IEEE) * scale_log2  # [BLOCK_N, BLOCK_M]
             pt = tl.where(row_ok[None, :] & col_ok[:, None], tl.exp2(st - lse[None, :]), 0.0)
-            dv += _dot(pt.to(do.dtype), do, IEEE)
-            dpt = _dot(v, tl.trans(do), IEEE)
+            if DROPOUT:  # dV = P_d^T dO, dP = (V dO^T) * mult; delta = rowsum(dO * O) already sees the mask
+                mult = tl.trans(
+                    _dropout_mult(seed, row_base + offs_m, pid_n * BLOCK_N, NK, p_drop, 1.0 / (1.0 - p_drop), BLOCK_N)
+                )
+                dv += _dot((pt * mult).to(do.dtype), do, IEEE)
+                dpt = _dot(v, tl.trans(do), IEEE) * mult
+            else:
+                dv += _dot(pt.to(do.dtype), do, IEEE)
+                dpt = _dot(v, tl.trans(do), IEEE)
             dst = pt * (dpt - delta[None, :])
             dk += _dot(dst.to(q.dtype), q, IEEE)
     dk = dk * scale
@@ -329,12 +354,15 @@ def _dq_kernel(
     BLOCKS_PER_SPLIT,
     scale,
     scale_log2,
+    seed,
+    p_drop,
     D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr,
     IEEE: tl.constexpr,
     HAS_MASK: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -364,6 +392,8 @@ def _dq_kernel(
         s = _dot(q, kt, IEEE) * scale_log2
         p = tl.where(col_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
         dp = _dot(do, vt, IEEE)
+        if DROPOUT:
+            dp = dp * _dropout_mult(seed, pid_bh * NQ + offs_m, kb * BLOCK_N, NK, p_drop, 1.0 / (1.0 - p_drop), BLOCK_N)
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(kt.dtype), tl.trans(kt), IEEE)
     dq = dq * scale
@@ -450,6 +480,8 @@ def forward(
     scale: float,
     key_padding_mask: torch.Tensor | None = None,
     splits: int | None = None,
+    dropout_p: float = 0.0,
+    seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """o [B, Hq, Nq, D] (q's dtype, contiguous) and base-2 log-sum-exp [B, Hq, Nq] fp32.
 
@@ -505,12 +537,15 @@ def forward(
         group,
         per,
         scale * LOG2E,
+        seed,
+        float(dropout_p),
         D=d,
         BLOCK_M=bm,
         BLOCK_N=bn,
         SPLIT=split,
         IEEE=q.dtype == torch.float32,
         HAS_MASK=has_mask,
+        DROPOUT=dropout_p > 0,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
@@ -545,6 +580,8 @@ def backward(
     scale: float,
     key_padding_mask: torch.Tensor | None = None,
     splits: int | None = None,
+    dropout_p: float = 0.0,
+    seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq [B, Hq, Nq, D], dk, dv [B, Hkv, Nk, D], all contiguous in q's dtype (padding keys get dk = dv = 0)."""
     do, q, k, v, o = (_last_dim_contiguous(t) for t in (do, q, k, v, o))
@@ -609,11 +646,14 @@ def backward(
         group,
         scale,
         scale * LOG2E,
+        seed,
+        float(dropout_p),
         D=d,
         BLOCK_M=bm,
         BLOCK_N=bn,
         IEEE=ieee,
         HAS_MASK=has_mask,
+        DROPOUT=dropout_p > 0,
         **launch,
     )
     n_kb = triton.cdiv(nk, bn)
@@ -643,12 +683,15 @@ def backward(
         per,
         scale,
         scale * LOG2E,
+        seed,
+        float(dropout_p),
         D=d,
         BLOCK_M=bm,
         BLOCK_N=bn,
         SPLIT=split,
         IEEE=ieee,
         HAS_MASK=has_mask,
+        DROPOUT=dropout_p > 0,
         **launch,
     )
     if split:
@@ -673,6 +716,7 @@ def _register() -> None:
         bw = bwd_tiles(dtype, d, interpret=False)
         fwd_sig = {n: t for n in ("q_ptr", "k_ptr", "v_ptr", "o_ptr")}
         fwd_sig.update({"lse_ptr": "*fp32", "op_ptr": "*fp32", "lsep_ptr": "*fp32", "scale_log2": "fp32"})
+        fwd_sig.update({"seed": i32, "p_drop": "fp32"})
         fwd_sig["kpm_ptr"] = "*u8"
         for n in (
             "sq_b",
@@ -699,17 +743,22 @@ def _register() -> None:
         _aot.register(
             _fwd_kernel,
             signatures=[fwd_sig],
-            configs=[{**f, "D": d, "SPLIT": s, "IEEE": ieee, "HAS_MASK": m} for s in (True, False) for m in masks],
+            configs=[
+                {**f, "D": d, "SPLIT": s, "IEEE": ieee, "HAS_MASK": m, "DROPOUT": dr}
+                for s in (True, False)
+                for m in masks
+                for dr in (False, True)
+            ],
         )
         strides = ("sq_b", "sq_h", "sq_m", "sk_b", "sk_h", "sk_n", "sv_b", "sv_h", "sv_n", "sd_b", "sd_h", "sd_m")
         bsig = {n: t for n in ("q_ptr", "k_ptr", "v_ptr", "do_ptr")}
         bsig.update({"lse_ptr": "*fp32", "delta_ptr": "*fp32", "scale": "fp32", "scale_log2": "fp32"})
         bsig.update({n: i32 for n in strides})
-        bsig.update({"kpm_ptr": "*u8", "skpm_b": i32})
+        bsig.update({"kpm_ptr": "*u8", "skpm_b": i32, "seed": i32, "p_drop": "fp32"})
         _aot.register(
             _dkdv_kernel,
             signatures=[{**bsig, "dk_ptr": t, "dv_ptr": t, "HKV": i32, "NQ": i32, "NK": i32, "GROUP": i32}],
-            configs=[{**bw, "D": d, "IEEE": ieee, "HAS_MASK": m} for m in masks],
+            configs=[{**bw, "D": d, "IEEE": ieee, "HAS_MASK": m, "DROPOUT": dr} for m in masks for dr in (False, True)],
         )
         _aot.register(
             _dq_kernel,
@@ -725,7 +774,12 @@ def _register() -> None:
                     "BLOCKS_PER_SPLIT": i32,
                 }
             ],
-            configs=[{**bw, "D": d, "SPLIT": s, "IEEE": ieee, "HAS_MASK": m} for s in (True, False) for m in masks],
+            configs=[
+                {**bw, "D": d, "SPLIT": s, "IEEE": ieee, "HAS_MASK": m, "DROPOUT": dr}
+                for s in (True, False)
+                for m in masks
+                for dr in (False, True)
+            ],
         )
         if d != 64:
             continue  # the merge and delta kernels have no head-dim-specific code
@@ -763,4 +817,4 @@ def _register() -> None:
 
 _register()
 
-__all__ = ["HEAD_DIMS", "backward", "forward"]
+__all__ = ["HEAD_DIMS", "backward", "dropout_keep_mask", "forward"]

@@ -28,6 +28,6 @@ register_gate(
     MODE_TEMPORAL,
     [
         ("bf16", {"BLOCK_N": 16, "BLOCK_D": 64, "SCORE": SCORE_COSINE}),
-        ("fp32", {"BLOCK_N": 64, "BLOCK_D": 64, "SCORE": SCORE_STANDARDIZE, "CAUSAL": True}),
+        ("fp32", {"BLOCK_N": 64, "BLOCK_D": 64, "SCORE": SCORE_STANDARDIZE, "CAUSAL": True, "DROPOUT": True}),
     ],
 )

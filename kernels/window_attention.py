@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 from fm_engine.kernels import _aot
+from fm_engine.kernels._attention_dropout import dropout_scale, keep4
 
 from fm_engine import _alloc
 
@@ -144,14 +145,25 @@ def _scores(
 
 @triton.jit
 def _program(pid, n_head_blocks, n_groups, T, MODE: tl.constexpr):
-    """(group, head block, frame-or-batch index) of this program; head blocks are fastest."""
+    """(group, head block, first frame of the program's data, item) of this program; head blocks are fastest.
+    The item is the frame b*T + t (windows) or the batch index b (temporal): attention rows are numbered
+    ((item * n_groups + group) * n_head + head) * N + query for the dropout counters."""
     h = pid % n_head_blocks
     r = pid // n_head_blocks
     g = r % n_groups
-    bt = r // n_groups
+    item = (r // n_groups).to(tl.int64)
+    bt = item
     if MODE == 2:
-        bt = bt * T  # temporal: the base is the first frame of batch item b
-    return g, h, bt.to(tl.int64)
+        bt = item * T  # temporal: the base is the first frame of batch item b
+    return g, h, bt, item
+
+
+@triton.jit
+def _dropout_mult(seed, item, g, h, offs_n, n_groups, n_head, N, p, inv_keep, BLOCK_N: tl.constexpr):
+    """[BLOCK_N, BLOCK_N] dropout multiplier (1/(1-p) kept, 0 dropped) of one group and head."""
+    rows = ((item * n_groups + g) * n_head + h) * N + offs_n
+    ctr = rows[:, None] * ((N + 3) // 4) + tl.arange(0, BLOCK_N // 4)[None, :]
+    return dropout_scale(keep4(seed, ctr, p), inv_keep)
 
 
 @triton.jit
@@ -182,14 +194,18 @@ def stcnnt_attn_fwd_kernel(
     D_V,
     scale,
     eps,
+    seed,
+    p_drop,
     MODE: tl.constexpr,
     SCORE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     CAUSAL: tl.constexpr,
+    DROPOUT: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    g, hb, bt = _program(tl.program_id(0), n_head // heads_per_prog, n_groups, T, MODE)
+    g, hb, bt, item = _program(tl.program_id(0), n_head // heads_per_prog, n_groups, T, MODE)
+    inv_keep = 1.0 / (1.0 - p_drop)
     # the heads of one group run in one program: their elements share cache lines (a head of the
     # production shape is 4 channels of one pixel), so the group's tiles are fetched from DRAM once
     for hh in range(0, heads_per_prog):
@@ -225,6 +241,8 @@ def stcnnt_attn_fwd_kernel(
         if HAS_BIAS:
             b_off = h * N * N + offs_n[:, None] * N + offs_n[None, :]
             p += tl.load(bias_ptr + b_off, mask=mask_nn, other=0.0).to(tl.float32)
+        if DROPOUT:  # on softmax + bias, as the reference orders them
+            p = p * _dropout_mult(seed, item, g, h, offs_n, n_groups, n_head, N, p_drop, inv_keep, BLOCK_N)
         base = bt * (C * H * W)
         tok = _tok_off(offs_n, g, MODE, C, H, W, nWw, nPh, nPw, ph, pw)
         offs_d = tl.arange(0, BLOCK_D)
@@ -269,14 +287,18 @@ def stcnnt_attn_bwd_kernel(
     D_V,
     scale,
     eps,
+    seed,
+    p_drop,
     MODE: tl.constexpr,
     SCORE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     CAUSAL: tl.constexpr,
+    DROPOUT: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    g, hb, bt = _program(tl.program_id(0), n_head // heads_per_prog, n_groups, T, MODE)
+    g, hb, bt, item = _program(tl.program_id(0), n_head // heads_per_prog, n_groups, T, MODE)
+    inv_keep = 1.0 / (1.0 - p_drop)
     # the heads of one group run in one program: their elements share cache lines (a head of the
     # production shape is 4 channels of one pixel), so the group's tiles are fetched from DRAM once
     for hh in range(0, heads_per_prog):
@@ -314,6 +336,9 @@ def stcnnt_attn_bwd_kernel(
         b_off = h * N * N + offs_n[:, None] * N + offs_n[None, :]
         if HAS_BIAS:
             a = p + tl.load(bias_ptr + b_off, mask=mask_nn, other=0.0).to(tl.float32)
+        if DROPOUT:  # the forward's mask, regenerated: A_d = A * mult, dA = dA_d * mult
+            mult = _dropout_mult(seed, item, g, h, offs_n, n_groups, n_head, N, p_drop, inv_keep, BLOCK_N)
+            a = a * mult
         # dA = dO v^T and dv = A^T dO, one pass over v's head dim
         base_v = bt * (C * H * W)
         tok_v = _tok_off(offs_n, g, MODE, C, H, W, nWw, nPh, nPw, ph, pw)
@@ -328,6 +353,8 @@ def stcnnt_attn_bwd_kernel(
             da += tl.dot(dot, tl.trans(vt), input_precision="ieee")
             dv = tl.dot(tl.trans(a), dot, input_precision="ieee")
             tl.store(dv_ptr + off, dv.to(dv_ptr.dtype.element_ty), mask=m2)
+        if DROPOUT:
+            da = da * mult
         if HAS_BIAS:
             tl.atomic_add(dbias_ptr + b_off, da, mask=mask_nn)
         # softmax backward on the full rows; scale folded in
@@ -403,8 +430,11 @@ def forward(
     score: int,
     causal: bool,
     scale: float,
+    dropout_p: float = 0.0,
+    seed: int = 0,
 ) -> torch.Tensor:
-    """q, k: [B, T, C, Hq, Wq]; v: [B, T, C, H, W] (contiguous); geo: sizes (fm_engine.ops.window_attention.GEO_KEYS)."""
+    """q, k: [B, T, C, Hq, Wq]; v: [B, T, C, H, W] (contiguous); geo: sizes (fm_engine.ops.window_attention.GEO_KEYS).
+    ``dropout_p`` > 0 drops attention weights with the keep mask of ``seed`` (kernels/_attention_dropout.py)."""
     o = _alloc.empty_like(v)
     n_prog = geo["programs"] // heads_per_program(geo, mode)
     if n_prog == 0 or v.numel() == 0:
@@ -412,9 +442,9 @@ def forward(
     block_n, block_d = blocks(geo["N"], max(geo["D_QK"], geo["D_V"]))
     stcnnt_attn_fwd_kernel[(n_prog,)](
         q, k, v, o, bias if bias is not None else q,
-        *_launch_args(geo, mode), float(scale), float(torch.finfo(q.dtype).eps),
-        MODE=mode, SCORE=score, HAS_BIAS=bias is not None, CAUSAL=causal, BLOCK_N=block_n, BLOCK_D=block_d,
-        num_warps=_warps(block_n),
+        *_launch_args(geo, mode), float(scale), float(torch.finfo(q.dtype).eps), seed, float(dropout_p),
+        MODE=mode, SCORE=score, HAS_BIAS=bias is not None, CAUSAL=causal, DROPOUT=dropout_p > 0,
+        BLOCK_N=block_n, BLOCK_D=block_d, num_warps=_warps(block_n),
     )  # fmt: skip
     return o
 
@@ -431,6 +461,8 @@ def backward(
     score: int,
     causal: bool,
     scale: float,
+    dropout_p: float = 0.0,
+    seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gradients (dq, dk, dv, dbias or None) for the upstream gradient do: [B, T, C, H, W] (contiguous)."""
     dq, dk, dv = _alloc.empty_like(q), _alloc.empty_like(k), _alloc.empty_like(v)
@@ -440,9 +472,9 @@ def backward(
         block_n, block_d = blocks(geo["N"], max(geo["D_QK"], geo["D_V"]))
         stcnnt_attn_bwd_kernel[(n_prog,)](
             q, k, v, do, bias if bias is not None else q, dq, dk, dv, dbias32 if dbias32 is not None else dq,
-            *_launch_args(geo, mode), float(scale), float(torch.finfo(q.dtype).eps),
-            MODE=mode, SCORE=score, HAS_BIAS=bias is not None, CAUSAL=causal, BLOCK_N=block_n, BLOCK_D=block_d,
-            num_warps=_warps(block_n),
+            *_launch_args(geo, mode), float(scale), float(torch.finfo(q.dtype).eps), seed, float(dropout_p),
+            MODE=mode, SCORE=score, HAS_BIAS=bias is not None, CAUSAL=causal, DROPOUT=dropout_p > 0,
+            BLOCK_N=block_n, BLOCK_D=block_d, num_warps=_warps(block_n),
         )  # fmt: skip
     dbias = dbias32.to(bias.dtype) if dbias32 is not None and bias is not None else None
     return dq, dk, dv, dbias
@@ -462,13 +494,14 @@ def _signature(kernel: str, dt: str) -> dict[str, str]:
     sig = {p: _DT[dt] for p in ptrs}
     if kernel == "bwd":
         sig["dbias_ptr"] = "*fp32"
-    return {**sig, **dict.fromkeys((*_INTS, "heads_per_prog", "D_QK", "D_V"), "i32"), "scale": "fp32", "eps": "fp32"}
+    ints = dict.fromkeys((*_INTS, "heads_per_prog", "D_QK", "D_V", "seed"), "i32")
+    return {**sig, **ints, "scale": "fp32", "eps": "fp32", "p_drop": "fp32"}
 
 
 def register_gate(mode: int, cases: list[tuple[str, dict]]) -> None:
     """Register (dtype, constexpr config) launch cases of both kernels for ``mode``."""
     for dt, cfg in cases:
-        full = {"MODE": mode, "SCORE": 0, "HAS_BIAS": False, "CAUSAL": False, **cfg}
+        full = {"MODE": mode, "SCORE": 0, "HAS_BIAS": False, "CAUSAL": False, "DROPOUT": False, **cfg}
         full["num_warps"] = _warps(full["BLOCK_N"])
         for kernel, fn in (("fwd", stcnnt_attn_fwd_kernel), ("bwd", stcnnt_attn_bwd_kernel)):
             _aot.register(
@@ -496,7 +529,7 @@ register_gate(MODE_GLOBAL, [("bf16", {"BLOCK_N": 64, "BLOCK_D": 16, "HAS_BIAS": 
 register_gate(
     MODE_LOCAL,
     [
-        (dt, {"BLOCK_N": 64, "BLOCK_D": bd, "SCORE": SCORE_STANDARDIZE, "HAS_BIAS": True})
+        (dt, {"BLOCK_N": 64, "BLOCK_D": bd, "SCORE": SCORE_STANDARDIZE, "HAS_BIAS": True, "DROPOUT": True})
         for dt in ("fp32", "fp16", "bf16")
         for bd in (16, 32, 64)
         if (dt, bd) != ("fp32", 64)  # the temporal registration covers fp32 64 x 64

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fm_engine.ops import _dispatch
-from fm_engine.ops.temporal_attention import temporal_attention
+from fm_engine.ops.temporal_attention import temporal_attention, temporal_attention_reference
 from fm_engine.testing import assert_parity
 
 
@@ -125,14 +125,33 @@ TRITON_CASES = [
 ]
 
 
-def _run_parity(B, T, C, H, W, s, n_head, flags, dtype, device):
+def _replayed_seed(torch_seed: int) -> int:
+    """The dropout seed a fast backend draws right after ``torch.manual_seed(torch_seed)``."""
+    from fm_engine.kernels._attention_dropout import draw_seed
+
+    torch.manual_seed(torch_seed)
+    return draw_seed()
+
+
+def _run_parity(B, T, C, H, W, s, n_head, flags, dtype, device, dropout_p=0.0):
     q, k, v = _inputs(B, T, C, H, W, s, dtype=DTYPES[dtype], device=device)
+    torch_seed = int(torch.randint(0, 2**31 - 1, (1,)))
 
-    def call(backend):
-        return lambda q, k, v: temporal_attention(q, k, v, n_head=n_head, backend=backend, **flags)
+    def fast(q, k, v):
+        torch.manual_seed(torch_seed)  # the kernels' dropout seed is the next draw (replayed below)
+        return temporal_attention(q, k, v, n_head=n_head, dropout_p=dropout_p, backend="triton", **flags)
 
+    def reference(q, k, v):
+        mask = None
+        if dropout_p > 0:  # the kernels' own keep mask, [B, n_head, T, T]
+            from fm_engine.kernels._attention_dropout import dropout_keep_mask
+
+            mask = dropout_keep_mask(_replayed_seed(torch_seed), (B, n_head, T, T), dropout_p, q.device)
+        return temporal_attention_reference(q, k, v, n_head=n_head, dropout_p=dropout_p, dropout_mask=mask, **flags)
+
+    name = f"temporal_attention[T{T} {flags} {dtype} p={dropout_p}]"
     with _dispatch.trace() as calls:
-        assert_parity(call("triton"), call("reference"), [q, k, v], name=f"temporal_attention[T{T} {flags} {dtype}]")
+        assert_parity(fast, reference, [q, k, v], name=name)
     assert ("temporal_attention", "triton") in calls
 
 
@@ -159,15 +178,40 @@ def test_triton_parity_random_config(draw, device):
     _run_parity(pick([1, 2, 3]), pick([1, 2, 7, 16, 18]), C, H, W, s, n_head, flags, pick(list(DTYPES)), device)
 
 
-def test_triton_is_automatic_in_the_interpreter_and_dropout_falls_back(device):
+# (B, T, C, H, W, stride, n_head, flags, dtype, dropout_p): causal rows (fewer live keys), odd T, several heads
+DROPOUT_CASES = [
+    (2, 5, 4, 4, 4, 2, 2, {"causal": True}, "fp32", 0.3),
+    (1, 17, 2, 4, 4, 1, 2, {"cosine": True}, "bf16", 0.5),
+    (3, 3, 3, 4, 4, 2, 3, {"normalize_qk": True, "causal": True}, "fp16", 0.1),
+]
+
+
+@pytest.mark.parametrize("case", DROPOUT_CASES, ids=lambda c: f"T{c[1]}-{c[8]}-p{c[9]}")
+def test_triton_dropout_parity(case, device):
+    """Output and every gradient against the reference applying the kernels' own keep mask."""
+    *args, dropout_p = case
+    _run_parity(*args, device=device, dropout_p=dropout_p)
+
+
+def test_triton_dropout_seed_is_reproducible_and_fresh(device):
+    q, k, v = _inputs(2, 6, 2, 4, 4, 2, dtype=torch.float32, device=device)
+    kw = {"n_head": 2, "dropout_p": 0.5, "backend": "triton"}
+    torch.manual_seed(3)
+    a = temporal_attention(q, k, v, **kw)
+    b = temporal_attention(q, k, v, **kw)
+    torch.manual_seed(3)
+    assert torch.equal(a, temporal_attention(q, k, v, **kw)) and not torch.equal(a, b)
+
+
+def test_triton_backend_refusals_name_the_reason(device):
     q, k, v = _inputs(1, 3, 2, 4, 4, 2, dtype=torch.float32, device=device)
-    with _dispatch.trace() as calls:
-        temporal_attention(q, k, v, n_head=2)
-        temporal_attention(q, k, v, n_head=2, dropout_p=0.1)
-    assert calls == [("temporal_attention", "triton"), ("temporal_attention", "reference")]
-    assert "draw no dropout mask" in str(_dispatch.explain(temporal_attention, q, k, v, n_head=2, dropout_p=0.1))
+    text = str(_dispatch.explain(temporal_attention, q, k, v, n_head=2, dropout_p=0.1, backend="triton"))
+    assert "triton     yes" in text, text
+    with pytest.raises(_dispatch.BackendUnsupportedError, match="float64"):
+        temporal_attention(q.double(), k.double(), v.double(), n_head=2, backend="triton")
     long = _inputs(1, 65, 1, 2, 2, 1, dtype=torch.float32, device=device)
-    assert "65 tokens per attention group > 64" in str(_dispatch.explain(temporal_attention, *long, n_head=1))
+    with pytest.raises(_dispatch.BackendUnsupportedError, match="65 tokens per attention group > 64"):
+        temporal_attention(*long, n_head=1, backend="triton")
 
 
 def test_triton_under_torch_compile(device):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fm_engine.ops import _dispatch
-from fm_engine.ops.window_attention import window_attention
+from fm_engine.ops.window_attention import geometry, window_attention, window_attention_reference
 from fm_engine.testing import assert_parity
 
 # --- an independent, literal implementation: explicit pixel slicing per token ------------------------
@@ -244,7 +244,15 @@ TRITON_CASES = [
 ]
 
 
-def _run_parity(B, T, C, H, W, mode, grid, patch, n_head, s, flags, bias, dtype, device, scale=None):
+def _replayed_seed(torch_seed: int) -> int:
+    """The dropout seed a fast backend draws right after ``torch.manual_seed(torch_seed)``."""
+    from fm_engine.kernels._attention_dropout import draw_seed
+
+    torch.manual_seed(torch_seed)
+    return draw_seed()
+
+
+def _run_parity(B, T, C, H, W, mode, grid, patch, n_head, s, flags, bias, dtype, device, scale=None, dropout_p=0.0):
     dt = DTYPES[dtype]
     kw = {"num_patches": grid} if mode == "local" else {"num_windows": grid}
     q, k, v = _inputs(B, T, C, H, W, s, dtype=dt, device=device)
@@ -252,27 +260,33 @@ def _run_parity(B, T, C, H, W, mode, grid, patch, n_head, s, flags, bias, dtype,
     inputs = [q, k, v]
     if bias:
         inputs.append(0.1 * torch.randn(n_head, n, n, dtype=dt, device=device))
+    common = {"mode": mode, "patch_size": patch, "n_head": n_head, "scale": scale, **kw, **flags}
+    torch_seed = int(torch.randint(0, 2**31 - 1, (1,)))
 
-    def call(backend):
-        def f(q, k, v, *b):
-            return window_attention(
-                q,
-                k,
-                v,
-                mode=mode,
-                patch_size=patch,
-                n_head=n_head,
-                scale=scale,
-                rel_pos_bias=b[0] if b else None,
-                backend=backend,
-                **kw,
-                **flags,
-            )
+    def fast(q, k, v, *b):
+        torch.manual_seed(torch_seed)  # the kernels' dropout seed is the next draw (replayed below)
+        return window_attention(
+            q, k, v, rel_pos_bias=b[0] if b else None, dropout_p=dropout_p, backend="triton", **common
+        )
 
-        return f
+    def reference(q, k, v, *b):
+        mask = None
+        if dropout_p > 0:  # the kernels' own keep mask, [B, T, groups, n_head, N, N]
+            from fm_engine.kernels._attention_dropout import dropout_keep_mask
 
+            g = geometry(
+                q, v, mode=mode, num_patches=kw.get("num_patches"), num_windows=kw.get("num_windows"),
+                patch_size=patch, n_head=n_head,
+            )  # fmt: skip
+            shape = (B, T, g.n_groups, n_head, g.n_tokens, g.n_tokens)
+            mask = dropout_keep_mask(_replayed_seed(torch_seed), shape, dropout_p, q.device)
+        return window_attention_reference(
+            q, k, v, rel_pos_bias=b[0] if b else None, dropout_p=dropout_p, dropout_mask=mask, **common
+        )
+
+    name = f"window_attention[{mode} {flags} {dtype} p={dropout_p}]"
     with _dispatch.trace() as calls:
-        assert_parity(call("triton"), call("reference"), inputs, name=f"window_attention[{mode} {flags} {dtype}]")
+        assert_parity(fast, reference, inputs, name=name)
     assert ("window_attention", "triton") in calls
 
 
@@ -319,26 +333,48 @@ def test_triton_parity_random_config(draw, device):
     )
 
 
-def test_triton_is_automatic_in_the_interpreter_and_dropout_falls_back(device):
+# (B, T, C, H, W, mode, grid, patch, n_head, stride_qk, flags, bias, dtype, dropout_p): dropout on softmax + bias,
+# every score form, partial tiles (N 15, 17), several groups and heads so the counters of different rows differ.
+DROPOUT_CASES = [
+    (2, 2, 4, 8, 8, "local", (2, 2), 2, 2, 1, {"cosine": True}, True, "fp32", 0.3),
+    (1, 2, 2, 6, 10, "local", (3, 5), 2, 2, 2, {}, True, "bf16", 0.5),  # N 15, strided q/k
+    (1, 1, 2, 2, 17, "global", (1, 17), 1, 1, 1, {"normalize_qk": True}, False, "fp16", 0.2),  # N 17
+    (2, 1, 4, 4, 8, "global", (2, 2), (1, 2), 4, 1, {}, True, "bf16", 0.1),
+]
+
+
+@pytest.mark.parametrize("case", DROPOUT_CASES, ids=lambda c: f"{c[5]}-N{c[6][0] * c[6][1]}-{c[12]}-p{c[13]}")
+def test_triton_dropout_parity(case, device):
+    """Output and every gradient against the reference applying the kernels' own keep mask."""
+    *args, dropout_p = case
+    _run_parity(*args, device=device, dropout_p=dropout_p)
+
+
+def test_triton_dropout_seed_is_reproducible_and_fresh(device):
+    q, k, v = _inputs(1, 2, 4, 8, 8, 1, dtype=torch.float32, device=device)
+    kw = {"mode": "local", "num_patches": 2, "patch_size": 2, "n_head": 2, "dropout_p": 0.5, "backend": "triton"}
+    torch.manual_seed(7)
+    a = window_attention(q, k, v, **kw)
+    b = window_attention(q, k, v, **kw)  # the next seed: another mask
+    torch.manual_seed(7)
+    c = window_attention(q, k, v, **kw)
+    assert torch.equal(a, c) and not torch.equal(a, b)
+
+
+def test_triton_backend_refusals_name_the_reason(device):
     q, k, v = _inputs(1, 1, 2, 4, 4, 1, dtype=torch.float32, device=device)
     kw = {"mode": "local", "num_patches": 2, "patch_size": 2, "n_head": 2}
+    # dropout runs on the kernels now: explain() accepts it on the Triton backend
+    text = str(_dispatch.explain(window_attention, q, k, v, dropout_p=0.2, backend="triton", **kw))
+    assert "triton     yes" in text, text
     with _dispatch.trace() as calls:
-        window_attention(q, k, v, **kw)
-        window_attention(q, k, v, dropout_p=0.2, **kw)
-    assert calls == [("window_attention", "triton"), ("window_attention", "reference")]
-    text = str(_dispatch.explain(window_attention, q, k, v, dropout_p=0.2, **kw))
-    assert "draw no dropout mask" in text
-    with pytest.raises(_dispatch.BackendUnsupportedError, match="dropout"):
         window_attention(q, k, v, dropout_p=0.2, backend="triton", **kw)
+    assert calls == [("window_attention", "triton")]
     with pytest.raises(_dispatch.BackendUnsupportedError, match="float64"):
         window_attention(q.double(), k.double(), v.double(), backend="triton", **kw)
     big = _inputs(1, 1, 1, 5, 13, 1, dtype=torch.float32, device=device)  # 65 tokens in one group
-    with _dispatch.trace() as calls:
-        window_attention(*big, mode="global", num_windows=(5, 13), patch_size=1, n_head=1)
-    assert calls == [("window_attention", "reference")]
-    assert "65 tokens per attention group > 64" in str(
-        _dispatch.explain(window_attention, *big, mode="global", num_windows=(5, 13), patch_size=1, n_head=1)
-    )
+    with pytest.raises(_dispatch.BackendUnsupportedError, match="65 tokens per attention group > 64"):
+        window_attention(*big, mode="global", num_windows=(5, 13), patch_size=1, n_head=1, backend="triton")
 
 
 def test_triton_reads_non_contiguous_inputs(device):

@@ -15,8 +15,10 @@ D_qk = C*Hq*Wq / n_head, D_v = C*H*W / n_head, and the attention is T x T per (b
     o = dropout(softmax(scores)) @ v.
 
 Backends: reference (eager), triton (kernels/temporal_attention.py: reads the [B, T, C, H, W] tensors in
-place, loops over the long head dims in chunks, backward recomputes the T x T matrix). The Triton backend
-does not draw dropout: with ``dropout_p > 0`` automatic dispatch runs the reference.
+place, loops over the long head dims in chunks, backward recomputes the T x T matrix). Dropout on the Triton
+backend regenerates its keep mask from a seed drawn from torch's CPU generator (kernels/_attention_dropout.py);
+the mask of a seed is ``dropout_keep_mask(seed, [B, n_head, T, T], p)`` and the reference replays a given
+mask through ``dropout_mask``.
 """
 
 from __future__ import annotations
@@ -59,7 +61,10 @@ def temporal_attention_reference(
     normalize_qk: bool = False,
     causal: bool = False,
     dropout_p: float = 0.0,
+    dropout_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """The eager reference. ``dropout_mask``: [B, n_head, T, T] bool keep mask to apply instead of a fresh draw
+    (tests replay the Triton backend's mask; the public op never passes it)."""
     B, T = v.shape[:2]
     d_qk, _ = head_dims(q, v, n_head)
 
@@ -76,6 +81,7 @@ def temporal_attention_reference(
         normalize_qk=normalize_qk,
         causal=causal,
         dropout_p=dropout_p,
+        dropout_mask=dropout_mask,
     )
     return o.transpose(1, 2).reshape(v.shape)
 
@@ -155,8 +161,9 @@ def _triton_temporal(
     # temporal layout for the shared kernels: one group per batch item, the frames are the tokens
     geo = [T, C, q.shape[3], q.shape[4], H, W, T, 1, 1, 1, 1, 1, 1, 1, 1, n_head, d_qk, d_v, B * n_head]
     return triton_attention(
-        q, k, v, None, geo, mode="temporal", cosine=cosine, normalize_qk=normalize_qk, causal=causal, scale=s
-    )
+        q, k, v, None, geo, mode="temporal", cosine=cosine, normalize_qk=normalize_qk, causal=causal, scale=s,
+        dropout_p=dropout_p,
+    )  # fmt: skip
 
 
 def _triton_temporal_supports(

@@ -39,6 +39,16 @@ def keep4(seed, ctr, p):
 
 
 @triton.jit
+def keep_at(seed, rows, keys, nk4, p):
+    """Keep mask of elements (rows, keys) (int64 tensors of one shape) of the same counter scheme, one Philox
+    draw per element: for tiles whose key positions are not four consecutive keys per quad (padded tiles)."""
+    u0, u1, u2, u3 = tl.rand4x(seed, rows * nk4 + keys // 4)
+    w = keys % 4
+    u = tl.where(w == 0, u0, tl.where(w == 1, u1, tl.where(w == 2, u2, u3)))
+    return u >= p
+
+
+@triton.jit
 def dropout_scale(keep, inv_keep):
     """1 / (1 - p) where kept, 0 where dropped (a multiplier, so a NaN stays NaN as in F.dropout)."""
     return tl.where(keep, inv_keep, 0.0)

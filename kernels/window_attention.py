@@ -1,7 +1,14 @@
 """Triton kernels of ST-CNNT attention on [B, T, C, H, W] (fm_engine/ops/window_attention.py and
 fm_engine/ops/temporal_attention.py hold the semantics and dispatch).
 
-One forward kernel and one backward kernel serve the three layouts, chosen by the constexpr MODE:
+Two kernel families. The channel-plane kernels (``plane_fwd_kernel`` / ``plane_bwd_kernel``, section "tiny
+heads" below) run local and global attention whenever every head is a group of whole channels at one pixel
+of the patch (hc divides C; the MRI production config has hc = 4) and q, k are not strided: they read channel
+planes as [rows, pixels along W] tiles and score every head of a block of groups at once. The general
+kernels below run everything else (strided q / k, heads that straddle pixels, heads of whole pixels such as
+the parser default's hc = 256, and until kernels/temporal_attention.py has its own, temporal attention).
+
+One general forward kernel and one backward kernel serve the three layouts, chosen by the constexpr MODE:
 
   MODE 0 local     program = (frame, window), all heads,         tokens = the nPh x nPw patches of the window
   MODE 1 global    program = (frame, patch position), all heads, tokens = that patch in each of the nWh x nWw windows
@@ -11,7 +18,9 @@ A program gathers its q, k, v tiles straight from the contiguous [B, T, C, H, W]
 the group sits at a token offset, element e of head h at an element offset, address = base + token
 offset + element offset (``_tok_off`` / ``_el_off``), so no partition / permute copy exists anywhere. The
 whole N x N score matrix of a group lives in registers (N <= 64); head dims are looped over in chunks of
-BLOCK_D, which is what lets the temporal heads (D = C*H*W/n_head, thousands) run.
+BLOCK_D, which is what lets the temporal heads (D = C*H*W/n_head, thousands) run. A head made of whole
+pixels is walked pixel-fastest (``_el_off``), so its loads are runs of contiguous pixels, not channel
+elements H*W apart; such heads are split over programs when the groups alone leave SMs idle.
 
 Forward:  S = scale * score(q, k) (plain, cosine, or standardised q/k), optional causal mask, P = softmax(S),
           A = P + bias (post-softmax bias), o = A @ v.
@@ -30,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 from fm_engine.kernels import _aot
-from fm_engine.kernels._attention_dropout import dropout_scale, keep4
+from fm_engine.kernels._attention_dropout import dropout_scale, keep4, keep_at
 
 from fm_engine import _alloc
 
@@ -55,13 +64,20 @@ def _tok_off(n, g, MODE: tl.constexpr, C, Hx, Wx, nWw, nPh, nPw, phx, pwx):
 
 
 @triton.jit
-def _el_off(f, MODE: tl.constexpr, C, Hx, Wx, pwx):
-    """Offset of element f of a token vector: (ph, pw, C) with C fastest (windows), or the flat
-    (C, H, W) frame (temporal)."""
+def _el_off(h, d, D, RUN, MODE: tl.constexpr, C, Hx, Wx, pwx):
+    """Offset of element d of head h (head dim D) inside its token: the flat (C, H, W) frame slice (temporal),
+    or a token vector in (ph, pw, C) order with C fastest (windows).
+
+    Windows with heads of whole pixels (RUN = D / C > 0 pixels per head) enumerate a head's elements pixel
+    fastest: element d is channel d // RUN of pixel h * RUN + d % RUN, so neighbouring elements are
+    neighbouring pixels along W (contiguous bytes) instead of channel planes H*W apart. A score or an output
+    element does not depend on the order its head's elements are summed or visited in."""
     if MODE == 2:
-        return f
-    c = f % C
-    r = f // C
+        return h * D + d
+    run = tl.maximum(RUN, 1)
+    f = h * D + d
+    c = tl.where(RUN > 0, d // run, f % C)
+    r = tl.where(RUN > 0, h * run + d % run, f // C)
     return c * (Hx * Wx) + (r // pwx) * Wx + r % pwx
 
 
@@ -83,6 +99,7 @@ def _scores(
     phq,
     pwq,
     D,
+    RUN,
     scale,
     eps,
     MODE: tl.constexpr,
@@ -101,7 +118,7 @@ def _scores(
         # two passes over the head dim: centring first keeps the variance free of cancellation
         for d0 in range(0, D, BLOCK_D):
             md = d0 + offs_d < D
-            off = base + tok[:, None] + _el_off(h * D + d0 + offs_d, MODE, C, Hq, Wq, pwq)[None, :]
+            off = base + tok[:, None] + _el_off(h, d0 + offs_d, D, RUN, MODE, C, Hq, Wq, pwq)[None, :]
             m2 = mask_n[:, None] & md[None, :]
             mean_q += tl.sum(tl.load(q_ptr + off, mask=m2, other=0.0).to(tl.float32), 1)
             mean_k += tl.sum(tl.load(k_ptr + off, mask=m2, other=0.0).to(tl.float32), 1)
@@ -112,7 +129,7 @@ def _scores(
     ss_k = tl.zeros([BLOCK_N], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         md = d0 + offs_d < D
-        off = base + tok[:, None] + _el_off(h * D + d0 + offs_d, MODE, C, Hq, Wq, pwq)[None, :]
+        off = base + tok[:, None] + _el_off(h, d0 + offs_d, D, RUN, MODE, C, Hq, Wq, pwq)[None, :]
         m2 = mask_n[:, None] & md[None, :]
         qt = tl.load(q_ptr + off, mask=m2, other=0.0).to(tl.float32)
         kt = tl.load(k_ptr + off, mask=m2, other=0.0).to(tl.float32)
@@ -192,6 +209,8 @@ def stcnnt_attn_fwd_kernel(
     heads_per_prog,
     D_QK,
     D_V,
+    RUN_QK,
+    RUN_V,
     scale,
     eps,
     seed,
@@ -229,6 +248,7 @@ def stcnnt_attn_fwd_kernel(
             phq,
             pwq,
             D_QK,
+            RUN_QK,
             scale,
             eps,
             MODE,
@@ -248,7 +268,7 @@ def stcnnt_attn_fwd_kernel(
         offs_d = tl.arange(0, BLOCK_D)
         for d0 in range(0, D_V, BLOCK_D):
             md = d0 + offs_d < D_V
-            off = base + tok[:, None] + _el_off(h * D_V + d0 + offs_d, MODE, C, H, W, pw)[None, :]
+            off = base + tok[:, None] + _el_off(h, d0 + offs_d, D_V, RUN_V, MODE, C, H, W, pw)[None, :]
             m2 = mask_n[:, None] & md[None, :]
             vt = tl.load(v_ptr + off, mask=m2, other=0.0).to(tl.float32)
             o = tl.dot(p, vt, input_precision="ieee")
@@ -285,6 +305,8 @@ def stcnnt_attn_bwd_kernel(
     heads_per_prog,
     D_QK,
     D_V,
+    RUN_QK,
+    RUN_V,
     scale,
     eps,
     seed,
@@ -323,6 +345,7 @@ def stcnnt_attn_bwd_kernel(
             phq,
             pwq,
             D_QK,
+            RUN_QK,
             scale,
             eps,
             MODE,
@@ -346,7 +369,7 @@ def stcnnt_attn_bwd_kernel(
         da = tl.zeros([BLOCK_N, BLOCK_N], dtype=tl.float32)
         for d0 in range(0, D_V, BLOCK_D):
             md = d0 + offs_d < D_V
-            off = base_v + tok_v[:, None] + _el_off(h * D_V + d0 + offs_d, MODE, C, H, W, pw)[None, :]
+            off = base_v + tok_v[:, None] + _el_off(h, d0 + offs_d, D_V, RUN_V, MODE, C, H, W, pw)[None, :]
             m2 = mask_n[:, None] & md[None, :]
             vt = tl.load(v_ptr + off, mask=m2, other=0.0).to(tl.float32)
             dot = tl.load(do_ptr + off, mask=m2, other=0.0).to(tl.float32)
@@ -373,7 +396,7 @@ def stcnnt_attn_bwd_kernel(
         tok = _tok_off(offs_n, g, MODE, C, Hq, Wq, nWw, nPh, nPw, phq, pwq)
         for d0 in range(0, D_QK, BLOCK_D):
             md = d0 + offs_d < D_QK
-            off = base_qk + tok[:, None] + _el_off(h * D_QK + d0 + offs_d, MODE, C, Hq, Wq, pwq)[None, :]
+            off = base_qk + tok[:, None] + _el_off(h, d0 + offs_d, D_QK, RUN_QK, MODE, C, Hq, Wq, pwq)[None, :]
             m2 = mask_n[:, None] & md[None, :]
             qt = tl.load(q_ptr + off, mask=m2, other=0.0).to(tl.float32)
             kt = tl.load(k_ptr + off, mask=m2, other=0.0).to(tl.float32)
@@ -391,11 +414,342 @@ def stcnnt_attn_bwd_kernel(
             tl.store(dk_ptr + off, gk.to(dk_ptr.dtype.element_ty), mask=m2)
 
 
+# --- tiny heads: the channel-plane kernels ------------------------------------------------------------
+#
+# When every head is a group of hc whole channels at one pixel of the patch (hc divides C: head
+# h = (pixel r of the patch) * C/hc + channel group) and q, k have v's patch size, a head's elements are hc
+# channel planes, and the tokens of a group sit in the same rows of every plane. A program owns one channel
+# group cg of one row band of a frame (local: a window row; global: a patch row) and walks that band's
+# attention groups in sub-blocks: GB neighbouring groups x RYB pixel rows x RXB pixel columns of the patch.
+# For each sub-block it reads every channel plane of the group as a [rows, pixels along W] tile (adjacent lanes
+# read adjacent pixels; what one sub-block leaves of a 32-byte sector, the next one finds in L1), rearranges
+# it in registers into [heads, tokens] (heads = (group, pixel row, pixel column) of the sub-block), and scores
+# all those heads at once with FMAs, S[a, i, j] += q_c[a, i] * k_c[a, j] over the hc channels of the group:
+# tensor-core tiles need head dims of 16, these heads have 1..8 elements. Tiles are padded to powers of two
+# per factor and masked, so any window / patch geometry runs; [heads, tokens, tokens] must fit a register
+# budget, which bounds the token count (see plane_tile).
+
+
+@triton.jit
+def _plane_tile(wgrp, g0, ry0, rx0, nPh, nPw, nWh, nWw, ph, pw, W,
+                MODE: tl.constexpr, T1P: tl.constexpr, RYP: tl.constexpr, U1P: tl.constexpr,
+                U2P: tl.constexpr, RXP: tl.constexpr):  # fmt: skip
+    """Offsets (within a channel plane) and validity of a [T1P*RYP rows, U1P*U2P*RXP pixels] tile.
+
+    Rows are (t1, ry): the token row (local: patch row of the window; global: window row) and the pixel row
+    ry0 + ry of the patch. Pixels are (u1, u2, rx) along W: local (window g0 + u1, patch column u2, pixel
+    column rx0 + rx); global (window column u1, patch column g0 + u2, pixel column rx0 + rx).
+    """
+    rows = tl.arange(0, T1P * RYP)
+    t1 = rows // RYP
+    ry = ry0 + rows % RYP
+    xs = tl.arange(0, U1P * U2P * RXP)
+    u1 = xs // (U2P * RXP)
+    u2 = (xs // RXP) % U2P
+    rx = rx0 + xs % RXP
+    if MODE == 0:
+        y = (wgrp * nPh + t1) * ph + ry
+        x = ((g0 + u1) * nPw + u2) * pw + rx
+        ok_r = (t1 < nPh) & (ry < ph)
+        ok_x = (g0 + u1 < nWw) & (u2 < nPw) & (rx < pw)
+    else:
+        y = (t1 * nPh + wgrp) * ph + ry
+        x = (u1 * nPw + g0 + u2) * pw + rx
+        ok_r = (t1 < nWh) & (ry < ph)
+        ok_x = (u1 < nWw) & (g0 + u2 < nPw) & (rx < pw)
+    return y[:, None] * W + x[None, :], ok_r[:, None] & ok_x[None, :]
+
+
+@triton.jit
+def _to_heads(x, MODE: tl.constexpr, T1P: tl.constexpr, RYP: tl.constexpr, U1P: tl.constexpr,
+              U2P: tl.constexpr, RXP: tl.constexpr):  # fmt: skip
+    """[rows, pixels] plane tile -> [heads of the sub-block (group, ry, rx), tokens (t1, tx)]."""
+    x = tl.reshape(x, [T1P, RYP, U1P, U2P, RXP])
+    if MODE == 0:  # group u1, token column u2
+        return tl.reshape(tl.permute(x, (2, 1, 4, 0, 3)), [U1P * RYP * RXP, T1P * U2P])
+    else:  # group u2, token column u1
+        return tl.reshape(tl.permute(x, (3, 1, 4, 0, 2)), [U2P * RYP * RXP, T1P * U1P])
+
+
+@triton.jit
+def _from_heads(x, MODE: tl.constexpr, T1P: tl.constexpr, RYP: tl.constexpr, U1P: tl.constexpr,
+                U2P: tl.constexpr, RXP: tl.constexpr):  # fmt: skip
+    """Inverse of :func:`_to_heads`."""
+    if MODE == 0:
+        x = tl.reshape(x, [U1P, RYP, RXP, T1P, U2P])
+        return tl.reshape(tl.permute(x, (3, 1, 0, 4, 2)), [T1P * RYP, U1P * U2P * RXP])
+    else:
+        x = tl.reshape(x, [U2P, RYP, RXP, T1P, U1P])
+        return tl.reshape(tl.permute(x, (3, 1, 4, 0, 2)), [T1P * RYP, U1P * U2P * RXP])
+
+
+@triton.jit
+def _plane_load(ptr, base, off, ok, MODE: tl.constexpr, T1P: tl.constexpr, RYP: tl.constexpr, U1P: tl.constexpr,
+                U2P: tl.constexpr, RXP: tl.constexpr):  # fmt: skip
+    x = tl.load(ptr + base + off, mask=ok, other=0.0).to(tl.float32)
+    return _to_heads(x, MODE, T1P, RYP, U1P, U2P, RXP)
+
+
+@triton.jit
+def _plane_store(ptr, base, off, ok, x, MODE: tl.constexpr, T1P: tl.constexpr, RYP: tl.constexpr,
+                 U1P: tl.constexpr, U2P: tl.constexpr, RXP: tl.constexpr):  # fmt: skip
+    y = _from_heads(x, MODE, T1P, RYP, U1P, U2P, RXP)
+    tl.store(ptr + base + off, y.to(ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _plane_band(pid, C, HC, nPh, nWh, n_gouter, GBI, n_gblocks, n_rych, n_rxch, MODE: tl.constexpr):
+    """This program's frame (item = b * T + t), row band, channel group, first group block and sub-block count."""
+    go = pid % n_gouter
+    r = pid // n_gouter
+    CG = C // HC
+    cg = r % CG
+    r = r // CG
+    if MODE == 0:
+        n_band = nWh
+    else:
+        n_band = nPh
+    band = r % n_band
+    item = (r // n_band).to(tl.int64)
+    gb_first = go * GBI
+    n_sub = tl.minimum(GBI, n_gblocks - gb_first) * n_rych * n_rxch
+    return item, band, cg, gb_first, n_sub
+
+
+@triton.jit
+def _plane_sub(sub, gb_first, band, cg, C, HC, nPh, nPw, nWh, nWw, ph, pw, n_rych, n_rxch,
+               MODE: tl.constexpr, T1P: tl.constexpr, RYP: tl.constexpr, U1P: tl.constexpr,
+               U2P: tl.constexpr, RXP: tl.constexpr):  # fmt: skip
+    """Sub-block ``sub`` of a band: its first group, pixel row and column, and per row a of its [heads, tokens]
+    tiles the head, the attention group and validity; per token its index and validity."""
+    rxch = sub % n_rxch
+    r = sub // n_rxch
+    rych = r % n_rych
+    gblk = gb_first + r // n_rych
+    if MODE == 0:
+        GB: tl.constexpr = U1P
+        TXP: tl.constexpr = U2P
+        n_gx = nWw  # groups along W
+        nt1 = nPh
+        ntx = nPw
+    else:
+        GB: tl.constexpr = U2P
+        TXP: tl.constexpr = U1P
+        n_gx = nPw
+        nt1 = nWh
+        ntx = nWw
+    g0 = gblk * GB
+    ry0 = rych * RYP
+    rx0 = rxch * RXP
+    a = tl.arange(0, GB * RYP * RXP)
+    ga = a // (RYP * RXP)
+    ry = ry0 + (a // RXP) % RYP
+    rx = rx0 + a % RXP
+    head = (ry * pw + rx) * (C // HC) + cg
+    grp = band * n_gx + g0 + ga
+    a_ok = (ry < ph) & (rx < pw) & (g0 + ga < n_gx)
+    n = tl.arange(0, T1P * TXP)
+    t1 = n // TXP
+    tx = n % TXP
+    tok = t1 * ntx + tx
+    n_ok = (t1 < nt1) & (tx < ntx)
+    return g0, ry0, rx0, head, grp, a_ok, tok, n_ok
+
+
+@triton.jit
+def _plane_dropout(seed, item, grp, head, tok, n_groups, n_head, N, p, inv_keep, NP: tl.constexpr,
+                   TX_EXACT: tl.constexpr):  # fmt: skip
+    """[heads, NP, NP] dropout multiplier; rows ((item * n_groups + group) * n_head + head) * N + token."""
+    rows = ((item * n_groups + grp[:, None]) * n_head + head[:, None]) * N + tok[None, :]
+    nk4 = (N + 3) // 4
+    if TX_EXACT:  # the padded token index is the token index of every valid key: one Philox draw per 4 keys
+        keep = keep4(seed, rows[:, :, None] * nk4 + tl.arange(0, NP // 4)[None, None, :], p)
+    else:
+        keep = keep_at(seed, rows[:, :, None], tok[None, None, :].to(tl.int64), nk4, p)
+    return dropout_scale(keep, inv_keep)
+
+
+@triton.jit
+def _plane_scores(q_ptr, k_ptr, base, off, ok, cg, HC, HW, scale, eps, n_ok,
+                  SCORE: tl.constexpr, MODE: tl.constexpr, T1P: tl.constexpr, RYP: tl.constexpr,
+                  U1P: tl.constexpr, U2P: tl.constexpr, RXP: tl.constexpr):  # fmt: skip
+    """P [heads, NP, NP] of a sub-block, the normalised unscaled scores Sn, and per (head, token) the
+    reciprocal norms rq, rk, means mq, mk (standardised) and sums of squares (cosine)."""
+    if MODE == 0:
+        A: tl.constexpr = U1P * RYP * RXP
+        NP: tl.constexpr = T1P * U2P
+    else:
+        A: tl.constexpr = U2P * RYP * RXP
+        NP: tl.constexpr = T1P * U1P
+    mq = tl.zeros([A, NP], tl.float32)
+    mk = tl.zeros([A, NP], tl.float32)
+    if SCORE == 2:  # centring first keeps the variance free of cancellation (two passes over the planes)
+        for e in range(0, HC):
+            c_off = (cg * HC + e) * HW
+            mq += _plane_load(q_ptr, base + c_off, off, ok, MODE, T1P, RYP, U1P, U2P, RXP)
+            mk += _plane_load(k_ptr, base + c_off, off, ok, MODE, T1P, RYP, U1P, U2P, RXP)
+        mq = mq / HC
+        mk = mk / HC
+    s = tl.zeros([A, NP, NP], tl.float32)
+    ssq = tl.zeros([A, NP], tl.float32)
+    ssk = tl.zeros([A, NP], tl.float32)
+    for e in range(0, HC):
+        c_off = (cg * HC + e) * HW
+        qc = _plane_load(q_ptr, base + c_off, off, ok, MODE, T1P, RYP, U1P, U2P, RXP) - mq
+        kc = _plane_load(k_ptr, base + c_off, off, ok, MODE, T1P, RYP, U1P, U2P, RXP) - mk
+        if SCORE != 0:
+            ssq += qc * qc
+            ssk += kc * kc
+        s += qc[:, :, None] * kc[:, None, :]
+    if SCORE == 1:
+        rq = 1.0 / tl.maximum(tl.sqrt(ssq), 1e-12)  # F.normalize: x / max(|x|, 1e-12)
+        rk = 1.0 / tl.maximum(tl.sqrt(ssk), 1e-12)
+    elif SCORE == 2:
+        rq = 1.0 / tl.sqrt(ssq / (HC - 1) + eps)  # unbiased variance, eps of the input dtype
+        rk = 1.0 / tl.sqrt(ssk / (HC - 1) + eps)
+    else:
+        rq = tl.full([A, NP], 1.0, tl.float32)
+        rk = tl.full([A, NP], 1.0, tl.float32)
+    sn = s * rq[:, :, None] * rk[:, None, :]
+    logits = tl.where(n_ok[None, None, :], sn * scale, float("-inf"))
+    mx = tl.max(logits, 2)
+    p = tl.exp(logits - mx[:, :, None])
+    p = p / tl.sum(p, 2)[:, :, None]
+    return p, sn, rq, rk, mq, mk, ssq, ssk
+
+
+@triton.jit
+def plane_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, bias_ptr,
+    C, H, W, nPh, nPw, nWh, nWw, ph, pw, n_head, HC, n_groups, N, n_gouter, GBI, n_gblocks, n_rych, n_rxch,
+    scale, eps, seed, p_drop,
+    MODE: tl.constexpr, SCORE: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
+    TX_EXACT: tl.constexpr, T1P: tl.constexpr, RYP: tl.constexpr, U1P: tl.constexpr, U2P: tl.constexpr,
+    RXP: tl.constexpr,
+):  # fmt: skip
+    item, band, cg, gb_first, n_sub = _plane_band(
+        tl.program_id(0), C, HC, nPh, nWh, n_gouter, GBI, n_gblocks, n_rych, n_rxch, MODE
+    )
+    if MODE == 0:
+        NP: tl.constexpr = T1P * U2P
+    else:
+        NP: tl.constexpr = T1P * U1P
+    HW = H * W
+    base = item * C * HW
+    inv_keep = 1.0 / (1.0 - p_drop)
+    for sub in range(0, n_sub):
+        g0, ry0, rx0, head, grp, a_ok, tok, n_ok = _plane_sub(
+            sub, gb_first, band, cg, C, HC, nPh, nPw, nWh, nWw, ph, pw, n_rych, n_rxch, MODE, T1P, RYP, U1P, U2P, RXP
+        )
+        off, ok = _plane_tile(band, g0, ry0, rx0, nPh, nPw, nWh, nWw, ph, pw, W, MODE, T1P, RYP, U1P, U2P, RXP)
+        p, _, _, _, _, _, _, _ = _plane_scores(
+            q_ptr, k_ptr, base, off, ok, cg, HC, HW, scale, eps, n_ok, SCORE, MODE, T1P, RYP, U1P, U2P, RXP
+        )
+        if HAS_BIAS:  # added after the softmax, as the reference does
+            b_off = head[:, None, None] * N * N + tok[None, :, None] * N + tok[None, None, :]
+            b_ok = a_ok[:, None, None] & n_ok[None, :, None] & n_ok[None, None, :]
+            p += tl.load(bias_ptr + b_off, mask=b_ok, other=0.0).to(tl.float32)
+        if DROPOUT:
+            p = p * _plane_dropout(seed, item, grp, head, tok, n_groups, n_head, N, p_drop, inv_keep, NP, TX_EXACT)
+        for e in range(0, HC):
+            c_off = (cg * HC + e) * HW
+            vc = _plane_load(v_ptr, base + c_off, off, ok, MODE, T1P, RYP, U1P, U2P, RXP)
+            _plane_store(o_ptr, base + c_off, off, ok, tl.sum(p * vc[:, None, :], 2), MODE, T1P, RYP, U1P, U2P, RXP)
+
+
+@triton.jit
+def plane_bwd_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, bias_ptr, dq_ptr, dk_ptr, dv_ptr, dbias_ptr,
+    C, H, W, nPh, nPw, nWh, nWw, ph, pw, n_head, HC, n_groups, N, n_gouter, GBI, n_gblocks, n_rych, n_rxch,
+    scale, eps, seed, p_drop,
+    MODE: tl.constexpr, SCORE: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
+    TX_EXACT: tl.constexpr, T1P: tl.constexpr, RYP: tl.constexpr, U1P: tl.constexpr, U2P: tl.constexpr,
+    RXP: tl.constexpr,
+):  # fmt: skip
+    item, band, cg, gb_first, n_sub = _plane_band(
+        tl.program_id(0), C, HC, nPh, nWh, n_gouter, GBI, n_gblocks, n_rych, n_rxch, MODE
+    )
+    if MODE == 0:
+        NP: tl.constexpr = T1P * U2P
+    else:
+        NP: tl.constexpr = T1P * U1P
+    HW = H * W
+    base = item * C * HW
+    inv_keep = 1.0 / (1.0 - p_drop)
+    for sub in range(0, n_sub):
+        g0, ry0, rx0, head, grp, a_ok, tok, n_ok = _plane_sub(
+            sub, gb_first, band, cg, C, HC, nPh, nPw, nWh, nWw, ph, pw, n_rych, n_rxch, MODE, T1P, RYP, U1P, U2P, RXP
+        )
+        off, ok = _plane_tile(band, g0, ry0, rx0, nPh, nPw, nWh, nWw, ph, pw, W, MODE, T1P, RYP, U1P, U2P, RXP)
+        p, sn, rq, rk, mq, mk, ssq, ssk = _plane_scores(
+            q_ptr, k_ptr, base, off, ok, cg, HC, HW, scale, eps, n_ok, SCORE, MODE, T1P, RYP, U1P, U2P, RXP
+        )
+        b_off = head[:, None, None] * N * N + tok[None, :, None] * N + tok[None, None, :]
+        b_ok = a_ok[:, None, None] & n_ok[None, :, None] & n_ok[None, None, :]
+        ad = p
+        if HAS_BIAS:
+            ad = p + tl.load(bias_ptr + b_off, mask=b_ok, other=0.0).to(tl.float32)
+        if DROPOUT:  # the forward's mask, regenerated: A_d = A * mult, dA = dA_d * mult
+            mult = _plane_dropout(seed, item, grp, head, tok, n_groups, n_head, N, p_drop, inv_keep, NP, TX_EXACT)
+            ad = ad * mult
+        # dA = dO v^T and dv = A_d^T dO, one pass over the channel group's v / dO planes
+        da = tl.zeros_like(p)
+        for e in range(0, HC):
+            c_off = (cg * HC + e) * HW
+            vc = _plane_load(v_ptr, base + c_off, off, ok, MODE, T1P, RYP, U1P, U2P, RXP)
+            doc = _plane_load(do_ptr, base + c_off, off, ok, MODE, T1P, RYP, U1P, U2P, RXP)
+            da += doc[:, :, None] * vc[:, None, :]
+            dvc = tl.sum(ad * doc[:, :, None], 1)
+            _plane_store(dv_ptr, base + c_off, off, ok, dvc, MODE, T1P, RYP, U1P, U2P, RXP)
+        if DROPOUT:
+            da = da * mult
+        if HAS_BIAS:
+            tl.atomic_add(dbias_ptr + b_off, da, mask=b_ok)
+        # softmax backward on the full rows, scale folded in; then through the score form as in
+        # stcnnt_attn_bwd_kernel
+        ds = p * (da - tl.sum(p * da, 2)[:, :, None]) * scale
+        if SCORE == 1:
+            r_q = tl.where(tl.sqrt(ssq) > 1e-12, tl.sum(ds * sn, 2), 0.0)
+            r_k = tl.where(tl.sqrt(ssk) > 1e-12, tl.sum(ds * sn, 1), 0.0)
+        elif SCORE == 2:
+            r_q = tl.sum(ds * sn, 2) / (HC - 1)
+            r_k = tl.sum(ds * sn, 1) / (HC - 1)
+        for e in range(0, HC):
+            c_off = (cg * HC + e) * HW
+            qh = (_plane_load(q_ptr, base + c_off, off, ok, MODE, T1P, RYP, U1P, U2P, RXP) - mq) * rq
+            kh = (_plane_load(k_ptr, base + c_off, off, ok, MODE, T1P, RYP, U1P, U2P, RXP) - mk) * rk
+            gq = tl.sum(ds * kh[:, None, :], 2)
+            gk = tl.sum(ds * qh[:, :, None], 1)
+            if SCORE != 0:
+                gq = (gq - qh * r_q) * rq
+                gk = (gk - kh * r_k) * rk
+            _plane_store(dq_ptr, base + c_off, off, ok, gq, MODE, T1P, RYP, U1P, U2P, RXP)
+            _plane_store(dk_ptr, base + c_off, off, ok, gk, MODE, T1P, RYP, U1P, U2P, RXP)
+
+
 # --- launchers -----------------------------------------------------------------------------------
 
 
+def _interpreting() -> bool:
+    from fm_engine.ops._dispatch import interpreting
+
+    return interpreting()
+
+
+def _arch(device: torch.device | None) -> int:
+    if device is None or device.type != "cuda":
+        return 90
+    return 90 if torch.cuda.get_device_capability(device)[0] >= 9 else 80
+
+
+def _sms(device: torch.device | None) -> int:
+    if device is None or device.type != "cuda":
+        return 132
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def blocks(n_tokens: int, d_max: int) -> tuple[int, int]:
-    """(BLOCK_N, BLOCK_D): tl.dot needs every tile dim >= 16."""
+    """(BLOCK_N, BLOCK_D) of the general kernels: tl.dot needs every tile dim >= 16."""
     block_n = max(16, triton.next_power_of_2(n_tokens))
     block_d = max(16, min(MAX_BLOCK_D, triton.next_power_of_2(d_max)))
     return block_n, block_d
@@ -405,18 +759,121 @@ def _warps(block_n: int) -> int:
     return 4 if block_n <= 32 else 8
 
 
-def heads_per_program(geo: dict, mode: int) -> int:
-    """Window modes: every head of a group in one program (heads share cache lines). Temporal: one head per
-    program (its head is D_v = C*H*W/n_head long already; B*n_head programs keep the GPU busy)."""
-    return 1 if mode == MODE_TEMPORAL else geo["n_head"]
+def heads_per_program(geo: dict, mode: int, device: torch.device | None = None) -> int:
+    """Heads one program of the general kernels walks. Temporal: one (a head is D_v = C*H*W/n_head long
+    already). Windows: all of a group's heads when they interleave in memory (a head's elements are
+    channels of shared pixels); heads of whole pixels are contiguous runs of their own, so they are split
+    over programs until the grid holds about 8 programs per SM."""
+    if mode == MODE_TEMPORAL:
+        return 1
+    hpp = geo["n_head"]
+    if _run(geo["D_QK"], geo["C"]) and _run(geo["D_V"], geo["C"]):
+        groups = geo["programs"] // geo["n_head"]
+        while hpp % 2 == 0 and groups * (geo["n_head"] // hpp) < 8 * _sms(device):
+            hpp //= 2
+    return hpp
+
+
+def _run(d: int, c: int) -> int:
+    """Pixels per head when a head is whole pixels (d a multiple of C), else 0."""
+    return d // c if d % c == 0 else 0
 
 
 _INTS = ("T", "C", "Hq", "Wq", "H", "W", "N", "n_groups", "nWw", "nPh", "nPw", "phq", "pwq", "ph", "pw", "n_head")
 
 
-def _launch_args(geo: dict, mode: int) -> list:
-    """The kernels' integer arguments, in order."""
-    return [*(geo[k] for k in _INTS), heads_per_program(geo, mode), geo["D_QK"], geo["D_V"]]
+def _launch_args(geo: dict, mode: int, hpp: int) -> list:
+    """The general kernels' integer arguments, in order."""
+    runs = (0, 0) if mode == MODE_TEMPORAL else (_run(geo["D_QK"], geo["C"]), _run(geo["D_V"], geo["C"]))
+    return [*(geo[k] for k in _INTS), hpp, geo["D_QK"], geo["D_V"], *runs]
+
+
+# Channel-plane kernels: one function per kernel with the candidate configs (the first is the default; the
+# same on sm_80 and sm_90: nothing is pipelined through shared memory) and the interpreter's. GB groups, RYB
+# pixel rows and RXB pixel columns of the patch form a sub-block, shrunk (GB first, then RYB, RXB) until its
+# [heads, N, N] score tile holds at most ``budget`` elements; GBI group blocks per program; warps = tile
+# elements / (32 * ept), 4..16. Register counts from the compile gate's cubins (sm_90, cosine scores), not
+# timings: a [16 heads, 16, 16] forward tile at 8 warps takes 80 registers, a [1, 64, 64] one (global, 64
+# windows) 205 at 4 warps but 91 at 16; backward keeps P, the scores, A and dA live, and needs about 4
+# elements per thread to stay under 128 registers (216 at 8 per thread).
+PLANE_INTERPRETER_CONFIG = {"GB": 2, "RYB": 1, "RXB": 2, "GBI": 2, "budget": 4096, "ept": 16}
+
+
+def plane_configs(kind: str, arch: int) -> list[dict[str, int]]:
+    if kind == "fwd":
+        return [
+            {"GB": 4, "RYB": 2, "RXB": 8, "GBI": 2, "budget": 8192, "ept": 16},
+            {"GB": 2, "RYB": 1, "RXB": 8, "GBI": 4, "budget": 4096, "ept": 8},
+            {"GB": 8, "RYB": 2, "RXB": 8, "GBI": 1, "budget": 16384, "ept": 16},
+        ]
+    return [
+        {"GB": 2, "RYB": 2, "RXB": 8, "GBI": 2, "budget": 4096, "ept": 4},
+        {"GB": 1, "RYB": 1, "RXB": 8, "GBI": 4, "budget": 2048, "ept": 4},
+        {"GB": 4, "RYB": 2, "RXB": 8, "GBI": 1, "budget": 8192, "ept": 8},
+    ]
+
+
+def plane_config(kind: str, device: torch.device | None) -> dict[str, int]:
+    return dict(PLANE_INTERPRETER_CONFIG) if _interpreting() else plane_configs(kind, _arch(device))[0]
+
+
+def plane_tile(geo: dict, mode: int, cfg: dict[str, int]) -> dict[str, int] | None:
+    """The plane kernels' tile constexprs and grid sizes for this geometry and config, or None when the
+    kernels do not apply (heads not whole channel groups, strided q/k, or a score tile over budget)."""
+    if mode == MODE_TEMPORAL or geo["phq"] != geo["ph"] or geo["pwq"] != geo["pw"]:
+        return None
+    hc, C = geo["D_V"], geo["C"]
+    if geo["D_QK"] != hc or C % hc:
+        return None
+    np2 = triton.next_power_of_2
+    nWh = geo["H"] // (geo["nPh"] * geo["ph"])
+    if mode == MODE_LOCAL:
+        t1p, txp, n_gx, n_band, exact = np2(geo["nPh"]), np2(geo["nPw"]), geo["nWw"], nWh, np2(geo["nPw"]) == geo["nPw"]
+    else:
+        t1p, txp, n_gx, n_band, exact = np2(nWh), np2(geo["nWw"]), geo["nPw"], geo["nPh"], np2(geo["nWw"]) == geo["nWw"]
+    gb, ryb, rxb = min(cfg["GB"], np2(n_gx)), min(cfg["RYB"], np2(geo["ph"])), min(cfg["RXB"], np2(geo["pw"]))
+    npad = t1p * txp
+    while gb * ryb * rxb * npad * npad > cfg["budget"] and gb * ryb * rxb > 1:
+        if gb > 1:
+            gb //= 2
+        elif ryb > 1:
+            ryb //= 2
+        else:
+            rxb //= 2
+    if gb * ryb * rxb * npad * npad > cfg["budget"]:
+        return None
+    n_gblocks = triton.cdiv(n_gx, gb)
+    gbi = min(cfg["GBI"], n_gblocks)
+    n_gouter = triton.cdiv(n_gblocks, gbi)
+    b_t = geo["programs"] // (geo["n_groups"] * geo["n_head"])
+    return {
+        "T1P": t1p,
+        "RYP": ryb,
+        "U1P": gb if mode == MODE_LOCAL else txp,
+        "U2P": txp if mode == MODE_LOCAL else gb,
+        "RXP": rxb,
+        "TX_EXACT": exact,
+        "nWh": nWh,
+        "n_gouter": n_gouter,
+        "GBI": gbi,
+        "n_gblocks": n_gblocks,
+        "n_rych": triton.cdiv(geo["ph"], ryb),
+        "n_rxch": triton.cdiv(geo["pw"], rxb),
+        "programs": n_gouter * (C // hc) * n_band * b_t,
+        "num_warps": max(4, min(16, triton.next_power_of_2(gb * ryb * rxb * npad * npad // (32 * cfg["ept"])))),
+    }
+
+
+def _plane_args(geo: dict, t: dict) -> list:
+    return [
+        geo["C"], geo["H"], geo["W"], geo["nPh"], geo["nPw"], t["nWh"], geo["nWw"], geo["ph"], geo["pw"],
+        geo["n_head"], geo["D_V"], geo["n_groups"], geo["N"], t["n_gouter"], t["GBI"], t["n_gblocks"], t["n_rych"],
+        t["n_rxch"],
+    ]  # fmt: skip
+
+
+def _plane_constexprs(t: dict) -> dict:
+    return {k: t[k] for k in ("TX_EXACT", "T1P", "RYP", "U1P", "U2P", "RXP")}
 
 
 def forward(
@@ -436,15 +893,22 @@ def forward(
     """q, k: [B, T, C, Hq, Wq]; v: [B, T, C, H, W] (contiguous); geo: sizes (fm_engine.ops.window_attention.GEO_KEYS).
     ``dropout_p`` > 0 drops attention weights with the keep mask of ``seed`` (kernels/_attention_dropout.py)."""
     o = _alloc.empty_like(v)
-    n_prog = geo["programs"] // heads_per_program(geo, mode)
-    if n_prog == 0 or v.numel() == 0:
+    if geo["programs"] == 0 or v.numel() == 0:
         return o
+    eps = float(torch.finfo(q.dtype).eps)
+    flags = {"MODE": mode, "SCORE": score, "HAS_BIAS": bias is not None, "DROPOUT": dropout_p > 0}
+    t = plane_tile(geo, mode, plane_config("fwd", q.device))
+    if t is not None:
+        plane_fwd_kernel[(t["programs"],)](
+            q, k, v, o, bias if bias is not None else q, *_plane_args(geo, t), float(scale), eps, seed,
+            float(dropout_p), **flags, **_plane_constexprs(t), num_warps=t["num_warps"],
+        )  # fmt: skip
+        return o
+    hpp = heads_per_program(geo, mode, q.device)
     block_n, block_d = blocks(geo["N"], max(geo["D_QK"], geo["D_V"]))
-    stcnnt_attn_fwd_kernel[(n_prog,)](
-        q, k, v, o, bias if bias is not None else q,
-        *_launch_args(geo, mode), float(scale), float(torch.finfo(q.dtype).eps), seed, float(dropout_p),
-        MODE=mode, SCORE=score, HAS_BIAS=bias is not None, CAUSAL=causal, DROPOUT=dropout_p > 0,
-        BLOCK_N=block_n, BLOCK_D=block_d, num_warps=_warps(block_n),
+    stcnnt_attn_fwd_kernel[(geo["programs"] // hpp,)](
+        q, k, v, o, bias if bias is not None else q, *_launch_args(geo, mode, hpp), float(scale), eps, seed,
+        float(dropout_p), **flags, CAUSAL=causal, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=_warps(block_n),
     )  # fmt: skip
     return o
 
@@ -467,15 +931,23 @@ def backward(
     """Gradients (dq, dk, dv, dbias or None) for the upstream gradient do: [B, T, C, H, W] (contiguous)."""
     dq, dk, dv = _alloc.empty_like(q), _alloc.empty_like(k), _alloc.empty_like(v)
     dbias32 = torch.zeros(bias.shape, dtype=torch.float32, device=q.device) if bias is not None else None
-    n_prog = geo["programs"] // heads_per_program(geo, mode)
-    if n_prog and v.numel():
-        block_n, block_d = blocks(geo["N"], max(geo["D_QK"], geo["D_V"]))
-        stcnnt_attn_bwd_kernel[(n_prog,)](
-            q, k, v, do, bias if bias is not None else q, dq, dk, dv, dbias32 if dbias32 is not None else dq,
-            *_launch_args(geo, mode), float(scale), float(torch.finfo(q.dtype).eps), seed, float(dropout_p),
-            MODE=mode, SCORE=score, HAS_BIAS=bias is not None, CAUSAL=causal, DROPOUT=dropout_p > 0,
-            BLOCK_N=block_n, BLOCK_D=block_d, num_warps=_warps(block_n),
-        )  # fmt: skip
+    if geo["programs"] and v.numel():
+        eps = float(torch.finfo(q.dtype).eps)
+        flags = {"MODE": mode, "SCORE": score, "HAS_BIAS": bias is not None, "DROPOUT": dropout_p > 0}
+        ptrs = (q, k, v, do, bias if bias is not None else q, dq, dk, dv, dbias32 if dbias32 is not None else dq)
+        t = plane_tile(geo, mode, plane_config("bwd", q.device))
+        if t is not None:
+            plane_bwd_kernel[(t["programs"],)](
+                *ptrs, *_plane_args(geo, t), float(scale), eps, seed, float(dropout_p), **flags,
+                **_plane_constexprs(t), num_warps=t["num_warps"],
+            )  # fmt: skip
+        else:
+            hpp = heads_per_program(geo, mode, q.device)
+            block_n, block_d = blocks(geo["N"], max(geo["D_QK"], geo["D_V"]))
+            stcnnt_attn_bwd_kernel[(geo["programs"] // hpp,)](
+                *ptrs, *_launch_args(geo, mode, hpp), float(scale), eps, seed, float(dropout_p), **flags,
+                CAUSAL=causal, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=_warps(block_n),
+            )  # fmt: skip
     dbias = dbias32.to(bias.dtype) if dbias32 is not None and bias is not None else None
     return dq, dk, dv, dbias
 
@@ -494,7 +966,7 @@ def _signature(kernel: str, dt: str) -> dict[str, str]:
     sig = {p: _DT[dt] for p in ptrs}
     if kernel == "bwd":
         sig["dbias_ptr"] = "*fp32"
-    ints = dict.fromkeys((*_INTS, "heads_per_prog", "D_QK", "D_V", "seed"), "i32")
+    ints = dict.fromkeys((*_INTS, "heads_per_prog", "D_QK", "D_V", "RUN_QK", "RUN_V", "seed"), "i32")
     return {**sig, **ints, "scale": "fp32", "eps": "fp32", "p_drop": "fp32"}
 
 
@@ -535,3 +1007,56 @@ register_gate(
         if (dt, bd) != ("fp32", 64)  # the temporal registration covers fp32 64 x 64
     ],
 )
+
+
+# --- compile gate: channel-plane kernels ------------------------------------------------------------------
+
+
+def _production_geo(mode: int) -> dict:
+    """Geometry of the MRI production shape (C 32, 64 x 64, patch 2, 32 heads of 4 channels): 8 x 8 windows of
+    4 x 4 patches; local attention within a window, global across the windows."""
+    nP, nW = 4, 8
+    n_tokens, n_groups = (nP * nP, nW * nW) if mode == MODE_LOCAL else (nW * nW, nP * nP)
+    return {"T": 12, "C": 32, "Hq": 64, "Wq": 64, "H": 64, "W": 64, "N": n_tokens, "n_groups": n_groups, "nWw": nW,
+            "nPh": nP, "nPw": nP, "phq": 2, "pwq": 2, "ph": 2, "pw": 2, "n_head": 32, "D_QK": 4, "D_V": 4,
+            "programs": 16 * 12 * n_groups * 32}  # fmt: skip
+
+
+# An odd geometry: local windows of 3 x 3 patches of 3 x 3 pixels, 2 channels, 9 heads of 2 (token columns not a
+# power of two: the per-element dropout draw; pixel rows and columns split over sub-blocks).
+_ODD_GEO = {"T": 1, "C": 2, "Hq": 9, "Wq": 27, "H": 9, "W": 27, "N": 9, "n_groups": 3, "nWw": 3, "nPh": 3, "nPw": 3,
+            "phq": 3, "pwq": 3, "ph": 3, "pw": 3, "n_head": 9, "D_QK": 2, "D_V": 2, "programs": 27}  # fmt: skip
+_PLANE_INTS = ("C", "H", "W", "nPh", "nPw", "nWh", "nWw", "ph", "pw", "n_head", "HC", "n_groups", "N", "n_gouter",
+               "GBI", "n_gblocks", "n_rych", "n_rxch", "seed")  # fmt: skip
+
+
+def _register_plane(kind: str, dt: str, geo: dict, mode: int, cfg: dict, flags: dict) -> None:
+    t = plane_tile(geo, mode, cfg)
+    if t is None:  # this candidate's budget does not take this geometry: the general kernels run it
+        return
+    fn = plane_fwd_kernel if kind == "fwd" else plane_bwd_kernel
+    ptrs = ("q_ptr", "k_ptr", "v_ptr", "o_ptr", "bias_ptr")
+    if kind == "bwd":
+        ptrs = ("q_ptr", "k_ptr", "v_ptr", "do_ptr", "bias_ptr", "dq_ptr", "dk_ptr", "dv_ptr")
+    sig = {**dict.fromkeys(ptrs, _DT[dt]), **dict.fromkeys(_PLANE_INTS, "i32")}
+    sig.update({"scale": "fp32", "eps": "fp32", "p_drop": "fp32"} | ({"dbias_ptr": "*fp32"} if kind == "bwd" else {}))
+    _aot.register(
+        fn,
+        signatures=[sig],
+        configs=[{"MODE": mode, **flags, **_plane_constexprs(t), "num_warps": t["num_warps"]}],
+        name=f"stcnnt_plane_{kind}[mode{mode}]",
+    )
+
+
+_HEAVIEST = {"SCORE": SCORE_STANDARDIZE, "HAS_BIAS": True, "DROPOUT": True}
+for _kind in ("fwd", "bwd"):
+    for _mode in (MODE_LOCAL, MODE_GLOBAL):
+        # every candidate at the production shape with the flags that add the most code (bf16)
+        for _cfg in plane_configs(_kind, 90):
+            _register_plane(_kind, "bf16", _production_geo(_mode), _mode, _cfg, _HEAVIEST)
+        # the default with the production flags (cosine, no bias; with and without dropout) in every dtype
+        for _dt in ("bf16", "fp16", "fp32"):
+            for _drop in (False, True):
+                _flags = {"SCORE": SCORE_COSINE, "HAS_BIAS": False, "DROPOUT": _drop}
+                _register_plane(_kind, _dt, _production_geo(_mode), _mode, plane_configs(_kind, 90)[0], _flags)
+    _register_plane(_kind, "bf16", _ODD_GEO, MODE_LOCAL, plane_configs(_kind, 90)[0], _HEAVIEST)

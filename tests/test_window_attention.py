@@ -241,6 +241,12 @@ TRITON_CASES = [
     (1, 1, 2, 4, 8, "local", (2, 2), (2, 4), 1, 2, {"normalize_qk": True}, True, "bf16"),  # hc_qk 4, hc_v 16
     (1, 1, 1, 4, 16, "global", (4, 16), 1, 1, 1, {}, False, "fp16"),  # N 64 (the largest tile)
     (1, 2, 16, 4, 4, "global", (2, 2), 2, 2, 2, {"cosine": True}, True, "fp16"),  # hc_qk 8, hc_v 32
+    # channel-plane kernels (heads of whole channels, unstrided): 3 x 3 patches of 3 x 3 pixels (token columns
+    # and pixel rows / columns not powers of two, split over sub-blocks), 3 windows in blocks of 2
+    (1, 1, 2, 6, 27, "local", (2, 3), (3, 3), 9, 1, {"cosine": True}, True, "fp32"),
+    (2, 1, 4, 6, 12, "global", (3, 2), (1, 2), 4, 1, {"normalize_qk": True}, True, "bf16"),  # 3 window rows
+    # heads of whole pixels (hc 8 = 4 pixels x 2 channels): pixel-fastest element order, heads split over programs
+    (1, 2, 2, 4, 8, "local", (2, 2), (2, 4), 2, 1, {}, True, "fp16"),
 ]
 
 
@@ -340,6 +346,7 @@ DROPOUT_CASES = [
     (1, 2, 2, 6, 10, "local", (3, 5), 2, 2, 2, {}, True, "bf16", 0.5),  # N 15, strided q/k
     (1, 1, 2, 2, 17, "global", (1, 17), 1, 1, 1, {"normalize_qk": True}, False, "fp16", 0.2),  # N 17
     (2, 1, 4, 4, 8, "global", (2, 2), (1, 2), 4, 1, {}, True, "bf16", 0.1),
+    (1, 1, 2, 6, 27, "local", (2, 3), (3, 3), 9, 1, {}, True, "fp32", 0.3),  # plane kernels, per-key draws
 ]
 
 

@@ -1,36 +1,34 @@
-"""Triton kernels of ST-CNNT attention on [B, T, C, H, W] (fm_engine/ops/window_attention.py and
-fm_engine/ops/temporal_attention.py hold the semantics and dispatch).
+"""Triton kernels of ST-CNNT local and global attention on [B, T, C, H, W] (fm_engine/ops/window_attention.py
+holds the semantics and dispatch; temporal attention has its own kernels in kernels/temporal_attention.py).
 
 Two kernel families. The channel-plane kernels (``plane_fwd_kernel`` / ``plane_bwd_kernel``, section "tiny
-heads" below) run local and global attention whenever every head is a group of whole channels at one pixel
-of the patch (hc divides C; the MRI production config has hc = 4) and q, k are not strided: they read channel
-planes as [rows, pixels along W] tiles and score every head of a block of groups at once. The general
-kernels below run everything else (strided q / k, heads that straddle pixels, heads of whole pixels such as
-the parser default's hc = 256, and until kernels/temporal_attention.py has its own, temporal attention).
+heads" below) run whenever every head is a group of whole channels at one pixel of the patch (hc divides C;
+the MRI production config has hc = 4) and q, k are not strided: they read channel planes as [rows, pixels
+along W] tiles and score every head of a block of groups at once. The general kernels run everything else
+(strided q / k, heads that straddle pixels, heads of whole pixels such as the parser default's hc = 256), one
+forward and one backward kernel for both layouts, chosen by the constexpr MODE:
 
-One general forward kernel and one backward kernel serve the three layouts, chosen by the constexpr MODE:
-
-  MODE 0 local     program = (frame, window), all heads,         tokens = the nPh x nPw patches of the window
-  MODE 1 global    program = (frame, patch position), all heads, tokens = that patch in each of the nWh x nWw windows
-  MODE 2 temporal  program = (batch, head),                      tokens = the T frames
+  MODE 0 local     program = (frame, window, head block),         tokens = the nPh x nPw patches of the window
+  MODE 1 global    program = (frame, patch position, head block), tokens = that patch in each of the nWh x nWw windows
 
 A program gathers its q, k, v tiles straight from the contiguous [B, T, C, H, W] tensors: token n of
 the group sits at a token offset, element e of head h at an element offset, address = base + token
 offset + element offset (``_tok_off`` / ``_el_off``), so no partition / permute copy exists anywhere. The
 whole N x N score matrix of a group lives in registers (N <= 64); head dims are looped over in chunks of
-BLOCK_D, which is what lets the temporal heads (D = C*H*W/n_head, thousands) run. A head made of whole
-pixels is walked pixel-fastest (``_el_off``), so its loads are runs of contiguous pixels, not channel
-elements H*W apart; such heads are split over programs when the groups alone leave SMs idle.
+BLOCK_D. A head made of whole pixels is walked pixel-fastest (``_el_off``), so its loads are runs of
+contiguous pixels, not channel elements H*W apart; such heads are split over programs when the groups alone
+leave SMs idle.
 
-Forward:  S = scale * score(q, k) (plain, cosine, or standardised q/k), optional causal mask, P = softmax(S),
-          A = P + bias (post-softmax bias), o = A @ v.
+Forward:  S = scale * score(q, k) (plain, cosine, or standardised q/k), P = softmax(S),
+          A = P + bias (post-softmax bias), o = dropout(A) @ v.
 Backward: recomputes S and P from q, k (nothing N x N is stored), then
           dA = dO @ v^T, dv = A^T @ dO, dbias += dA (fp32 atomics over the groups sharing a head),
           dS = P * (dA - rowsum(P * dA)), and dq, dk from dS through the score form.
 
-The products use ``tl.dot`` on fp32 tiles with ieee precision: tiles are padded to 16 (masked lanes read
-nothing), and the op is memory-bound (N/2 FLOP per byte at most), so exact fp32 arithmetic costs no time
-that matters while meeting the fp32 parity rule. Softmax statistics and all accumulation are fp32.
+The general kernels' products use ``tl.dot`` on fp32 tiles with ieee precision: tiles are padded to 16
+(masked lanes read nothing), and the op is memory-bound (N/2 FLOP per byte at most), so exact fp32
+arithmetic costs no time that matters while meeting the fp32 parity rule. Softmax statistics and all
+accumulation are fp32.
 """
 
 from __future__ import annotations
@@ -43,17 +41,15 @@ from fm_engine.kernels._attention_dropout import dropout_scale, keep4, keep_at
 
 from fm_engine import _alloc
 
-MODE_LOCAL, MODE_GLOBAL, MODE_TEMPORAL = 0, 1, 2
+MODE_LOCAL, MODE_GLOBAL = 0, 1
 SCORE_DOT, SCORE_COSINE, SCORE_STANDARDIZE = 0, 1, 2
 MAX_BLOCK_D = 64  # head-dim chunk: a 64 x 64 fp32 tile is 16 KiB of registers across the program
-AOT_HELPERS = {"_scores"}  # a jit helper that takes pointers (compiled inside the kernels)
+AOT_HELPERS = {"_scores", "_plane_scores"}  # jit helpers that take pointers (compiled inside the kernels)
 
 
 @triton.jit
 def _tok_off(n, g, MODE: tl.constexpr, C, Hx, Wx, nWw, nPh, nPw, phx, pwx):
-    """Offset of token n's first element inside its frame (windows) or batch item (temporal)."""
-    if MODE == 2:
-        return n * (C * Hx * Wx)
+    """Offset of token n's first element inside its frame."""
     if MODE == 0:
         row = (g // nWw) * nPh + n // nPw  # patch row in the frame's patch grid
         col = (g % nWw) * nPw + n % nPw
@@ -65,15 +61,12 @@ def _tok_off(n, g, MODE: tl.constexpr, C, Hx, Wx, nWw, nPh, nPw, phx, pwx):
 
 @triton.jit
 def _el_off(h, d, D, RUN, MODE: tl.constexpr, C, Hx, Wx, pwx):
-    """Offset of element d of head h (head dim D) inside its token: the flat (C, H, W) frame slice (temporal),
-    or a token vector in (ph, pw, C) order with C fastest (windows).
+    """Offset of element d of head h (head dim D) inside its token, a vector in (ph, pw, C) order, C fastest.
 
     Windows with heads of whole pixels (RUN = D / C > 0 pixels per head) enumerate a head's elements pixel
     fastest: element d is channel d // RUN of pixel h * RUN + d % RUN, so neighbouring elements are
     neighbouring pixels along W (contiguous bytes) instead of channel planes H*W apart. A score or an output
     element does not depend on the order its head's elements are summed or visited in."""
-    if MODE == 2:
-        return h * D + d
     run = tl.maximum(RUN, 1)
     f = h * D + d
     c = tl.where(RUN > 0, d // run, f % C)
@@ -104,7 +97,6 @@ def _scores(
     eps,
     MODE: tl.constexpr,
     SCORE: tl.constexpr,
-    CAUSAL: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -151,8 +143,6 @@ def _scores(
         rk = tl.full([BLOCK_N], 1.0, tl.float32)
     sn = s * rq[:, None] * rk[None, :]
     valid = mask_n[None, :] & (offs_n[:, None] >= 0)
-    if CAUSAL:
-        valid = valid & (offs_n[None, :] <= offs_n[:, None])
     logits = tl.where(valid, sn * scale, float("-inf"))
     mx = tl.max(logits, 1)
     p = tl.exp(logits - mx[:, None])
@@ -161,18 +151,12 @@ def _scores(
 
 
 @triton.jit
-def _program(pid, n_head_blocks, n_groups, T, MODE: tl.constexpr):
-    """(group, head block, first frame of the program's data, item) of this program; head blocks are fastest.
-    The item is the frame b*T + t (windows) or the batch index b (temporal): attention rows are numbered
-    ((item * n_groups + group) * n_head + head) * N + query for the dropout counters."""
+def _program(pid, n_head_blocks, n_groups):
+    """(group, head block, frame b*T + t) of this program; head blocks are fastest. Attention rows are numbered
+    ((frame * n_groups + group) * n_head + head) * N + query for the dropout counters."""
     h = pid % n_head_blocks
     r = pid // n_head_blocks
-    g = r % n_groups
-    item = (r // n_groups).to(tl.int64)
-    bt = item
-    if MODE == 2:
-        bt = item * T  # temporal: the base is the first frame of batch item b
-    return g, h, bt, item
+    return r % n_groups, h, (r // n_groups).to(tl.int64)
 
 
 @triton.jit
@@ -190,7 +174,6 @@ def stcnnt_attn_fwd_kernel(
     v_ptr,
     o_ptr,
     bias_ptr,
-    T,
     C,
     Hq,
     Wq,
@@ -218,12 +201,12 @@ def stcnnt_attn_fwd_kernel(
     MODE: tl.constexpr,
     SCORE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    CAUSAL: tl.constexpr,
     DROPOUT: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    g, hb, bt, item = _program(tl.program_id(0), n_head // heads_per_prog, n_groups, T, MODE)
+    g, hb, bt = _program(tl.program_id(0), n_head // heads_per_prog, n_groups)
+    item = bt
     inv_keep = 1.0 / (1.0 - p_drop)
     # the heads of one group run in one program: their elements share cache lines (a head of the
     # production shape is 4 channels of one pixel), so the group's tiles are fetched from DRAM once
@@ -253,7 +236,6 @@ def stcnnt_attn_fwd_kernel(
             eps,
             MODE,
             SCORE,
-            CAUSAL,
             BLOCK_N,
             BLOCK_D,
         )
@@ -286,7 +268,6 @@ def stcnnt_attn_bwd_kernel(
     dk_ptr,
     dv_ptr,
     dbias_ptr,
-    T,
     C,
     Hq,
     Wq,
@@ -314,12 +295,12 @@ def stcnnt_attn_bwd_kernel(
     MODE: tl.constexpr,
     SCORE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    CAUSAL: tl.constexpr,
     DROPOUT: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    g, hb, bt, item = _program(tl.program_id(0), n_head // heads_per_prog, n_groups, T, MODE)
+    g, hb, bt = _program(tl.program_id(0), n_head // heads_per_prog, n_groups)
+    item = bt
     inv_keep = 1.0 / (1.0 - p_drop)
     # the heads of one group run in one program: their elements share cache lines (a head of the
     # production shape is 4 channels of one pixel), so the group's tiles are fetched from DRAM once
@@ -350,7 +331,6 @@ def stcnnt_attn_bwd_kernel(
             eps,
             MODE,
             SCORE,
-            CAUSAL,
             BLOCK_N,
             BLOCK_D,
         )
@@ -760,12 +740,9 @@ def _warps(block_n: int) -> int:
 
 
 def heads_per_program(geo: dict, mode: int, device: torch.device | None = None) -> int:
-    """Heads one program of the general kernels walks. Temporal: one (a head is D_v = C*H*W/n_head long
-    already). Windows: all of a group's heads when they interleave in memory (a head's elements are
-    channels of shared pixels); heads of whole pixels are contiguous runs of their own, so they are split
-    over programs until the grid holds about 8 programs per SM."""
-    if mode == MODE_TEMPORAL:
-        return 1
+    """Heads one program of the general kernels walks: all of a group's heads when they interleave in memory (a
+    head's elements are channels of shared pixels); heads of whole pixels are contiguous runs of their own, so
+    they are split over programs until the grid holds about 8 programs per SM."""
     hpp = geo["n_head"]
     if _run(geo["D_QK"], geo["C"]) and _run(geo["D_V"], geo["C"]):
         groups = geo["programs"] // geo["n_head"]
@@ -779,13 +756,19 @@ def _run(d: int, c: int) -> int:
     return d // c if d % c == 0 else 0
 
 
-_INTS = ("T", "C", "Hq", "Wq", "H", "W", "N", "n_groups", "nWw", "nPh", "nPw", "phq", "pwq", "ph", "pw", "n_head")
+_INTS = ("C", "Hq", "Wq", "H", "W", "N", "n_groups", "nWw", "nPh", "nPw", "phq", "pwq", "ph", "pw", "n_head")
 
 
 def _launch_args(geo: dict, mode: int, hpp: int) -> list:
     """The general kernels' integer arguments, in order."""
-    runs = (0, 0) if mode == MODE_TEMPORAL else (_run(geo["D_QK"], geo["C"]), _run(geo["D_V"], geo["C"]))
-    return [*(geo[k] for k in _INTS), hpp, geo["D_QK"], geo["D_V"], *runs]
+    return [
+        *(geo[k] for k in _INTS),
+        hpp,
+        geo["D_QK"],
+        geo["D_V"],
+        _run(geo["D_QK"], geo["C"]),
+        _run(geo["D_V"], geo["C"]),
+    ]
 
 
 # Channel-plane kernels: one function per kernel with the candidate configs (the first is the default; the
@@ -820,7 +803,7 @@ def plane_config(kind: str, device: torch.device | None) -> dict[str, int]:
 def plane_tile(geo: dict, mode: int, cfg: dict[str, int]) -> dict[str, int] | None:
     """The plane kernels' tile constexprs and grid sizes for this geometry and config, or None when the
     kernels do not apply (heads not whole channel groups, strided q/k, or a score tile over budget)."""
-    if mode == MODE_TEMPORAL or geo["phq"] != geo["ph"] or geo["pwq"] != geo["pw"]:
+    if geo["phq"] != geo["ph"] or geo["pwq"] != geo["pw"]:
         return None
     hc, C = geo["D_V"], geo["C"]
     if geo["D_QK"] != hc or C % hc:
@@ -885,7 +868,6 @@ def forward(
     *,
     mode: int,
     score: int,
-    causal: bool,
     scale: float,
     dropout_p: float = 0.0,
     seed: int = 0,
@@ -908,7 +890,7 @@ def forward(
     block_n, block_d = blocks(geo["N"], max(geo["D_QK"], geo["D_V"]))
     stcnnt_attn_fwd_kernel[(geo["programs"] // hpp,)](
         q, k, v, o, bias if bias is not None else q, *_launch_args(geo, mode, hpp), float(scale), eps, seed,
-        float(dropout_p), **flags, CAUSAL=causal, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=_warps(block_n),
+        float(dropout_p), **flags, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=_warps(block_n),
     )  # fmt: skip
     return o
 
@@ -923,7 +905,6 @@ def backward(
     *,
     mode: int,
     score: int,
-    causal: bool,
     scale: float,
     dropout_p: float = 0.0,
     seed: int = 0,
@@ -946,7 +927,7 @@ def backward(
             block_n, block_d = blocks(geo["N"], max(geo["D_QK"], geo["D_V"]))
             stcnnt_attn_bwd_kernel[(geo["programs"] // hpp,)](
                 *ptrs, *_launch_args(geo, mode, hpp), float(scale), eps, seed, float(dropout_p), **flags,
-                CAUSAL=causal, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=_warps(block_n),
+                BLOCK_N=block_n, BLOCK_D=block_d, num_warps=_warps(block_n),
             )  # fmt: skip
     dbias = dbias32.to(bias.dtype) if dbias32 is not None and bias is not None else None
     return dq, dk, dv, dbias
@@ -973,7 +954,7 @@ def _signature(kernel: str, dt: str) -> dict[str, str]:
 def register_gate(mode: int, cases: list[tuple[str, dict]]) -> None:
     """Register (dtype, constexpr config) launch cases of both kernels for ``mode``."""
     for dt, cfg in cases:
-        full = {"MODE": mode, "SCORE": 0, "HAS_BIAS": False, "CAUSAL": False, "DROPOUT": False, **cfg}
+        full = {"MODE": mode, "SCORE": 0, "HAS_BIAS": False, "DROPOUT": False, **cfg}
         full["num_warps"] = _warps(full["BLOCK_N"])
         for kernel, fn in (("fwd", stcnnt_attn_fwd_kernel), ("bwd", stcnnt_attn_bwd_kernel)):
             _aot.register(
@@ -1004,7 +985,6 @@ register_gate(
         (dt, {"BLOCK_N": 64, "BLOCK_D": bd, "SCORE": SCORE_STANDARDIZE, "HAS_BIAS": True, "DROPOUT": True})
         for dt in ("fp32", "fp16", "bf16")
         for bd in (16, 32, 64)
-        if (dt, bd) != ("fp32", 64)  # the temporal registration covers fp32 64 x 64
     ],
 )
 

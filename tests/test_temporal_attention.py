@@ -110,9 +110,10 @@ def test_reference_is_the_automatic_choice_for_float64():
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
-# (B, T, C, H, W, stride, n_head, flags, dtype): T against the token tile (1, 15, 16, 17 vs BLOCK_N 16/32),
-# head dims against the 64-wide chunk (D_qk 3 .. 120, D_v 12 .. 480, partial chunks), causal and not, every
-# score form, a head that starts inside a channel map (n_head not dividing C), odd batches.
+# (B, T, C, H, W, stride, n_head, flags, dtype): T against the frame tile (1, 15, 16, 17, 64 vs 16/32/64), head
+# dims against the interpreter's 16-wide chunks and 3-way splits of the head dim (D_qk 3 .. 128, D_v 12 .. 480:
+# partial chunks, splits of unequal length), causal and not, every score form, a head that starts inside a
+# channel map (n_head not dividing C), odd batches.
 TRITON_CASES = [
     (1, 1, 4, 4, 6, 2, 2, {}, "fp32"),
     (3, 5, 4, 10, 12, 2, 2, {"causal": True}, "bf16"),
@@ -193,6 +194,20 @@ def test_triton_dropout_parity(case, device):
     _run_parity(*args, device=device, dropout_p=dropout_p)
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_triton_standardised_scores_with_a_large_mean(dtype, device):
+    """Rows whose mean is 100x their spread: the split kernels sum about a shift (the first chunk's mean), so the
+    one-pass variance keeps its precision."""
+    dt = DTYPES[dtype]
+    q, k, v = _inputs(2, 5, 4, 8, 8, 1, dtype=dt, device=device)
+    q, k = q + 100.0, k - 50.0
+
+    def call(backend):
+        return lambda q, k, v: temporal_attention(q, k, v, n_head=2, normalize_qk=True, backend=backend)
+
+    assert_parity(call("triton"), call("reference"), [q, k, v], name=f"temporal standardised, large mean {dtype}")
+
+
 def test_triton_dropout_seed_is_reproducible_and_fresh(device):
     q, k, v = _inputs(2, 6, 2, 4, 4, 2, dtype=torch.float32, device=device)
     kw = {"n_head": 2, "dropout_p": 0.5, "backend": "triton"}
@@ -210,7 +225,7 @@ def test_triton_backend_refusals_name_the_reason(device):
     with pytest.raises(_dispatch.BackendUnsupportedError, match="float64"):
         temporal_attention(q.double(), k.double(), v.double(), n_head=2, backend="triton")
     long = _inputs(1, 65, 1, 2, 2, 1, dtype=torch.float32, device=device)
-    with pytest.raises(_dispatch.BackendUnsupportedError, match="65 tokens per attention group > 64"):
+    with pytest.raises(_dispatch.BackendUnsupportedError, match="65 frames > 64"):
         temporal_attention(*long, n_head=1, backend="triton")
 
 

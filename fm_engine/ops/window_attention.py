@@ -364,9 +364,9 @@ def window_attention(
 public(WINDOW_ATTENTION, window_attention)
 
 
-# --- Triton backend (shared with fm_engine.ops.temporal_attention) ------------------------------------
+# --- Triton backend ----------------------------------------------------------------------------------
 
-MODE_CODES = {"local": 0, "global": 1, "temporal": 2}
+MODE_CODES = {"local": 0, "global": 1}
 
 
 def score_code(cosine: bool, normalize_qk: bool) -> int:
@@ -384,7 +384,6 @@ def _fwd(
     geo: list[int],
     mode: int,
     score: int,
-    causal: bool,
     scale: float,
     dropout_p: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -400,7 +399,6 @@ def _fwd(
         _geo_dict(geo),
         mode=mode,
         score=score,
-        causal=causal,
         scale=scale,
         dropout_p=dropout_p,
         seed=seed,
@@ -409,7 +407,7 @@ def _fwd(
 
 
 @_fwd.register_fake
-def _(q, k, v, bias, geo, mode, score, causal, scale, dropout_p):
+def _(q, k, v, bias, geo, mode, score, scale, dropout_p):
     return torch.empty_like(v, memory_format=torch.contiguous_format), torch.empty(1, dtype=torch.int64)
 
 
@@ -423,7 +421,6 @@ def _bwd(
     geo: list[int],
     mode: int,
     score: int,
-    causal: bool,
     scale: float,
     seed: torch.Tensor,
     dropout_p: float,
@@ -431,14 +428,14 @@ def _bwd(
     from fm_engine.kernels import window_attention as K
 
     dq, dk, dv, db = K.backward(
-        do, q, k, v, bias, _geo_dict(geo), mode=mode, score=score, causal=causal, scale=scale,
-        dropout_p=dropout_p, seed=int(seed.item()),
+        do, q, k, v, bias, _geo_dict(geo), mode=mode, score=score, scale=scale, dropout_p=dropout_p,
+        seed=int(seed.item()),
     )  # fmt: skip
     return dq, dk, dv, (db if db is not None else q.new_empty(0))
 
 
 @_bwd.register_fake
-def _(do, q, k, v, bias, geo, mode, score, causal, scale, seed, dropout_p):
+def _(do, q, k, v, bias, geo, mode, score, scale, seed, dropout_p):
     db = torch.empty_like(bias) if bias is not None else q.new_empty(0)
     c = torch.contiguous_format
     return (
@@ -450,16 +447,16 @@ def _(do, q, k, v, bias, geo, mode, score, causal, scale, seed, dropout_p):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, bias, geo, mode, score, causal, scale, dropout_p = inputs
+    q, k, v, bias, geo, mode, score, scale, dropout_p = inputs
     ctx.save_for_backward(q, k, v, bias, output[1])
-    ctx.args = (geo, mode, score, causal, scale)
+    ctx.args = (geo, mode, score, scale)
     ctx.dropout_p = dropout_p
 
 
 def _backward(ctx, do, _dseed):
     q, k, v, bias, seed = ctx.saved_tensors
     dq, dk, dv, db = _bwd(do.contiguous(), q, k, v, bias, *ctx.args, seed, ctx.dropout_p)
-    return dq, dk, dv, (db if bias is not None else None), None, None, None, None, None, None
+    return dq, dk, dv, (db if bias is not None else None), None, None, None, None, None
 
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -501,7 +498,6 @@ def triton_attention(
     mode: str,
     cosine: bool,
     normalize_qk: bool,
-    causal: bool,
     scale: float,
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
@@ -514,7 +510,6 @@ def triton_attention(
         geo,
         MODE_CODES[mode],
         score_code(cosine, normalize_qk),
-        causal,
         float(scale),
         float(dropout_p),
     )[0]
@@ -590,7 +585,6 @@ def _triton_window(
         mode=mode,
         cosine=cosine,
         normalize_qk=normalize_qk,
-        causal=False,
         scale=s,
         dropout_p=dropout_p,
     )

@@ -1,12 +1,13 @@
 """Triton kernels of ST-CNNT local and global attention on [B, T, C, H, W] (fm_engine/ops/window_attention.py
 holds the semantics and dispatch; temporal attention has its own kernels in kernels/temporal_attention.py).
 
-Two kernel families. The channel-plane kernels (``plane_fwd_kernel`` / ``plane_bwd_kernel``, section "tiny
-heads" below) run whenever every head is a group of whole channels at one pixel of the patch (hc divides C;
-the MRI production config has hc = 4) and q, k are not strided: they read channel planes as [rows, pixels
-along W] tiles and score every head of a block of groups at once. The general kernels run everything else
-(strided q / k, heads that straddle pixels, heads of whole pixels such as the parser default's hc = 256), one
-forward and one backward kernel for both layouts, chosen by the constexpr MODE:
+Three kernel families. Groups of more than 64 tokens run the long kernels (section "long groups": blocked,
+online softmax, head dims up to 256). Otherwise the channel-plane kernels (``plane_fwd_kernel`` /
+``plane_bwd_kernel``, section "tiny heads") run whenever every head is a group of whole channels at one pixel
+of the patch (hc divides C; the MRI production config has hc = 4) and q, k are not strided: they read channel
+planes as [rows, pixels along W] tiles and score every head of a block of groups at once. The general kernels
+run everything else (strided q / k, heads that straddle pixels, heads of whole pixels such as the parser
+default's hc = 256), one forward and one backward kernel for both layouts, chosen by the constexpr MODE:
 
   MODE 0 local     program = (frame, window, head block),         tokens = the nPh x nPw patches of the window
   MODE 1 global    program = (frame, patch position, head block), tokens = that patch in each of the nWh x nWw windows
@@ -392,6 +393,245 @@ def stcnnt_attn_bwd_kernel(
                 gk = (gk - kh * r_k[:, None]) * rk[:, None]
             tl.store(dq_ptr + off, gq.to(dq_ptr.dtype.element_ty), mask=m2)
             tl.store(dk_ptr + off, gk.to(dk_ptr.dtype.element_ty), mask=m2)
+
+
+# --- long groups: more than 64 tokens ---------------------------------------------------------------------
+#
+# A group of N > 64 tokens (global attention on large frames, local windows of many patches) does not fit one
+# program's registers as an N x N matrix. The long kernels tile it FlashAttention-style, with whole head rows
+# (hc <= 256) as tiles: the forward owns BLOCK_M queries of one (frame, group, head) and walks the keys in
+# blocks with an online softmax, keeping the post-softmax bias part of the output (sum_j b_ij v_j, which needs
+# no rescaling) in a second accumulator; it saves the rows' log-sum-exp. The backward runs a dq kernel per query
+# block (over all key blocks; it also forms delta_i = sum_j P_ij dA_ij = dO_i . (o_i - bias part_i)) and a
+# dk / dv kernel per key block (over all query blocks), each recomputing the scores of its tile pairs.
+
+
+@triton.jit
+def _head_tile(g, h, offs_n, mask_n, D, RUN, MODE: tl.constexpr, C, Hx, Wx, nWw, nPh, nPw, phx, pwx,
+               DP: tl.constexpr):  # fmt: skip
+    """Offsets (inside the frame) and mask of the [tokens, DP] tile of head h's whole rows."""
+    tok = _tok_off(offs_n, g, MODE, C, Hx, Wx, nWw, nPh, nPw, phx, pwx)
+    offs_d = tl.arange(0, DP)
+    return tok[:, None] + _el_off(h, offs_d, D, RUN, MODE, C, Hx, Wx, pwx)[None, :], mask_n[:, None] & (
+        offs_d[None, :] < D
+    )
+
+
+@triton.jit
+def _normalized(x, m, D, eps, SCORE: tl.constexpr):
+    """Rows x [tokens, DP] (fp32, 0 where masked) -> (the rows as scored: x, x / |x| or standardised; the
+    reciprocal norm, 1 for plain scores)."""
+    if SCORE == 2:
+        xc = tl.where(m, x - (tl.sum(x, 1) / D)[:, None], 0.0)
+        r = 1.0 / tl.sqrt(tl.sum(xc * xc, 1) / (D - 1) + eps)  # unbiased variance, eps of the input dtype
+        return xc * r[:, None], r
+    elif SCORE == 1:
+        r = 1.0 / tl.maximum(tl.sqrt(tl.sum(x * x, 1)), 1e-12)  # F.normalize
+        return x * r[:, None], r
+    else:
+        return x, tl.full([x.shape[0]], 1.0, tl.float32)
+
+
+@triton.jit
+def _long_program(pid, n_blocks, n_head, n_groups):
+    """(block, head, group, frame) of a long-kernel program, blocks fastest."""
+    blk = pid % n_blocks
+    r = pid // n_blocks
+    h = r % n_head
+    r = r // n_head
+    return blk, h, r % n_groups, (r // n_groups).to(tl.int64)
+
+
+@triton.jit
+def _long_mult(seed, rows, k0, N, p, inv_keep, BLOCK_N: tl.constexpr):
+    """[rows, BLOCK_N] dropout multiplier for keys k0.. (k0 a multiple of 4) of attention rows ``rows``."""
+    ctr = rows[:, None] * ((N + 3) // 4) + k0 // 4 + tl.arange(0, BLOCK_N // 4)[None, :]
+    return dropout_scale(keep4(seed, ctr, p), inv_keep)
+
+
+@triton.jit
+def _mm(a, b, IEEE: tl.constexpr, DT: tl.constexpr):
+    """a @ b with fp32 accumulation: ieee for fp32 inputs (the fp32 parity rule), else tensor cores on operands
+    rounded to the input dtype (as FlashAttention rounds P). fp32 FMA dots on whole head rows replicate their
+    operands across threads: in bf16 they spilled kilobytes per thread (gate cubins), tensor-core dots do not."""
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a.to(DT), b.to(DT))
+
+
+@triton.jit
+def long_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, bias_ptr, lse_ptr,
+    C, Hq, Wq, H, W, N, n_groups, nWw, nPh, nPw, phq, pwq, ph, pw, n_head, D_QK, D_V, RUN_QK, RUN_V, n_blocks,
+    scale, eps, seed, p_drop,
+    MODE: tl.constexpr, SCORE: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DQP: tl.constexpr, DVP: tl.constexpr,
+):  # fmt: skip
+    DT: tl.constexpr = q_ptr.dtype.element_ty
+    IEEE: tl.constexpr = DT == tl.float32
+    qb, h, g, bt = _long_program(tl.program_id(0), n_blocks, n_head, n_groups)
+    base_qk = bt * (C * Hq * Wq)
+    base_v = bt * (C * H * W)
+    offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < N
+    rows = ((bt * n_groups + g) * n_head + h) * N + offs_m
+    off_q, m_q = _head_tile(g, h, offs_m, mask_m, D_QK, RUN_QK, MODE, C, Hq, Wq, nWw, nPh, nPw, phq, pwq, DQP)
+    qh, _ = _normalized(tl.load(q_ptr + base_qk + off_q, mask=m_q, other=0.0).to(tl.float32), m_q, D_QK, eps, SCORE)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, DVP], tl.float32)
+    acc_b = tl.zeros([BLOCK_M, DVP], tl.float32)  # post-softmax bias part: sum_j b_ij v_j, never rescaled
+    inv_keep = 1.0 / (1.0 - p_drop)
+    for k0 in range(0, N, BLOCK_N):
+        offs_n = k0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        off_k, m_k = _head_tile(g, h, offs_n, mask_n, D_QK, RUN_QK, MODE, C, Hq, Wq, nWw, nPh, nPw, phq, pwq, DQP)
+        kh, _ = _normalized(tl.load(k_ptr + base_qk + off_k, mask=m_k, other=0.0).to(tl.float32), m_k, D_QK, eps, SCORE)
+        s = tl.where(mask_n[None, :], _mm(qh, tl.trans(kh), IEEE, DT) * scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # every row has a valid key in the first block: never -inf
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        off_v, m_v = _head_tile(g, h, offs_n, mask_n, D_V, RUN_V, MODE, C, H, W, nWw, nPh, nPw, ph, pw, DVP)
+        v = tl.load(v_ptr + base_v + off_v, mask=m_v, other=0.0)
+        if DROPOUT:
+            mult = _long_mult(seed, rows, k0, N, p_drop, inv_keep, BLOCK_N)
+            p = p * mult
+        acc = acc * alpha[:, None] + _mm(p, v, IEEE, DT)
+        if HAS_BIAS:
+            b_off = h * N * N + offs_m[:, None] * N + offs_n[None, :]
+            b = tl.load(bias_ptr + b_off, mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+            if DROPOUT:
+                b = b * mult
+            acc_b += _mm(b, v, IEEE, DT)
+        m_i = m_new
+    off_o, m_o = _head_tile(g, h, offs_m, mask_m, D_V, RUN_V, MODE, C, H, W, nWw, nPh, nPw, ph, pw, DVP)
+    tl.store(o_ptr + base_v + off_o, (acc / l_i[:, None] + acc_b).to(o_ptr.dtype.element_ty), mask=m_o)
+    tl.store(lse_ptr + rows, m_i + tl.log(l_i), mask=mask_m)
+
+
+@triton.jit
+def long_bwd_dq_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, bias_ptr, lse_ptr, delta_ptr, dq_ptr,
+    C, Hq, Wq, H, W, N, n_groups, nWw, nPh, nPw, phq, pwq, ph, pw, n_head, D_QK, D_V, RUN_QK, RUN_V, n_blocks,
+    scale, eps, seed, p_drop,
+    MODE: tl.constexpr, SCORE: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DQP: tl.constexpr, DVP: tl.constexpr,
+):  # fmt: skip
+    DT: tl.constexpr = q_ptr.dtype.element_ty
+    IEEE: tl.constexpr = DT == tl.float32
+    qb, h, g, bt = _long_program(tl.program_id(0), n_blocks, n_head, n_groups)
+    base_qk = bt * (C * Hq * Wq)
+    base_v = bt * (C * H * W)
+    offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < N
+    rows = ((bt * n_groups + g) * n_head + h) * N + offs_m
+    off_q, m_q = _head_tile(g, h, offs_m, mask_m, D_QK, RUN_QK, MODE, C, Hq, Wq, nWw, nPh, nPw, phq, pwq, DQP)
+    qh, rq = _normalized(tl.load(q_ptr + base_qk + off_q, mask=m_q, other=0.0).to(tl.float32), m_q, D_QK, eps, SCORE)
+    off_o, m_o = _head_tile(g, h, offs_m, mask_m, D_V, RUN_V, MODE, C, H, W, nWw, nPh, nPw, ph, pw, DVP)
+    do = tl.load(do_ptr + base_v + off_o, mask=m_o, other=0.0)
+    # delta_i = sum_j P_ij dA_ij = dO_i . o_i minus dO_i . (the bias part of o_i)
+    delta = tl.sum(do.to(tl.float32) * tl.load(o_ptr + base_v + off_o, mask=m_o, other=0.0).to(tl.float32), 1)
+    lse = tl.load(lse_ptr + rows, mask=mask_m, other=0.0)
+    inv_keep = 1.0 / (1.0 - p_drop)
+    if HAS_BIAS:
+        part = tl.zeros([BLOCK_M, DVP], tl.float32)
+        for k0 in range(0, N, BLOCK_N):
+            offs_n = k0 + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < N
+            off_v, m_v = _head_tile(g, h, offs_n, mask_n, D_V, RUN_V, MODE, C, H, W, nWw, nPh, nPw, ph, pw, DVP)
+            v = tl.load(v_ptr + base_v + off_v, mask=m_v, other=0.0)
+            b_off = h * N * N + offs_m[:, None] * N + offs_n[None, :]
+            b = tl.load(bias_ptr + b_off, mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+            if DROPOUT:
+                b = b * _long_mult(seed, rows, k0, N, p_drop, inv_keep, BLOCK_N)
+            part += _mm(b, v, IEEE, DT)
+        delta -= tl.sum(do.to(tl.float32) * part, 1)
+    tl.store(delta_ptr + rows, delta, mask=mask_m)
+    gq = tl.zeros([BLOCK_M, DQP], tl.float32)
+    r_q = tl.zeros([BLOCK_M], tl.float32)
+    for k0 in range(0, N, BLOCK_N):
+        offs_n = k0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        off_k, m_k = _head_tile(g, h, offs_n, mask_n, D_QK, RUN_QK, MODE, C, Hq, Wq, nWw, nPh, nPw, phq, pwq, DQP)
+        kh, _ = _normalized(tl.load(k_ptr + base_qk + off_k, mask=m_k, other=0.0).to(tl.float32), m_k, D_QK, eps, SCORE)
+        sn = _mm(qh, tl.trans(kh), IEEE, DT)
+        p = tl.where(mask_m[:, None] & mask_n[None, :], tl.exp(sn * scale - lse[:, None]), 0.0)
+        off_v, m_v = _head_tile(g, h, offs_n, mask_n, D_V, RUN_V, MODE, C, H, W, nWw, nPh, nPw, ph, pw, DVP)
+        da = _mm(do, tl.trans(tl.load(v_ptr + base_v + off_v, mask=m_v, other=0.0)), IEEE, DT)
+        if DROPOUT:
+            da = da * _long_mult(seed, rows, k0, N, p_drop, inv_keep, BLOCK_N)
+        ds = p * (da - delta[:, None]) * scale
+        if SCORE != 0:
+            r_q += tl.sum(ds * sn, 1)
+        gq += _mm(ds, kh, IEEE, DT)
+    # through the score form, as in stcnnt_attn_bwd_kernel
+    if SCORE == 1:
+        gq = (gq - qh * tl.where(rq < 1e12, r_q, 0.0)[:, None]) * rq[:, None]
+    elif SCORE == 2:
+        gq = (gq - qh * (r_q / (D_QK - 1))[:, None]) * rq[:, None]
+    tl.store(dq_ptr + base_qk + off_q, gq.to(dq_ptr.dtype.element_ty), mask=m_q)
+
+
+@triton.jit
+def long_bwd_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, bias_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dbias_ptr,
+    C, Hq, Wq, H, W, N, n_groups, nWw, nPh, nPw, phq, pwq, ph, pw, n_head, D_QK, D_V, RUN_QK, RUN_V, n_blocks,
+    scale, eps, seed, p_drop,
+    MODE: tl.constexpr, SCORE: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DQP: tl.constexpr, DVP: tl.constexpr,
+):  # fmt: skip
+    DT: tl.constexpr = q_ptr.dtype.element_ty
+    IEEE: tl.constexpr = DT == tl.float32
+    kb, h, g, bt = _long_program(tl.program_id(0), n_blocks, n_head, n_groups)
+    base_qk = bt * (C * Hq * Wq)
+    base_v = bt * (C * H * W)
+    offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    row0 = ((bt * n_groups + g) * n_head + h) * N
+    off_k, m_k = _head_tile(g, h, offs_n, mask_n, D_QK, RUN_QK, MODE, C, Hq, Wq, nWw, nPh, nPw, phq, pwq, DQP)
+    kh, rk = _normalized(tl.load(k_ptr + base_qk + off_k, mask=m_k, other=0.0).to(tl.float32), m_k, D_QK, eps, SCORE)
+    off_v, m_v = _head_tile(g, h, offs_n, mask_n, D_V, RUN_V, MODE, C, H, W, nWw, nPh, nPw, ph, pw, DVP)
+    v = tl.load(v_ptr + base_v + off_v, mask=m_v, other=0.0)
+    gk = tl.zeros([BLOCK_N, DQP], tl.float32)
+    dv = tl.zeros([BLOCK_N, DVP], tl.float32)
+    r_k = tl.zeros([BLOCK_N], tl.float32)
+    inv_keep = 1.0 / (1.0 - p_drop)
+    for q0 in range(0, N, BLOCK_M):
+        offs_m = q0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < N
+        off_q, m_q = _head_tile(g, h, offs_m, mask_m, D_QK, RUN_QK, MODE, C, Hq, Wq, nWw, nPh, nPw, phq, pwq, DQP)
+        qh, _ = _normalized(tl.load(q_ptr + base_qk + off_q, mask=m_q, other=0.0).to(tl.float32), m_q, D_QK, eps, SCORE)
+        off_o, m_o = _head_tile(g, h, offs_m, mask_m, D_V, RUN_V, MODE, C, H, W, nWw, nPh, nPw, ph, pw, DVP)
+        do = tl.load(do_ptr + base_v + off_o, mask=m_o, other=0.0)
+        lse = tl.load(lse_ptr + row0 + offs_m, mask=mask_m, other=0.0)
+        delta = tl.load(delta_ptr + row0 + offs_m, mask=mask_m, other=0.0)
+        valid = mask_n[:, None] & mask_m[None, :]
+        snt = _mm(kh, tl.trans(qh), IEEE, DT)  # [keys, queries]
+        pt = tl.where(valid, tl.exp(snt * scale - lse[None, :]), 0.0)
+        dat = _mm(v, tl.trans(do), IEEE, DT)
+        at = pt
+        b_off = h * N * N + offs_m[None, :] * N + offs_n[:, None]
+        if HAS_BIAS:
+            at = pt + tl.load(bias_ptr + b_off, mask=valid, other=0.0).to(tl.float32)
+        if DROPOUT:
+            mult = tl.trans(_long_mult(seed, row0 + offs_m, kb * BLOCK_N, N, p_drop, inv_keep, BLOCK_N))
+            at = at * mult
+            dat = dat * mult
+        dv += _mm(at, do, IEEE, DT)
+        if HAS_BIAS:
+            tl.atomic_add(dbias_ptr + b_off, dat, mask=valid)
+        dst = pt * (dat - delta[None, :]) * scale
+        if SCORE != 0:
+            r_k += tl.sum(dst * snt, 1)
+        gk += _mm(dst, qh, IEEE, DT)
+    if SCORE == 1:
+        gk = (gk - kh * tl.where(rk < 1e12, r_k, 0.0)[:, None]) * rk[:, None]
+    elif SCORE == 2:
+        gk = (gk - kh * (r_k / (D_QK - 1))[:, None]) * rk[:, None]
+    tl.store(dk_ptr + base_qk + off_k, gk.to(dk_ptr.dtype.element_ty), mask=m_k)
+    tl.store(dv_ptr + base_v + off_v, dv.to(dv_ptr.dtype.element_ty), mask=m_v)
 
 
 # --- tiny heads: the channel-plane kernels ------------------------------------------------------------
@@ -847,6 +1087,46 @@ def plane_tile(geo: dict, mode: int, cfg: dict[str, int]) -> dict[str, int] | No
     }
 
 
+# Long-group kernels (N > MAX_TOKENS): whole head rows as tiles, so blocks shrink as heads grow; the interpreter
+# runs 16-token blocks so that partial blocks and several of them are cheap to reach in tests.
+MAX_TOKENS = 64  # the general kernels' N x N register tile
+MAX_LONG_HEAD = 256
+
+
+def long_configs(d_max: int, arch: int) -> list[dict[str, int]]:
+    """Candidates (BLOCK_M queries = BLOCK_N keys, warps) for head rows padded to d_max; the first is the
+    default. Tiles of whole head rows of q, k, v, dO and two [BLOCK, d_max] fp32 accumulators stay in registers:
+    in the gate's sm_90 cubins (bf16, standardised scores, bias, dropout) 4 warps spilled 80..800 bytes per
+    thread at every size, 8 warps at most a few dozen (none at d_max 16 or in the forward and dq kernels at 256)."""
+    if d_max <= 64:
+        return [{"BLOCK": 64, "num_warps": 8}, {"BLOCK": 32, "num_warps": 4}, {"BLOCK": 64, "num_warps": 4}]
+    if d_max <= 128:
+        return [{"BLOCK": 32, "num_warps": 8}, {"BLOCK": 16, "num_warps": 4}, {"BLOCK": 32, "num_warps": 4}]
+    return [{"BLOCK": 16, "num_warps": 8}, {"BLOCK": 16, "num_warps": 4}]
+
+
+def long_tile(geo: dict, device: torch.device | None, cfg: dict[str, int] | None = None) -> dict[str, int]:
+    dqp = max(16, triton.next_power_of_2(geo["D_QK"]))
+    dvp = max(16, triton.next_power_of_2(geo["D_V"]))
+    if cfg is None:
+        cfg = {"BLOCK": 16, "num_warps": 4} if _interpreting() else long_configs(max(dqp, dvp), _arch(device))[0]
+    n_blocks = triton.cdiv(geo["N"], cfg["BLOCK"])
+    return {
+        "BLOCK_M": cfg["BLOCK"], "BLOCK_N": cfg["BLOCK"], "DQP": dqp, "DVP": dvp, "n_blocks": n_blocks,
+        "programs": geo["programs"] * n_blocks, "num_warps": cfg["num_warps"],
+    }  # fmt: skip
+
+
+def _long_constexprs(t: dict) -> dict:
+    return {k: t[k] for k in ("BLOCK_M", "BLOCK_N", "DQP", "DVP")}
+
+
+def _long_args(geo: dict, t: dict) -> list:
+    """The long kernels' integer arguments, in order."""
+    return [*(geo[k] for k in _INTS), geo["D_QK"], geo["D_V"], _run(geo["D_QK"], geo["C"]),
+            _run(geo["D_V"], geo["C"]), t["n_blocks"]]  # fmt: skip
+
+
 def _plane_args(geo: dict, t: dict) -> list:
     return [
         geo["C"], geo["H"], geo["W"], geo["nPh"], geo["nPw"], t["nWh"], geo["nWw"], geo["ph"], geo["pw"],
@@ -871,28 +1151,39 @@ def forward(
     scale: float,
     dropout_p: float = 0.0,
     seed: int = 0,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """q, k: [B, T, C, Hq, Wq]; v: [B, T, C, H, W] (contiguous); geo: sizes (fm_engine.ops.window_attention.GEO_KEYS).
-    ``dropout_p`` > 0 drops attention weights with the keep mask of ``seed`` (kernels/_attention_dropout.py)."""
+    ``dropout_p`` > 0 drops attention weights with the keep mask of ``seed`` (kernels/_attention_dropout.py).
+    Returns o and, for groups of more than MAX_TOKENS tokens, the rows' log-sum-exp [B*T*groups*n_head*N] fp32
+    that the backward needs (else an empty tensor)."""
     o = _alloc.empty_like(v)
+    lse = q.new_empty(0, dtype=torch.float32)
     if geo["programs"] == 0 or v.numel() == 0:
-        return o
+        return o, lse
     eps = float(torch.finfo(q.dtype).eps)
     flags = {"MODE": mode, "SCORE": score, "HAS_BIAS": bias is not None, "DROPOUT": dropout_p > 0}
+    if geo["N"] > MAX_TOKENS:  # the long kernels in both directions (the backward needs the lse)
+        t = long_tile(geo, q.device)
+        lse = _alloc.empty(geo["programs"] * geo["N"], dtype=torch.float32, device=q.device)
+        long_fwd_kernel[(t["programs"],)](
+            q, k, v, o, bias if bias is not None else q, lse, *_long_args(geo, t), float(scale), eps, seed,
+            float(dropout_p), **flags, **_long_constexprs(t), num_warps=t["num_warps"],
+        )  # fmt: skip
+        return o, lse
     t = plane_tile(geo, mode, plane_config("fwd", q.device))
     if t is not None:
         plane_fwd_kernel[(t["programs"],)](
             q, k, v, o, bias if bias is not None else q, *_plane_args(geo, t), float(scale), eps, seed,
             float(dropout_p), **flags, **_plane_constexprs(t), num_warps=t["num_warps"],
         )  # fmt: skip
-        return o
+        return o, lse
     hpp = heads_per_program(geo, mode, q.device)
     block_n, block_d = blocks(geo["N"], max(geo["D_QK"], geo["D_V"]))
     stcnnt_attn_fwd_kernel[(geo["programs"] // hpp,)](
         q, k, v, o, bias if bias is not None else q, *_launch_args(geo, mode, hpp), float(scale), eps, seed,
         float(dropout_p), **flags, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=_warps(block_n),
     )  # fmt: skip
-    return o
+    return o, lse
 
 
 def backward(
@@ -908,16 +1199,32 @@ def backward(
     scale: float,
     dropout_p: float = 0.0,
     seed: int = 0,
+    o: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Gradients (dq, dk, dv, dbias or None) for the upstream gradient do: [B, T, C, H, W] (contiguous)."""
+    """Gradients (dq, dk, dv, dbias or None) for the upstream gradient do: [B, T, C, H, W] (contiguous). Groups of
+    more than MAX_TOKENS tokens also need the forward's output o and log-sum-exp."""
     dq, dk, dv = _alloc.empty_like(q), _alloc.empty_like(k), _alloc.empty_like(v)
     dbias32 = torch.zeros(bias.shape, dtype=torch.float32, device=q.device) if bias is not None else None
     if geo["programs"] and v.numel():
         eps = float(torch.finfo(q.dtype).eps)
         flags = {"MODE": mode, "SCORE": score, "HAS_BIAS": bias is not None, "DROPOUT": dropout_p > 0}
         ptrs = (q, k, v, do, bias if bias is not None else q, dq, dk, dv, dbias32 if dbias32 is not None else dq)
-        t = plane_tile(geo, mode, plane_config("bwd", q.device))
-        if t is not None:
+        t = None if geo["N"] > MAX_TOKENS else plane_tile(geo, mode, plane_config("bwd", q.device))
+        if geo["N"] > MAX_TOKENS:
+            assert o is not None and lse is not None and lse.numel(), "long groups need the forward's o and lse"
+            t = long_tile(geo, q.device)
+            delta = _alloc.empty(lse.numel(), dtype=torch.float32, device=q.device)
+            args = (*_long_args(geo, t), float(scale), eps, seed, float(dropout_p))
+            long_bwd_dq_kernel[(t["programs"],)](
+                q, k, v, o, do, ptrs[4], lse, delta, dq, *args, **flags, **_long_constexprs(t),
+                num_warps=t["num_warps"],
+            )  # fmt: skip
+            long_bwd_dkdv_kernel[(t["programs"],)](
+                q, k, v, do, ptrs[4], lse, delta, dk, dv, ptrs[8], *args, **flags, **_long_constexprs(t),
+                num_warps=t["num_warps"],
+            )  # fmt: skip
+        elif t is not None:
             plane_bwd_kernel[(t["programs"],)](
                 *ptrs, *_plane_args(geo, t), float(scale), eps, seed, float(dropout_p), **flags,
                 **_plane_constexprs(t), num_warps=t["num_warps"],
@@ -1040,3 +1347,42 @@ for _kind in ("fwd", "bwd"):
                 _flags = {"SCORE": SCORE_COSINE, "HAS_BIAS": False, "DROPOUT": _drop}
                 _register_plane(_kind, _dt, _production_geo(_mode), _mode, plane_configs(_kind, 90)[0], _flags)
     _register_plane(_kind, "bf16", _ODD_GEO, MODE_LOCAL, plane_configs(_kind, 90)[0], _HEAVIEST)
+
+
+# --- compile gate: long-group kernels -----------------------------------------------------------------------
+
+_LONG_INTS = (*_INTS, "D_QK", "D_V", "RUN_QK", "RUN_V", "n_blocks", "seed")
+_LONG_PTRS = {
+    "fwd": (long_fwd_kernel, ("q_ptr", "k_ptr", "v_ptr", "o_ptr", "bias_ptr"), ("lse_ptr",)),
+    "dq": (long_bwd_dq_kernel, ("q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "bias_ptr", "dq_ptr"),
+           ("lse_ptr", "delta_ptr")),
+    "dkdv": (long_bwd_dkdv_kernel, ("q_ptr", "k_ptr", "v_ptr", "do_ptr", "bias_ptr", "dk_ptr", "dv_ptr"),
+             ("lse_ptr", "delta_ptr", "dbias_ptr")),
+}  # fmt: skip
+
+
+def _register_long(dt: str, mode: int, d_qk: int, d_v: int, cfg: dict, flags: dict) -> None:
+    t = long_tile({"D_QK": d_qk, "D_V": d_v, "N": 256, "programs": 1}, None, cfg)
+    for kind, (fn, ptrs, f32_ptrs) in _LONG_PTRS.items():
+        sig = {**dict.fromkeys(ptrs, _DT[dt]), **dict.fromkeys(f32_ptrs, "*fp32"), **dict.fromkeys(_LONG_INTS, "i32")}
+        sig.update({"scale": "fp32", "eps": "fp32", "p_drop": "fp32"})
+        _aot.register(
+            fn,
+            signatures=[sig],
+            configs=[{"MODE": mode, **flags, **_long_constexprs(t), "num_warps": t["num_warps"]}],
+            name=f"stcnnt_long_{kind}[mode{mode}]",
+        )
+
+
+# Every candidate of each head-dim class (rows padded to 16 .. 256) with the heaviest flags in bf16; the
+# defaults of the head dims 4 (production) and 256 (parser default) with the production flags in every dtype.
+for _d in (16, 128, 256):
+    for _cfg in long_configs(_d, 90):
+        _register_long("bf16", MODE_GLOBAL, _d, _d, _cfg, _HEAVIEST)
+for _cfg in long_configs(64, 90):
+    _register_long("bf16", MODE_GLOBAL, 8, 32, _cfg, _HEAVIEST)  # strided q / k: hc_qk 8, hc_v 32
+for _dt in ("bf16", "fp16", "fp32"):
+    for _d in (4, 256):
+        _flags = {"SCORE": SCORE_COSINE if _d == 4 else SCORE_DOT, "HAS_BIAS": _d == 256, "DROPOUT": False}
+        for _mode in (MODE_LOCAL, MODE_GLOBAL):
+            _register_long(_dt, _mode, _d, _d, long_configs(max(16, _d), 90)[0], _flags)

@@ -247,6 +247,10 @@ TRITON_CASES = [
     (2, 1, 4, 6, 12, "global", (3, 2), (1, 2), 4, 1, {"normalize_qk": True}, True, "bf16"),  # 3 window rows
     # heads of whole pixels (hc 8 = 4 pixels x 2 channels): pixel-fastest element order, heads split over programs
     (1, 2, 2, 4, 8, "local", (2, 2), (2, 4), 2, 1, {}, True, "fp16"),
+    # long groups (N > 64: blocked kernels, online softmax; 16-token blocks in the interpreter)
+    (1, 1, 2, 5, 13, "global", (5, 13), 1, 1, 1, {"cosine": True}, True, "fp32"),  # N 65, hc 2
+    (1, 1, 4, 8, 10, "local", (8, 10), 1, 1, 1, {"normalize_qk": True}, False, "bf16"),  # N 80, hc 4
+    (1, 1, 8, 18, 16, "global", (9, 8), 2, 1, 2, {}, True, "fp16"),  # N 72, strided q/k: hc_qk 8, hc_v 32
 ]
 
 
@@ -347,6 +351,7 @@ DROPOUT_CASES = [
     (1, 1, 2, 2, 17, "global", (1, 17), 1, 1, 1, {"normalize_qk": True}, False, "fp16", 0.2),  # N 17
     (2, 1, 4, 4, 8, "global", (2, 2), (1, 2), 4, 1, {}, True, "bf16", 0.1),
     (1, 1, 2, 6, 27, "local", (2, 3), (3, 3), 9, 1, {}, True, "fp32", 0.3),  # plane kernels, per-key draws
+    (1, 1, 2, 5, 13, "global", (5, 13), 1, 1, 1, {"cosine": True}, True, "bf16", 0.2),  # long groups, N 65
 ]
 
 
@@ -379,8 +384,9 @@ def test_triton_backend_refusals_name_the_reason(device):
     assert calls == [("window_attention", "triton")]
     with pytest.raises(_dispatch.BackendUnsupportedError, match="float64"):
         window_attention(q.double(), k.double(), v.double(), backend="triton", **kw)
-    big = _inputs(1, 1, 1, 5, 13, 1, dtype=torch.float32, device=device)  # 65 tokens in one group
-    with pytest.raises(_dispatch.BackendUnsupportedError, match="65 tokens per attention group > 64"):
+    # groups of more than 64 tokens run the long kernels, with head dims up to 256
+    big = _inputs(1, 1, 300, 5, 13, 1, dtype=torch.float32, device=device)  # 65 tokens, hc 300
+    with pytest.raises(_dispatch.BackendUnsupportedError, match="65 tokens per attention group with head dims"):
         window_attention(*big, mode="global", num_windows=(5, 13), patch_size=1, n_head=1, backend="triton")
 
 

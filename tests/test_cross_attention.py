@@ -446,3 +446,9 @@ def test_gpu_deterministic() -> None:
         runs.append((o, *torch.autograd.grad(o, (q, k, v), torch.ones_like(o))))
     for a, b in zip(*runs, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_gpu_dropout_parity_avit_shape() -> None:
+    """Attention dropout 0.1 (MiT-UB's default) at the AViT shape, B 1, against the replayed mask."""
+    check(*qkv(1, 8, 4, 768, 27648, 64, torch.bfloat16, torch.device("cuda")), dropout_p=0.1)

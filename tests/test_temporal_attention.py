@@ -257,3 +257,10 @@ def test_gpu_parity_production_shape(dtype, causal):
 @pytest.mark.gpu
 def test_gpu_parity_long_sequence():
     _run_parity(2, 64, 32, 32, 32, 2, 8, {"causal": True}, "bf16", torch.device("cuda"))
+
+
+@pytest.mark.gpu
+def test_gpu_parity_long_sequence_dropout_and_standardised():
+    dev = torch.device("cuda")
+    _run_parity(4, 64, 32, 32, 32, 2, 32, {"causal": True}, "bf16", dev, dropout_p=0.1)
+    _run_parity(2, 12, 32, 64, 64, 2, 32, {"normalize_qk": True}, "fp32", dev)

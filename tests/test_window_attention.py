@@ -437,3 +437,12 @@ def test_gpu_parity_parser_default_shape(mode):
     # window 64 / patch 16, 32 heads (hc 256), relative-position bias on, Q/K stride 2
     grid = (4, 4) if mode == "local" else (2, 2)
     _run_parity(2, 4, 32, 128, 128, mode, grid, 16, 32, 2, {}, True, "bf16", torch.device("cuda"))
+
+
+@pytest.mark.gpu
+def test_gpu_parity_long_groups_and_dropout():
+    # global attention over 16 x 16 windows (N 256: the blocked kernels), and the production local shape with
+    # attention dropout (the channel-plane kernels)
+    dev = torch.device("cuda")
+    _run_parity(2, 2, 32, 128, 128, "global", (16, 16), 2, 32, 1, {"cosine": True}, True, "bf16", dev)
+    _run_parity(4, 3, 32, 64, 64, "local", (4, 4), 2, 32, 1, {"cosine": True}, False, "bf16", dev, dropout_p=0.1)

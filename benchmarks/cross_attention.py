@@ -6,13 +6,20 @@ q [B, Hq, Nq, D], k / v [B, Hkv, Nk, D]; AViT: Nq 768, Nk 27,648, Hq 8, Hkv 4, D
   bytes fwd = s·(2·B·Hq·Nq·D + 2·B·Hkv·Nk·D)   (read q, k, v; write o)
         bwd = s·(4·B·Hq·Nq·D + 4·B·Hkv·Nk·D)   (read q, o, dO, k, v; write dq, dk, dv)
 s = bytes per element; the log-sum-exp and split partials are not counted.
-Peers: each SDPA backend (cuDNN, flash, efficient; ``enable_gqa=True``, no repeated KV heads),
-FlexAttention (compiled, ``enable_gqa=True``), xFormers and NATTEN when importable.
+Peers: SDPA's cuDNN and flash backends with ``enable_gqa=True`` (no repeated KV heads); SDPA's memory-efficient
+backend refuses GQA inputs ("No available kernel"), so that peer repeats K and V to the query heads inside the
+timed call (what a caller has to do; its backward sums the repeats); FlexAttention (compiled,
+``enable_gqa=True``), xFormers and NATTEN when importable.
 
 Masked case (``padded``): ragged key sequences, batch element i of B has its last ``i / (B - 1) · padded``
-of the keys marked as padding by a key-padding mask (the M-JEPA predictor's kind of input). FLOP and bytes are
-counted as if unmasked (the work a dense kernel does). Peers there: the SDPA backends that take a
-boolean ``attn_mask``; flash, FlexAttention, xFormers and NATTEN are not run.
+of the keys marked as padding by a key-padding mask (the M-JEPA predictor's kind of input). FLOP count the
+attended keys only, Σ_b valid_b in place of B·Nk (the work the attention needs; kernels that skip padding
+tiles do about that much); bytes count the whole tensors (every backend reads and writes them). Peers there:
+the SDPA backends that take a boolean ``attn_mask`` (efficient with repeated K / V); flash, FlexAttention,
+xFormers and NATTEN are not run.
+
+Dropout case (``dropout``): attention dropout 0.1, MiT-UB's default, on the fast kernels (keep mask regenerated
+from a seed, never stored) and on SDPA's backends that draw their own; FlexAttention has no dropout.
 """
 
 from __future__ import annotations
@@ -30,15 +37,21 @@ from fm_engine.ops.cross_attention import cross_attention_reference
 from .harness import Case, standard_labels
 
 
-def _sdpa(backend_name: str, key_padding_mask: torch.Tensor | None = None) -> Callable[..., Any]:
+def _sdpa(
+    backend_name: str, key_padding_mask: torch.Tensor | None = None, dropout_p: float = 0.0
+) -> Callable[..., Any]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     backend = getattr(SDPBackend, backend_name)
     attend = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
+    expand = backend_name == "EFFICIENT_ATTENTION"  # no GQA support: repeat K / V to the query heads
 
     def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if expand:
+            g = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
         with sdpa_kernel(backend):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=attend, enable_gqa=True)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attend, dropout_p=dropout_p, enable_gqa=not expand)
 
     return run
 
@@ -106,6 +119,7 @@ def _case(
     device: torch.device,
     quick: bool,
     padded: float = 0.0,
+    dropout: float = 0.0,
 ) -> Case:
     s = torch.finfo(dtype).bits // 8
     mask = _ragged_mask(b, nk, padded, device) if padded > 0 else None
@@ -117,13 +131,14 @@ def _case(
         return [q, k, v]
 
     fns = standard_labels(
-        lambda q, k, v: cross_attention_reference(q, k, v, kv_heads=hkv, key_padding_mask=mask), quick
+        lambda q, k, v: cross_attention_reference(q, k, v, kv_heads=hkv, key_padding_mask=mask, dropout_p=dropout),
+        quick,
     )
     notes: dict[str, str] = {}
     why = ops.get_op("cross_attention").backends["triton"].available()
     if why is None:
         fns["triton"] = lambda q, k, v: ops.cross_attention(
-            q, k, v, kv_heads=hkv, key_padding_mask=mask, backend="triton"
+            q, k, v, kv_heads=hkv, key_padding_mask=mask, dropout_p=dropout, backend="triton"
         )
     else:
         notes["triton"] = why
@@ -134,13 +149,13 @@ def _case(
         notes["sdpa-flash"] = "the flash SDPA backend takes no attention mask"
     if device.type == "cuda":
         for label, name in sdpa:
-            fns[label] = _sdpa(name, mask)
+            fns[label] = _sdpa(name, mask, dropout)
     else:
         notes["sdpa-*"] = "the cuDNN / flash / efficient SDPA backends are CUDA kernels"
     peers: dict[str, tuple[Callable[..., Any] | None, str]] = {}
-    if mask is not None:
+    if mask is not None or dropout > 0:
         for label in ("xformers", "natten", "flex"):
-            notes[label] = "not run on the masked case"
+            notes[label] = "not run on the masked case" if mask is not None else "not run with attention dropout"
     else:
         peers = {"xformers": _xformers(), "natten": _natten()}
         if quick:
@@ -152,11 +167,13 @@ def _case(
             fns[label] = fn
         else:
             notes[label] = why or "CUDA only"
-    attn = float(b) * hq * nq * nk * d
+    keys = float(b * nk) if mask is None else float((~mask).sum())  # attended keys over the batch
+    attn = keys * hq * nq * d
     return Case(
         op="cross_attention",
         name=f"B{b} Nq{nq} Nk{nk} H{hq}/{hkv} D{d} {str(dtype).replace('torch.', '')}"
-        + (f" padded<={padded:.0%}" if mask is not None else ""),
+        + (f" padded<={padded:.0%}" if mask is not None else "")
+        + (f" dropout{dropout:g}" if dropout > 0 else ""),
         setup=setup,
         fns=fns,
         flops={"fwd": 4.0 * attn, "bwd": 10.0 * attn},
@@ -164,7 +181,11 @@ def _case(
             "fwd": s * (2.0 * b * hq * nq * d + 2.0 * b * hkv * nk * d),
             "bwd": s * (4.0 * b * hq * nq * d + 4.0 * b * hkv * nk * d),
         },
-        flop_formula="fwd 4·B·Hq·Nq·Nk·D, bwd 10·B·Hq·Nq·Nk·D",
+        flop_formula=(
+            "fwd 4·B·Hq·Nq·Nk·D, bwd 10·B·Hq·Nq·Nk·D"
+            if mask is None
+            else "fwd 4·Hq·Nq·D·Σ_b valid_b, bwd 10·Hq·Nq·D·Σ_b valid_b (attended keys only)"
+        ),
         byte_formula="fwd s(2·B·Hq·Nq·D + 2·B·Hkv·Nk·D), bwd s(4·B·Hq·Nq·D + 4·B·Hkv·Nk·D)",
         notes=notes,
     )
@@ -177,4 +198,5 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
     return [_case(b, 8, 4, 768, 27648, 64, bf16, device, False) for b in (1, 4, 8)] + [
         _case(1, 8, 4, 768, 27648, 64, torch.float32, device, False),
         _case(4, 8, 4, 768, 27648, 64, bf16, device, False, padded=0.5),
+        _case(1, 8, 4, 768, 27648, 64, bf16, device, False, dropout=0.1),
     ]

@@ -2,9 +2,10 @@
 
 Shapes: the production MRI shape (B 16, T 12, C 32, 64x64, 32 heads, stride_t 2: Q/K at 32x32, so
 D_qk = 1024 and D_v = 4096 per head), cosine scores, causal and not, bf16 and fp32; T 64 (B 4) in bf16.
-Per (b, head) the attention is T x T:
-  FLOP  fwd = 2·B·T²·C·(Hq·Wq + H·W)            (QKᵀ and AV)
-        bwd = 2·B·T²·C·(3·Hq·Wq + 2·H·W)        (S recomputed, dA, dV, dQ, dK); causal counted dense
+Per (b, head) the attention is T x T over P frame pairs, P = T² (causal: the T(T+1)/2 pairs j <= i, the work
+the attention needs):
+  FLOP  fwd = 2·B·P·C·(Hq·Wq + H·W)             (QKᵀ and AV)
+        bwd = 2·B·P·C·(3·Hq·Wq + 2·H·W)         (S recomputed, dA, dV, dQ, dK)
   bytes fwd = s·B·T·C·(2·Hq·Wq + 2·H·W)          (read q, k, v; write o)
         bwd = s·B·T·C·(4·Hq·Wq + 3·H·W)          (read q, k, v, dO; write dq, dk, dv)
 s = bytes per element. Peers: SDPA (default backend choice) on [B, heads, T, D] views of the same tensors
@@ -76,6 +77,7 @@ def _case(
             f"FlexAttention's kernels take head dims of a few hundred at most; D_qk is {C * Hq * Wq // n_head}"
         )
     qk, vv = float(Hq * Wq), float(H * W)
+    pairs = T * (T + 1) / 2 if causal else float(T * T)
     return Case(
         op="temporal_attention",
         name=(
@@ -84,9 +86,11 @@ def _case(
         ),
         setup=setup,
         fns=fns,
-        flops={"fwd": 2.0 * B * T * T * C * (qk + vv), "bwd": 2.0 * B * T * T * C * (3 * qk + 2 * vv)},
+        flops={"fwd": 2.0 * B * pairs * C * (qk + vv), "bwd": 2.0 * B * pairs * C * (3 * qk + 2 * vv)},
         bytes={"fwd": s * B * T * C * (2 * qk + 2 * vv), "bwd": s * B * T * C * (4 * qk + 3 * vv)},
-        flop_formula="fwd 2·B·T²·C·(Hq·Wq + H·W), bwd 2·B·T²·C·(3·Hq·Wq + 2·H·W)",
+        flop_formula=(
+            f"fwd 2·B·P·C·(Hq·Wq + H·W), bwd 2·B·P·C·(3·Hq·Wq + 2·H·W), P = {'T(T+1)/2' if causal else 'T²'}"
+        ),
         byte_formula="fwd s·B·T·C·(2·Hq·Wq + 2·H·W), bwd s·B·T·C·(4·Hq·Wq + 3·H·W)",
         notes=notes,
     )

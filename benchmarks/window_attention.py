@@ -2,7 +2,8 @@
 
 Shapes: the production MRI shape (B 16, T 12, C 32, 64x64, window 8, patch 2, 32 heads: hc 4, cosine, no
 bias), local and global, bf16 and fp32; the parser-default shape (window 64, patch 16, 32 heads: hc 256,
-relative-position bias on) at 128x128, local and global, bf16.
+relative-position bias on) at 128x128, local and global, bf16; and the parser-default local shape without the
+bias, which FlexAttention can express (a like-for-like peer for the hc 256 kernels).
 N = tokens per attention group (local: patches per window; global: windows), Hq x Wq = the Q/K frame:
   FLOP  fwd = 2·B·T·N·C·(Hq·Wq + H·W)            (S = QKᵀ and AV over every group and head)
         bwd = 2·B·T·N·C·(3·Hq·Wq + 2·H·W)        (S recomputed, dA, dV, dQ, dK)
@@ -212,4 +213,5 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
         out.append(_case(16, 12, 32, 64, 64, mode, count, 2, 32, 1, True, False, fp32, device, False))
     for mode, count in (("local", 4), ("global", 2)):  # window 64 = 4 patches of 16; 128 / 64 = 2 windows
         out.append(_case(16, 12, 32, 128, 128, mode, count, 16, 32, 1, False, True, bf16, device, False))
+    out.append(_case(16, 12, 32, 128, 128, "local", 4, 16, 32, 1, False, False, bf16, device, False))
     return out

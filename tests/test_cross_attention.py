@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 from fm_engine.kernels import cross_attention as K
+from fm_engine.kernels._attention_dropout import dropout_keep_mask
 
 from fm_engine import ops, use_backend
 from fm_engine.ops import BackendUnsupportedError
@@ -22,8 +23,8 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 def key_tile(dtype: torch.dtype, d: int) -> int:
-    """Keys per tile of the kernels here (16 in the interpreter; the backward uses the forward's on a GPU)."""
-    return K.fwd_tiles(dtype, d)["BLOCK_N"]
+    """Keys per forward tile of the kernels here (16 in the interpreter)."""
+    return K.fwd_config(dtype, d)["BLOCK_N"]
 
 
 def at_tile(n: int, tile: int) -> int:
@@ -39,6 +40,7 @@ def _interpreter_key_splits(request: pytest.FixtureRequest, device: torch.device
     shapes below run the split merge there too (gpu-marked tests keep the GPU's own policy)."""
     if device.type == "cuda" and request.node.get_closest_marker("gpu") is None:
         monkeypatch.setattr(K, "num_splits", lambda programs, n_kblocks, dev: min(3, n_kblocks))
+        monkeypatch.setattr(K, "bwd_splits", lambda kv_programs, n_kblocks, dev: min(3, n_kblocks))
 
 
 def qkv(b: int, hq: int, hkv: int, nq: int, nk: int, d: int, dtype: torch.dtype, device: torch.device):
@@ -48,27 +50,48 @@ def qkv(b: int, hq: int, hkv: int, nq: int, nk: int, d: int, dtype: torch.dtype,
     return q, k, v
 
 
+def _replayed_seed(torch_seed: int) -> int:
+    """The dropout seed a fast backend draws right after ``torch.manual_seed(torch_seed)``."""
+    from fm_engine.kernels._attention_dropout import draw_seed
+
+    torch.manual_seed(torch_seed)
+    return draw_seed()
+
+
 def check(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     scale: float | None = None,
     key_padding_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
 ) -> None:
     hkv = k.shape[1]
     # with a single (valid) key the softmax is constant: dq and dk are exactly 0 and only rounding noise
     # remains, which a relative bound cannot judge; dv (= sum of dO over the queries) is still checked
     valid = torch.full((k.shape[0],), k.shape[2]) if key_padding_mask is None else (~key_padding_mask).sum(1)
     grad = [False, False, True] if bool((valid == 1).any()) else True
-    kw = {"kv_heads": hkv, "scale": scale, "key_padding_mask": key_padding_mask}
+    kw = {"kv_heads": hkv, "scale": scale, "key_padding_mask": key_padding_mask, "dropout_p": dropout_p}
     masked = "" if key_padding_mask is None else f" {int(key_padding_mask.sum())} padding keys"
+    torch_seed = int(torch.randint(0, 2**31 - 1, (1,)))
+
+    def fast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        torch.manual_seed(torch_seed)  # the kernels' dropout seed is the next draw (replayed below)
+        return cross_attention(q, k, v, backend="triton", **kw)
+
+    def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        mask = None
+        if dropout_p > 0:  # the kernels' own keep mask, [B, Hq, Nq, Nk]
+            mask = dropout_keep_mask(_replayed_seed(torch_seed), (*q.shape[:3], k.shape[2]), dropout_p, q.device)
+        return cross_attention_reference(q, k, v, dropout_mask=mask, **kw)
+
     with ops.trace() as calls:
         assert_parity(
-            lambda q, k, v: cross_attention(q, k, v, backend="triton", **kw),
-            lambda q, k, v: cross_attention_reference(q, k, v, **kw),
+            fast,
+            reference,
             [q, k, v],
             grad=grad,
-            name=f"cross_attention q{tuple(q.shape)} k{tuple(k.shape)} {q.dtype}{masked}",
+            name=f"cross_attention q{tuple(q.shape)} k{tuple(k.shape)} {q.dtype}{masked} p={dropout_p}",
         )
     assert calls[0] == ("cross_attention", "triton")
 
@@ -310,9 +333,8 @@ def test_attention_module_with_mask_runs_triton(dtype: torch.dtype, device: torc
 @pytest.mark.parametrize(
     ("kwargs", "reason"),
     [
-        ({"dropout_p": 0.1}, "dropout"),
-        ({"dropout_p": 0.1, "key_padding_mask": "mask"}, "dropout"),
         ({"d": 48}, "head_dim 48"),
+        ({"d": 48, "dropout_p": 0.1}, "head_dim 48"),
         ({"dtype": torch.float64}, "dtype torch.float64"),
     ],
 )
@@ -335,6 +357,56 @@ def test_triton_accepts_a_plain_call(device: torch.device) -> None:
     q, k, v = qkv(1, 2, 1, 5, 9, 32, torch.bfloat16, device)
     ex = ops.explain(cross_attention, q, k, v, kv_heads=1, backend="triton")
     assert ex.chosen == "triton" and {v.backend: v.ok for v in ex.verdicts}["triton"], str(ex)
+
+
+# --- attention dropout inside the kernels ---------------------------------------------------------------
+
+# (B, Hq, Hkv, Nq, Nk, D, dtype, p, padded): partial query / key tiles and the interpreter's 3-way key split
+DROPOUT_CASES = [
+    (1, 2, 1, 17, 33, 16, torch.float32, 0.3, False),
+    (2, 4, 2, 16, 50, 32, torch.bfloat16, 0.1, True),
+    (1, 2, 2, 5, 40, 64, torch.float16, 0.5, False),
+    (2, 2, 1, 20, 50, 16, torch.float32, 0.2, True),
+]
+
+
+@pytest.mark.parametrize("case", DROPOUT_CASES, ids=lambda c: f"B{c[0]}-Nq{c[3]}-Nk{c[4]}-{c[6]}-p{c[7]}-pad{c[8]}")
+def test_dropout_parity(case: tuple, device: torch.device) -> None:
+    """Output and every gradient against the reference applying the kernels' own keep mask."""
+    *dims, dtype, p, padded = case
+    mask = padding_mask(dims[0], dims[4], device, (16, 32)) if padded else None
+    check(*qkv(*dims, dtype=dtype, device=device), key_padding_mask=mask, dropout_p=p)
+
+
+def test_dropout_seed_is_reproducible_and_fresh(device: torch.device) -> None:
+    q, k, v = qkv(1, 2, 1, 9, 20, 16, torch.float32, device)
+    kw = {"kv_heads": 1, "dropout_p": 0.5, "backend": "triton"}
+    torch.manual_seed(11)
+    a = cross_attention(q, k, v, **kw)
+    b = cross_attention(q, k, v, **kw)
+    torch.manual_seed(11)
+    assert torch.equal(a, cross_attention(q, k, v, **kw)) and not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_keep_rate(p: float, device: torch.device) -> None:
+    """The keep mask (shared by the three attention kernels) keeps 1 - p of the elements, in every one of the
+    four Philox words, in every row and column position, and independently of the neighbouring row."""
+    rows, nk = 512, 259  # Nk not a multiple of 4: rows start new quads
+    m = dropout_keep_mask(12345, (rows, nk), p, device).cpu()
+    n = m.numel()
+    sigma = (p * (1 - p) / n) ** 0.5
+    assert abs(float(m.float().mean()) - (1 - p)) < 5 * sigma
+    for w in range(4):  # each word of the 4x Philox output
+        mw = m[:, w::4].float()
+        assert abs(float(mw.mean()) - (1 - p)) < 5 * (p * (1 - p) / mw.numel()) ** 0.5
+    per_col = m.float().mean(0)  # 512 draws per column
+    assert float((per_col - (1 - p)).abs().max()) < 5.5 * (p * (1 - p) / rows) ** 0.5
+    both = (m[1:] & m[:-1]).float().mean()  # P(keep, keep) of vertical neighbours = (1 - p)^2
+    assert abs(float(both) - (1 - p) ** 2) < 5 * ((1 - p) ** 2 * (1 - (1 - p) ** 2) / n) ** 0.5
+    assert not torch.equal(m, dropout_keep_mask(12346, (rows, nk), p, device).cpu())
+    # a mask element depends only on (seed, row, key), not on how the rows are shaped
+    assert torch.equal(m.reshape(8, 64, nk), dropout_keep_mask(12345, (8, 64, nk), p, device).cpu())
 
 
 # --- bad inputs ---------------------------------------------------------------------------------
@@ -404,3 +476,9 @@ def test_gpu_deterministic() -> None:
         runs.append((o, *torch.autograd.grad(o, (q, k, v), torch.ones_like(o))))
     for a, b in zip(*runs, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_gpu_dropout_parity_avit_shape() -> None:
+    """Attention dropout 0.1 (MiT-UB's default) at the AViT shape, B 1, against the replayed mask."""
+    check(*qkv(1, 8, 4, 768, 27648, 64, torch.bfloat16, torch.device("cuda")), dropout_p=0.1)

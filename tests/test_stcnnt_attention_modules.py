@@ -177,12 +177,10 @@ def test_dropout_only_in_training():
     assert not torch.equal(m(x), m(x))
 
 
-def test_modules_reach_the_triton_kernels(device, no_tf32):
-    """Modules built without a backend follow fm_engine.use_backend("triton") down to the kernels. (TF32 off:
-    on a GPU the output projection's cuDNN convolution would round the two runs' inputs to TF32.)"""
+def test_modules_run_the_triton_kernels(device, no_tf32):
     torch.manual_seed(0)
-    loc = SpatialLocalAttention(2, 4, 4, 4, window_size=4, patch_size=2, n_head=2).to(device)
-    tem = TemporalAttention(2, 4, n_head=2, is_causal=True).to(device)
+    loc = SpatialLocalAttention(2, 4, 4, 4, window_size=4, patch_size=2, n_head=2, backend="triton").to(device)
+    tem = TemporalAttention(2, 4, n_head=2, is_causal=True, backend="triton").to(device)
     x = torch.randn(1, 2, 2, 4, 4, device=device)
     with use_backend("triton"), _dispatch.trace() as calls:
         y = loc(x)
@@ -191,6 +189,18 @@ def test_modules_reach_the_triton_kernels(device, no_tf32):
     loc.backend = tem.backend = "reference"
     torch.testing.assert_close(y, loc(x), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(z, tem(x), rtol=1e-5, atol=1e-5)
+
+
+def test_attention_dropout_runs_on_the_triton_kernels_in_training(device):
+    loc = SpatialLocalAttention(2, 4, 4, 4, window_size=4, patch_size=2, n_head=2, att_dropout_p=0.5, backend="triton")
+    tem = TemporalAttention(2, 4, n_head=2, att_dropout_p=0.5, backend="triton")
+    x = torch.randn(1, 3, 2, 4, 4, device=device)
+    for m in (loc.to(device), tem.to(device)):
+        with _dispatch.trace() as calls:
+            a, b = m.train()(x), m(x)
+            c, d = m.eval()(x), m(x)
+        assert {b for _, b in calls} == {"triton"}
+        assert not torch.equal(a, b) and torch.equal(c, d)
 
 
 def test_backend_argument_reaches_the_op():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fm_engine import ops, use_backend
+from fm_engine import ops
 from fm_engine.nn import AdaptiveStem2d, Attention, PatchEmbed2d
 from fm_engine.testing import assert_parity_tensor
 
@@ -113,18 +113,13 @@ def test_attention_triton_matches_reference(cross: bool, dtype: torch.dtype, dev
         assert_parity_tensor(f"grad {n}", gr_t[n], gr_r[n], gr_h[n], dtype)
 
 
-def test_attention_dropout_needs_the_reference_and_masks_run_on_triton(device: torch.device) -> None:
-    """Training with attention dropout: the triton backend refuses naming dropout, automatic dispatch runs the
-    reference; in eval, with or without a key-padding mask, the module runs on the named triton backend."""
-    attn = Attention(32, heads=2, kv_heads=1, head_dim=16, dropout=0.1).to(device)
+def test_attention_dropout_and_masks_run_triton(device: torch.device) -> None:
+    # attention dropout runs inside the Triton kernels (training only); masks too
+    attn = Attention(32, heads=2, kv_heads=1, head_dim=16, dropout=0.5, backend="triton").to(device)
     x = torch.randn(1, 5, 32, device=device)
     with ops.trace() as calls:
-        attn.train()(x)
-    assert calls == [("cross_attention", "reference")]
-    with use_backend("triton"):
-        with pytest.raises(ops.BackendUnsupportedError, match="dropout"):
-            attn.train()(x)
-        with ops.trace() as calls:
-            attn.eval()(x)
-            attn(x, key_padding_mask=torch.zeros(1, 5, dtype=torch.bool, device=device))
-    assert calls == [("cross_attention", "triton"), ("cross_attention", "triton")]
+        a, b = attn.train()(x), attn(x)
+        c, d = attn.eval()(x), attn(x)
+        attn(x, key_padding_mask=torch.zeros(1, 5, dtype=torch.bool, device=device))
+    assert calls == [("cross_attention", "triton")] * 5
+    assert not torch.equal(a, b) and torch.equal(c, d)

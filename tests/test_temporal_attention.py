@@ -8,9 +8,8 @@ import math
 import pytest
 import torch
 
-from fm_engine import use_backend
 from fm_engine.ops import _dispatch
-from fm_engine.ops.temporal_attention import temporal_attention
+from fm_engine.ops.temporal_attention import temporal_attention, temporal_attention_reference
 from fm_engine.testing import assert_parity
 
 
@@ -111,9 +110,10 @@ def test_reference_is_the_automatic_choice_for_float64():
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
-# (B, T, C, H, W, stride, n_head, flags, dtype): T against the token tile (1, 15, 16, 17 vs BLOCK_N 16/32),
-# head dims against the 64-wide chunk (D_qk 3 .. 120, D_v 12 .. 480, partial chunks), causal and not, every
-# score form, a head that starts inside a channel map (n_head not dividing C), odd batches.
+# (B, T, C, H, W, stride, n_head, flags, dtype): T against the frame tile (1, 15, 16, 17, 64 vs 16/32/64), head
+# dims against the interpreter's 16-wide chunks and 3-way splits of the head dim (D_qk 3 .. 128, D_v 12 .. 480:
+# partial chunks, splits of unequal length), causal and not, every score form, a head that starts inside a
+# channel map (n_head not dividing C), odd batches.
 TRITON_CASES = [
     (1, 1, 4, 4, 6, 2, 2, {}, "fp32"),
     (3, 5, 4, 10, 12, 2, 2, {"causal": True}, "bf16"),
@@ -126,14 +126,33 @@ TRITON_CASES = [
 ]
 
 
-def _run_parity(B, T, C, H, W, s, n_head, flags, dtype, device):
+def _replayed_seed(torch_seed: int) -> int:
+    """The dropout seed a fast backend draws right after ``torch.manual_seed(torch_seed)``."""
+    from fm_engine.kernels._attention_dropout import draw_seed
+
+    torch.manual_seed(torch_seed)
+    return draw_seed()
+
+
+def _run_parity(B, T, C, H, W, s, n_head, flags, dtype, device, dropout_p=0.0):
     q, k, v = _inputs(B, T, C, H, W, s, dtype=DTYPES[dtype], device=device)
+    torch_seed = int(torch.randint(0, 2**31 - 1, (1,)))
 
-    def call(backend):
-        return lambda q, k, v: temporal_attention(q, k, v, n_head=n_head, backend=backend, **flags)
+    def fast(q, k, v):
+        torch.manual_seed(torch_seed)  # the kernels' dropout seed is the next draw (replayed below)
+        return temporal_attention(q, k, v, n_head=n_head, dropout_p=dropout_p, backend="triton", **flags)
 
+    def reference(q, k, v):
+        mask = None
+        if dropout_p > 0:  # the kernels' own keep mask, [B, n_head, T, T]
+            from fm_engine.kernels._attention_dropout import dropout_keep_mask
+
+            mask = dropout_keep_mask(_replayed_seed(torch_seed), (B, n_head, T, T), dropout_p, q.device)
+        return temporal_attention_reference(q, k, v, n_head=n_head, dropout_p=dropout_p, dropout_mask=mask, **flags)
+
+    name = f"temporal_attention[T{T} {flags} {dtype} p={dropout_p}]"
     with _dispatch.trace() as calls:
-        assert_parity(call("triton"), call("reference"), [q, k, v], name=f"temporal_attention[T{T} {flags} {dtype}]")
+        assert_parity(fast, reference, [q, k, v], name=name)
     assert ("temporal_attention", "triton") in calls
 
 
@@ -160,22 +179,53 @@ def test_triton_parity_random_config(draw, device):
     _run_parity(pick([1, 2, 3]), pick([1, 2, 7, 16, 18]), C, H, W, s, n_head, flags, pick(list(DTYPES)), device)
 
 
-def test_named_triton_backend_runs_and_refuses_with_reasons(device):
-    """use_backend("triton") reaches the kernels; what they cannot take (dropout, more than 64 frames) the
-    triton backend refuses naming the reason, and automatic dispatch runs on the reference."""
+# (B, T, C, H, W, stride, n_head, flags, dtype, dropout_p): causal rows (fewer live keys), odd T, several heads
+DROPOUT_CASES = [
+    (2, 5, 4, 4, 4, 2, 2, {"causal": True}, "fp32", 0.3),
+    (1, 17, 2, 4, 4, 1, 2, {"cosine": True}, "bf16", 0.5),
+    (3, 3, 3, 4, 4, 2, 3, {"normalize_qk": True, "causal": True}, "fp16", 0.1),
+]
+
+
+@pytest.mark.parametrize("case", DROPOUT_CASES, ids=lambda c: f"T{c[1]}-{c[8]}-p{c[9]}")
+def test_triton_dropout_parity(case, device):
+    """Output and every gradient against the reference applying the kernels' own keep mask."""
+    *args, dropout_p = case
+    _run_parity(*args, device=device, dropout_p=dropout_p)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_triton_standardised_scores_with_a_large_mean(dtype, device):
+    """Rows whose mean is 100x their spread: the split kernels sum about a shift (the first chunk's mean), so the
+    one-pass variance keeps its precision."""
+    dt = DTYPES[dtype]
+    q, k, v = _inputs(2, 5, 4, 8, 8, 1, dtype=dt, device=device)
+    q, k = q + 100.0, k - 50.0
+
+    def call(backend):
+        return lambda q, k, v: temporal_attention(q, k, v, n_head=2, normalize_qk=True, backend=backend)
+
+    assert_parity(call("triton"), call("reference"), [q, k, v], name=f"temporal standardised, large mean {dtype}")
+
+
+def test_triton_dropout_seed_is_reproducible_and_fresh(device):
+    q, k, v = _inputs(2, 6, 2, 4, 4, 2, dtype=torch.float32, device=device)
+    kw = {"n_head": 2, "dropout_p": 0.5, "backend": "triton"}
+    torch.manual_seed(3)
+    a = temporal_attention(q, k, v, **kw)
+    b = temporal_attention(q, k, v, **kw)
+    torch.manual_seed(3)
+    assert torch.equal(a, temporal_attention(q, k, v, **kw)) and not torch.equal(a, b)
+
+
+def test_triton_backend_refusals_name_the_reason(device):
     q, k, v = _inputs(1, 3, 2, 4, 4, 2, dtype=torch.float32, device=device)
-    with use_backend("triton"), _dispatch.trace() as calls:
-        temporal_attention(q, k, v, n_head=2)
-    with _dispatch.trace() as auto_calls:
-        temporal_attention(q, k, v, n_head=2, dropout_p=0.1)
-    assert calls == [("temporal_attention", "triton")]
-    assert auto_calls == [("temporal_attention", "reference")]
-    assert "draw no dropout mask" in str(_dispatch.explain(temporal_attention, q, k, v, n_head=2, dropout_p=0.1))
-    with use_backend("triton"), pytest.raises(_dispatch.BackendUnsupportedError, match="dropout"):
-        temporal_attention(q, k, v, n_head=2, dropout_p=0.1)
+    text = str(_dispatch.explain(temporal_attention, q, k, v, n_head=2, dropout_p=0.1, backend="triton"))
+    assert "triton     yes" in text, text
+    with pytest.raises(_dispatch.BackendUnsupportedError, match="float64"):
+        temporal_attention(q.double(), k.double(), v.double(), n_head=2, backend="triton")
     long = _inputs(1, 65, 1, 2, 2, 1, dtype=torch.float32, device=device)
-    assert "65 tokens per attention group > 64" in str(_dispatch.explain(temporal_attention, *long, n_head=1))
-    with pytest.raises(_dispatch.BackendUnsupportedError, match="65 tokens per attention group > 64"):
+    with pytest.raises(_dispatch.BackendUnsupportedError, match="65 frames > 64"):
         temporal_attention(*long, n_head=1, backend="triton")
 
 
@@ -207,3 +257,10 @@ def test_gpu_parity_production_shape(dtype, causal):
 @pytest.mark.gpu
 def test_gpu_parity_long_sequence():
     _run_parity(2, 64, 32, 32, 32, 2, 8, {"causal": True}, "bf16", torch.device("cuda"))
+
+
+@pytest.mark.gpu
+def test_gpu_parity_long_sequence_dropout_and_standardised():
+    dev = torch.device("cuda")
+    _run_parity(4, 64, 32, 32, 32, 2, 32, {"causal": True}, "bf16", dev, dropout_p=0.1)
+    _run_parity(2, 12, 32, 64, 64, 2, 32, {"normalize_qk": True}, "fp32", dev)

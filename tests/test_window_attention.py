@@ -8,9 +8,8 @@ import math
 import pytest
 import torch
 
-from fm_engine import use_backend
 from fm_engine.ops import _dispatch
-from fm_engine.ops.window_attention import window_attention
+from fm_engine.ops.window_attention import geometry, window_attention, window_attention_reference
 from fm_engine.testing import assert_parity
 
 # --- an independent, literal implementation: explicit pixel slicing per token ------------------------
@@ -242,10 +241,28 @@ TRITON_CASES = [
     (1, 1, 2, 4, 8, "local", (2, 2), (2, 4), 1, 2, {"normalize_qk": True}, True, "bf16"),  # hc_qk 4, hc_v 16
     (1, 1, 1, 4, 16, "global", (4, 16), 1, 1, 1, {}, False, "fp16"),  # N 64 (the largest tile)
     (1, 2, 16, 4, 4, "global", (2, 2), 2, 2, 2, {"cosine": True}, True, "fp16"),  # hc_qk 8, hc_v 32
+    # channel-plane kernels (heads of whole channels, unstrided): 3 x 3 patches of 3 x 3 pixels (token columns
+    # and pixel rows / columns not powers of two, split over sub-blocks), 3 windows in blocks of 2
+    (1, 1, 2, 6, 27, "local", (2, 3), (3, 3), 9, 1, {"cosine": True}, True, "fp32"),
+    (2, 1, 4, 6, 12, "global", (3, 2), (1, 2), 4, 1, {"normalize_qk": True}, True, "bf16"),  # 3 window rows
+    # heads of whole pixels (hc 8 = 4 pixels x 2 channels): pixel-fastest element order, heads split over programs
+    (1, 2, 2, 4, 8, "local", (2, 2), (2, 4), 2, 1, {}, True, "fp16"),
+    # long groups (N > 64: blocked kernels, online softmax; 16-token blocks in the interpreter)
+    (1, 1, 2, 5, 13, "global", (5, 13), 1, 1, 1, {"cosine": True}, True, "fp32"),  # N 65, hc 2
+    (1, 1, 4, 8, 10, "local", (8, 10), 1, 1, 1, {"normalize_qk": True}, False, "bf16"),  # N 80, hc 4
+    (1, 1, 8, 18, 16, "global", (9, 8), 2, 1, 2, {}, True, "fp16"),  # N 72, strided q/k: hc_qk 8, hc_v 32
 ]
 
 
-def _run_parity(B, T, C, H, W, mode, grid, patch, n_head, s, flags, bias, dtype, device, scale=None):
+def _replayed_seed(torch_seed: int) -> int:
+    """The dropout seed a fast backend draws right after ``torch.manual_seed(torch_seed)``."""
+    from fm_engine.kernels._attention_dropout import draw_seed
+
+    torch.manual_seed(torch_seed)
+    return draw_seed()
+
+
+def _run_parity(B, T, C, H, W, mode, grid, patch, n_head, s, flags, bias, dtype, device, scale=None, dropout_p=0.0):
     dt = DTYPES[dtype]
     kw = {"num_patches": grid} if mode == "local" else {"num_windows": grid}
     q, k, v = _inputs(B, T, C, H, W, s, dtype=dt, device=device)
@@ -253,27 +270,33 @@ def _run_parity(B, T, C, H, W, mode, grid, patch, n_head, s, flags, bias, dtype,
     inputs = [q, k, v]
     if bias:
         inputs.append(0.1 * torch.randn(n_head, n, n, dtype=dt, device=device))
+    common = {"mode": mode, "patch_size": patch, "n_head": n_head, "scale": scale, **kw, **flags}
+    torch_seed = int(torch.randint(0, 2**31 - 1, (1,)))
 
-    def call(backend):
-        def f(q, k, v, *b):
-            return window_attention(
-                q,
-                k,
-                v,
-                mode=mode,
-                patch_size=patch,
-                n_head=n_head,
-                scale=scale,
-                rel_pos_bias=b[0] if b else None,
-                backend=backend,
-                **kw,
-                **flags,
-            )
+    def fast(q, k, v, *b):
+        torch.manual_seed(torch_seed)  # the kernels' dropout seed is the next draw (replayed below)
+        return window_attention(
+            q, k, v, rel_pos_bias=b[0] if b else None, dropout_p=dropout_p, backend="triton", **common
+        )
 
-        return f
+    def reference(q, k, v, *b):
+        mask = None
+        if dropout_p > 0:  # the kernels' own keep mask, [B, T, groups, n_head, N, N]
+            from fm_engine.kernels._attention_dropout import dropout_keep_mask
 
+            g = geometry(
+                q, v, mode=mode, num_patches=kw.get("num_patches"), num_windows=kw.get("num_windows"),
+                patch_size=patch, n_head=n_head,
+            )  # fmt: skip
+            shape = (B, T, g.n_groups, n_head, g.n_tokens, g.n_tokens)
+            mask = dropout_keep_mask(_replayed_seed(torch_seed), shape, dropout_p, q.device)
+        return window_attention_reference(
+            q, k, v, rel_pos_bias=b[0] if b else None, dropout_p=dropout_p, dropout_mask=mask, **common
+        )
+
+    name = f"window_attention[{mode} {flags} {dtype} p={dropout_p}]"
     with _dispatch.trace() as calls:
-        assert_parity(call("triton"), call("reference"), inputs, name=f"window_attention[{mode} {flags} {dtype}]")
+        assert_parity(fast, reference, inputs, name=name)
     assert ("window_attention", "triton") in calls
 
 
@@ -320,33 +343,51 @@ def test_triton_parity_random_config(draw, device):
     )
 
 
-def test_named_triton_backend_runs_and_refuses_with_reasons(device):
-    """use_backend("triton") reaches the kernels; what they cannot take (dropout, float64, more than 64 tokens
-    per group) the triton backend refuses naming the reason, and automatic dispatch runs on the reference."""
+# (B, T, C, H, W, mode, grid, patch, n_head, stride_qk, flags, bias, dtype, dropout_p): dropout on softmax + bias,
+# every score form, partial tiles (N 15, 17), several groups and heads so the counters of different rows differ.
+DROPOUT_CASES = [
+    (2, 2, 4, 8, 8, "local", (2, 2), 2, 2, 1, {"cosine": True}, True, "fp32", 0.3),
+    (1, 2, 2, 6, 10, "local", (3, 5), 2, 2, 2, {}, True, "bf16", 0.5),  # N 15, strided q/k
+    (1, 1, 2, 2, 17, "global", (1, 17), 1, 1, 1, {"normalize_qk": True}, False, "fp16", 0.2),  # N 17
+    (2, 1, 4, 4, 8, "global", (2, 2), (1, 2), 4, 1, {}, True, "bf16", 0.1),
+    (1, 1, 2, 6, 27, "local", (2, 3), (3, 3), 9, 1, {}, True, "fp32", 0.3),  # plane kernels, per-key draws
+    (1, 1, 2, 5, 13, "global", (5, 13), 1, 1, 1, {"cosine": True}, True, "bf16", 0.2),  # long groups, N 65
+]
+
+
+@pytest.mark.parametrize("case", DROPOUT_CASES, ids=lambda c: f"{c[5]}-N{c[6][0] * c[6][1]}-{c[12]}-p{c[13]}")
+def test_triton_dropout_parity(case, device):
+    """Output and every gradient against the reference applying the kernels' own keep mask."""
+    *args, dropout_p = case
+    _run_parity(*args, device=device, dropout_p=dropout_p)
+
+
+def test_triton_dropout_seed_is_reproducible_and_fresh(device):
+    q, k, v = _inputs(1, 2, 4, 8, 8, 1, dtype=torch.float32, device=device)
+    kw = {"mode": "local", "num_patches": 2, "patch_size": 2, "n_head": 2, "dropout_p": 0.5, "backend": "triton"}
+    torch.manual_seed(7)
+    a = window_attention(q, k, v, **kw)
+    b = window_attention(q, k, v, **kw)  # the next seed: another mask
+    torch.manual_seed(7)
+    c = window_attention(q, k, v, **kw)
+    assert torch.equal(a, c) and not torch.equal(a, b)
+
+
+def test_triton_backend_refusals_name_the_reason(device):
     q, k, v = _inputs(1, 1, 2, 4, 4, 1, dtype=torch.float32, device=device)
     kw = {"mode": "local", "num_patches": 2, "patch_size": 2, "n_head": 2}
-    with use_backend("triton"), _dispatch.trace() as calls:
-        window_attention(q, k, v, **kw)
-    with _dispatch.trace() as auto_calls:
-        window_attention(q, k, v, dropout_p=0.2, **kw)
-    assert calls == [("window_attention", "triton")]
-    assert auto_calls == [("window_attention", "reference")]
-    text = str(_dispatch.explain(window_attention, q, k, v, dropout_p=0.2, **kw))
-    assert "draw no dropout mask" in text
-    with pytest.raises(_dispatch.BackendUnsupportedError, match="dropout"):
+    # dropout runs on the kernels now: explain() accepts it on the Triton backend
+    text = str(_dispatch.explain(window_attention, q, k, v, dropout_p=0.2, backend="triton", **kw))
+    assert "triton     yes" in text, text
+    with _dispatch.trace() as calls:
         window_attention(q, k, v, dropout_p=0.2, backend="triton", **kw)
-    with use_backend("triton"), pytest.raises(_dispatch.BackendUnsupportedError, match="dropout"):
-        window_attention(q, k, v, dropout_p=0.2, **kw)
+    assert calls == [("window_attention", "triton")]
     with pytest.raises(_dispatch.BackendUnsupportedError, match="float64"):
         window_attention(q.double(), k.double(), v.double(), backend="triton", **kw)
-    big = _inputs(1, 1, 1, 5, 13, 1, dtype=torch.float32, device=device)  # 65 tokens in one group
-    big_kw = {"mode": "global", "num_windows": (5, 13), "patch_size": 1, "n_head": 1}
-    with _dispatch.trace() as calls:
-        window_attention(*big, **big_kw)
-    assert calls == [("window_attention", "reference")]
-    assert "65 tokens per attention group > 64" in str(_dispatch.explain(window_attention, *big, **big_kw))
-    with pytest.raises(_dispatch.BackendUnsupportedError, match="65 tokens per attention group > 64"):
-        window_attention(*big, backend="triton", **big_kw)
+    # groups of more than 64 tokens run the long kernels, with head dims up to 256
+    big = _inputs(1, 1, 300, 5, 13, 1, dtype=torch.float32, device=device)  # 65 tokens, hc 300
+    with pytest.raises(_dispatch.BackendUnsupportedError, match="65 tokens per attention group with head dims"):
+        window_attention(*big, mode="global", num_windows=(5, 13), patch_size=1, n_head=1, backend="triton")
 
 
 def test_triton_reads_non_contiguous_inputs(device):
@@ -396,3 +437,12 @@ def test_gpu_parity_parser_default_shape(mode):
     # window 64 / patch 16, 32 heads (hc 256), relative-position bias on, Q/K stride 2
     grid = (4, 4) if mode == "local" else (2, 2)
     _run_parity(2, 4, 32, 128, 128, mode, grid, 16, 32, 2, {}, True, "bf16", torch.device("cuda"))
+
+
+@pytest.mark.gpu
+def test_gpu_parity_long_groups_and_dropout():
+    # global attention over 16 x 16 windows (N 256: the blocked kernels), and the production local shape with
+    # attention dropout (the channel-plane kernels)
+    dev = torch.device("cuda")
+    _run_parity(2, 2, 32, 128, 128, "global", (16, 16), 2, 32, 1, {"cosine": True}, True, "bf16", dev)
+    _run_parity(4, 3, 32, 64, 64, "local", (4, 4), 2, 32, 1, {"cosine": True}, False, "bf16", dev, dropout_p=0.1)

@@ -6,11 +6,15 @@ uses KV head h // (Hq // Hkv)); key_padding_mask: [B, Nk] bool, True = padding (
 Returns [B, Hq, Nq, D]. Self-attention is the case k, v computed from the same tokens as q.
 
 Backends: reference (SDPA on repeated KV heads) and triton (kernels/cross_attention.py: key-split
-forward with an exact log-sum-exp merge, FlashAttention-2 style backward with fp32 dQ partials).
+forward with an exact log-sum-exp merge; one fused backward pass computing dK, dV and per-split fp32 dQ
+partials, merged in a fixed order, so gradients are deterministic).
 The Triton backend takes fp16 / bf16 (tensor-core dots, fp32 accumulation) and fp32 (ieee dots),
 head dims 16, 32, 64, 128, and key_padding_mask (padding keys get score -inf before the softmax and
 dK = dV = 0; a query whose keys are all padding gets output 0 and zero gradients, as the reference's
-SDPA gives). It refuses dropout_p > 0 (the reference runs that).
+SDPA gives). Attention dropout runs inside the kernels: the keep mask is regenerated from a seed drawn
+from torch's CPU generator (kernels/_attention_dropout.py), never stored, so it differs from SDPA's draw;
+the mask of a seed is ``dropout_keep_mask(seed, [B, Hq, Nq, Nk], p)`` and the reference replays a given
+mask through ``dropout_mask``.
 """
 
 from __future__ import annotations
@@ -36,7 +40,10 @@ def cross_attention_reference(
     scale: float | None = None,
     dropout_p: float = 0.0,
     key_padding_mask: torch.Tensor | None = None,
+    dropout_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """The eager reference (SDPA). ``dropout_mask``: [B, Hq, Nq, Nk] bool keep mask to apply instead of SDPA's
+    own draw (tests replay the Triton backend's mask; the public op never passes it)."""
     group = q.shape[1] // kv_heads
     if group > 1:
         k = k.repeat_interleave(group, dim=1)
@@ -44,7 +51,16 @@ def cross_attention_reference(
     mask = None
     if key_padding_mask is not None:
         mask = ~key_padding_mask[:, None, None, :]  # SDPA: True = attend
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    if dropout_mask is None or dropout_p == 0.0:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    s = q.shape[-1] ** -0.5 if scale is None else scale
+    att = (q @ k.transpose(-2, -1)) * s
+    if mask is not None:
+        att = att.masked_fill(~mask, float("-inf"))
+    att = torch.softmax(att, dim=-1)
+    if mask is not None:
+        att = att.masked_fill(~mask.any(-1, keepdim=True), 0.0)  # all keys padding: 0, as SDPA gives
+    return (att * dropout_mask / (1.0 - dropout_p)) @ v
 
 
 def _validate(
@@ -130,10 +146,16 @@ def _fwd(
     key_padding_mask: torch.Tensor | None,
     kv_heads: int,
     scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    dropout_p: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # the dropout seed comes from torch's CPU generator (torch.manual_seed makes it reproducible; no device
+    # sync) and is returned as a CPU tensor, which backward reads to regenerate the same mask
     from fm_engine.kernels import cross_attention as K
+    from fm_engine.kernels._attention_dropout import draw_seed
 
-    return K.forward(q, k, v, kv_heads, scale, key_padding_mask)
+    seed = draw_seed() if dropout_p > 0 else 0
+    o, lse = K.forward(q, k, v, kv_heads, scale, key_padding_mask, dropout_p=dropout_p, seed=seed)
+    return o, lse, torch.tensor([seed], dtype=torch.int64)
 
 
 @_fwd.register_fake
@@ -144,8 +166,9 @@ def _(
     key_padding_mask: torch.Tensor | None,
     kv_heads: int,
     scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+    dropout_p: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32), torch.empty(1, dtype=torch.int64)
 
 
 @torch.library.custom_op("fm_engine::cross_attention_bwd", mutates_args=())
@@ -159,10 +182,14 @@ def _bwd(
     key_padding_mask: torch.Tensor | None,
     kv_heads: int,
     scale: float,
+    seed: torch.Tensor,
+    dropout_p: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from fm_engine.kernels import cross_attention as K
 
-    return K.backward(do, q, k, v, o, lse, kv_heads, scale, key_padding_mask)
+    return K.backward(
+        do, q, k, v, o, lse, kv_heads, scale, key_padding_mask, dropout_p=dropout_p, seed=int(seed.item())
+    )
 
 
 @_bwd.register_fake
@@ -176,21 +203,23 @@ def _(
     key_padding_mask: torch.Tensor | None,
     kv_heads: int,
     scale: float,
+    seed: torch.Tensor,
+    dropout_p: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-    q, k, v, key_padding_mask, kv_heads, scale = inputs
-    o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, key_padding_mask)
-    ctx.kv_heads, ctx.scale = kv_heads, scale
+    q, k, v, key_padding_mask, kv_heads, scale, dropout_p = inputs
+    o, lse, seed = output
+    ctx.save_for_backward(q, k, v, o, lse, key_padding_mask, seed)
+    ctx.kv_heads, ctx.scale, ctx.dropout_p = kv_heads, scale, dropout_p
 
 
-def _backward(ctx: Any, do: torch.Tensor, _dlse: torch.Tensor) -> tuple:
-    q, k, v, o, lse, key_padding_mask = ctx.saved_tensors
-    dq, dk, dv = _bwd(do, q, k, v, o, lse, key_padding_mask, ctx.kv_heads, ctx.scale)
-    return dq, dk, dv, None, None, None
+def _backward(ctx: Any, do: torch.Tensor, _dlse: torch.Tensor, _dseed: torch.Tensor) -> tuple:
+    q, k, v, o, lse, key_padding_mask, seed = ctx.saved_tensors
+    dq, dk, dv = _bwd(do, q, k, v, o, lse, key_padding_mask, ctx.kv_heads, ctx.scale, seed, ctx.dropout_p)
+    return dq, dk, dv, None, None, None, None
 
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -213,8 +242,8 @@ def _triton_supports(
         return f"dtype {q.dtype} (the Triton kernels take float16, bfloat16, float32)"
     if q.shape[-1] not in _TRITON_HEAD_DIMS:
         return f"head_dim {q.shape[-1]} (the Triton kernels take {_TRITON_HEAD_DIMS})"
-    if dropout_p > 0.0:
-        return "dropout_p > 0 (the Triton kernels draw no dropout mask; the reference applies it)"
+    if dropout_p > 0.0 and q.is_cuda and torch.cuda.is_current_stream_capturing():
+        return "dropout during CUDA graph capture (the seed is drawn on the host and would be frozen in the graph)"
     if key_padding_mask is not None and key_padding_mask.device != q.device:
         return f"key_padding_mask on {key_padding_mask.device}, q on {q.device} (the kernels read it on q's device)"
     if k.shape[2] == 0 or q.shape[2] == 0 or q.shape[0] == 0:
@@ -233,7 +262,7 @@ def _triton_cross_attention(
     key_padding_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     s = float(q.shape[-1] ** -0.5 if scale is None else scale)
-    return _fwd(q, k, v, key_padding_mask, kv_heads, s)[0]
+    return _fwd(q, k, v, key_padding_mask, kv_heads, s, float(dropout_p))[0]
 
 
 CROSS_ATTENTION.register("triton", _triton_cross_attention, available=triton_available, supports=_triton_supports)

@@ -15,8 +15,11 @@ D_qk = C*Hq*Wq / n_head, D_v = C*H*W / n_head, and the attention is T x T per (b
     o = dropout(softmax(scores)) @ v.
 
 Backends: reference (eager), triton (kernels/temporal_attention.py: reads the [B, T, C, H, W] tensors in
-place, loops over the long head dims in chunks, backward recomputes the T x T matrix). The Triton backend
-does not draw dropout: with ``dropout_p > 0`` automatic dispatch runs the reference.
+place, splits the long head dims over programs and reduces the T x T partials in a fixed order, T <= 64; the
+backward reuses the forward's T x T scores and row stats, so q and k are read once per pass). Dropout on the Triton
+backend regenerates its keep mask from a seed drawn from torch's CPU generator (kernels/_attention_dropout.py);
+the mask of a seed is ``dropout_keep_mask(seed, [B, n_head, T, T], p)`` and the reference replays a given
+mask through ``dropout_mask``.
 """
 
 from __future__ import annotations
@@ -25,15 +28,8 @@ from typing import Any
 
 import torch
 
-from fm_engine.ops._dispatch import Op, public, triton_available
-from fm_engine.ops.window_attention import (
-    attend,
-    check_flags,
-    check_qkv,
-    default_scale,
-    triton_attention,
-    triton_common_supports,
-)
+from fm_engine.ops._dispatch import Op, public, triton_available, triton_device_ok
+from fm_engine.ops.window_attention import FAST_DTYPES, attend, check_flags, check_qkv, default_scale
 
 
 def head_dims(q: torch.Tensor, v: torch.Tensor, n_head: int) -> tuple[int, int]:
@@ -61,7 +57,10 @@ def temporal_attention_reference(
     normalize_qk: bool = False,
     causal: bool = False,
     dropout_p: float = 0.0,
+    dropout_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """The eager reference. ``dropout_mask``: [B, n_head, T, T] bool keep mask to apply instead of a fresh draw
+    (tests replay the Triton backend's mask; the public op never passes it)."""
     B, T = v.shape[:2]
     d_qk, _ = head_dims(q, v, n_head)
 
@@ -78,6 +77,7 @@ def temporal_attention_reference(
         normalize_qk=normalize_qk,
         causal=causal,
         dropout_p=dropout_p,
+        dropout_mask=dropout_mask,
     )
     return o.transpose(1, 2).reshape(v.shape)
 
@@ -151,6 +151,92 @@ public(TEMPORAL_ATTENTION, temporal_attention)
 
 
 # --- Triton backend ---------------------------------------------------------------------------------
+#
+# kernels/temporal_attention.py: the head dims split over programs in every pass, partial T x T results reduced
+# in a fixed order. The forward returns, beside o, the normalised scores Sn [B*H, BT, BT] and per-frame stats
+# [B*H, 4, BT] (fp32, a few KB per head), so backward never re-reads q and k to rebuild the attention; and the
+# dropout seed (torch's CPU generator, no device sync) as a CPU tensor.
+
+
+@torch.library.custom_op("fm_engine::temporal_attention_fwd", mutates_args=())
+def _fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    n_head: int,
+    score: int,
+    causal: bool,
+    scale: float,
+    dropout_p: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from fm_engine.kernels import temporal_attention as K  # lazy: kernels import triton
+    from fm_engine.kernels._attention_dropout import draw_seed
+
+    seed = draw_seed() if dropout_p > 0 else 0
+    o, sn, st = K.forward(q, k, v, n_head, score=score, causal=causal, scale=scale, dropout_p=dropout_p, seed=seed)
+    return o, sn, st, torch.tensor([seed], dtype=torch.int64)
+
+
+@_fwd.register_fake
+def _(q, k, v, n_head, score, causal, scale, dropout_p):
+    bt = max(16, 1 << max(0, (v.shape[1] - 1).bit_length()))
+    bh = v.shape[0] * n_head
+    f32 = torch.float32
+    return (
+        torch.empty_like(v, memory_format=torch.contiguous_format),
+        v.new_empty(bh, bt, bt, dtype=f32),
+        v.new_empty(bh, 4, bt, dtype=f32),
+        torch.empty(1, dtype=torch.int64),
+    )
+
+
+@torch.library.custom_op("fm_engine::temporal_attention_bwd", mutates_args=())
+def _bwd(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sn: torch.Tensor,
+    st: torch.Tensor,
+    seed: torch.Tensor,
+    n_head: int,
+    score: int,
+    causal: bool,
+    scale: float,
+    dropout_p: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from fm_engine.kernels import temporal_attention as K
+
+    return K.backward(
+        do, q, k, v, sn, st, n_head, score=score, causal=causal, scale=scale, dropout_p=dropout_p,
+        seed=int(seed.item()),
+    )  # fmt: skip
+
+
+@_bwd.register_fake
+def _(do, q, k, v, sn, st, seed, n_head, score, causal, scale, dropout_p):
+    c = torch.contiguous_format
+    return (
+        torch.empty_like(q, memory_format=c),
+        torch.empty_like(k, memory_format=c),
+        torch.empty_like(v, memory_format=c),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, n_head, score, causal, scale, dropout_p = inputs
+    _, sn, st, seed = output
+    ctx.save_for_backward(q, k, v, sn, st, seed)
+    ctx.args = (n_head, score, causal, scale, dropout_p)
+
+
+def _backward(ctx, do, _dsn, _dst, _dseed):
+    q, k, v, sn, st, seed = ctx.saved_tensors
+    dq, dk, dv = _bwd(do.contiguous(), q, k, v, sn, st, seed, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None
+
+
+_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _triton_temporal(
@@ -165,20 +251,32 @@ def _triton_temporal(
     causal: bool = False,
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
-    B, T, C, H, W = v.shape
-    d_qk, d_v = head_dims(q, v, n_head)
+    d_qk, _ = head_dims(q, v, n_head)
     s = default_scale(d_qk, cosine) if scale is None else scale
-    # temporal layout for the shared kernels: one group per batch item, the frames are the tokens
-    geo = [T, C, q.shape[3], q.shape[4], H, W, T, 1, 1, 1, 1, 1, 1, 1, 1, n_head, d_qk, d_v, B * n_head]
-    return triton_attention(
-        q, k, v, None, geo, mode="temporal", cosine=cosine, normalize_qk=normalize_qk, causal=causal, scale=s
-    )
+    score = 1 if cosine else (2 if normalize_qk else 0)
+    return _fwd(
+        q.contiguous(), k.contiguous(), v.contiguous(), n_head, score, bool(causal), float(s), float(dropout_p)
+    )[0]
+
+
+MAX_TRITON_FRAMES = 64  # the T x T scores of a head live in registers (kernels/temporal_attention.py)
 
 
 def _triton_temporal_supports(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, dropout_p: float = 0.0, **_: object
 ) -> str | None:
-    return triton_common_supports([q, k, v], dropout_p, v.shape[1], v[0].numel())
+    reason = triton_device_ok(q, k, v)
+    if reason is not None:
+        return reason
+    if q.dtype not in FAST_DTYPES:
+        return f"dtype {q.dtype} (the Triton kernels take float32, float16, bfloat16)"
+    if v.shape[1] > MAX_TRITON_FRAMES:
+        return f"{v.shape[1]} frames > {MAX_TRITON_FRAMES} (a head's T x T scores must fit registers)"
+    if dropout_p > 0.0 and q.is_cuda and torch.cuda.is_current_stream_capturing():
+        return "dropout during CUDA graph capture (the seed is drawn on the host and would be frozen in the graph)"
+    if v[0].numel() >= 2**31 or q[0].numel() >= 2**31:
+        return "more than 2**31 elements per batch item (32-bit in-item offsets)"
+    return None
 
 
 TEMPORAL_ATTENTION.register("triton", _triton_temporal, available=triton_available, supports=_triton_temporal_supports)

@@ -32,8 +32,11 @@ fm_engine.nn.stcnnt_attention); same dtype as q; it receives a gradient.
 
 Backends: reference (eager, partitions the frame into tokens), triton (kernels/window_attention.py:
 reads q, k, v and writes o in place in the [B, T, C, H, W] layout; backward recomputes the attention
-matrix from q and k). The Triton backend does not draw dropout: with ``dropout_p > 0`` automatic
-dispatch runs the reference and ``explain()`` says why.
+matrix from q and k; groups of more than 64 tokens run blocked kernels, with head dims up to 256, whose
+backward also keeps o and the rows' log-sum-exp). Dropout on the Triton backend regenerates its keep mask
+from a seed drawn from torch's CPU generator (kernels/_attention_dropout.py), so it differs from the
+reference's draw; the mask of a seed is ``dropout_keep_mask(seed, [B, T, groups, n_head, N, N], p)`` and the
+reference replays a given mask through ``dropout_mask``.
 """
 
 from __future__ import annotations
@@ -49,8 +52,11 @@ from fm_engine.ops._dispatch import Op, public, triton_available, triton_device_
 
 MODES = ("local", "global")
 FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# The Triton kernels keep one group's whole N x N score matrix in registers (kernels/window_attention.py).
-MAX_TRITON_TOKENS = 64
+# Groups of up to this many tokens keep their whole N x N score matrix in registers; larger ones run the long
+# kernels (blocked, online softmax), which hold whole head rows: head dims up to MAX_TRITON_HEAD there
+# (kernels/window_attention.py).
+MAX_REGISTER_TOKENS = 64
+MAX_TRITON_HEAD = 256
 
 
 def pair(name: str, x: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -181,9 +187,11 @@ def attend(
     bias: torch.Tensor | None = None,
     causal: bool = False,
     dropout_p: float = 0.0,
+    dropout_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The ST-CNNT attention core. q, k: [..., heads, N, hc_qk]; v: [..., heads, N, hc_v];
-    bias: broadcastable to [..., heads, N, N] -> [..., heads, N, hc_v]."""
+    bias: broadcastable to [..., heads, N, N] -> [..., heads, N, hc_v]. ``dropout_mask`` (bool, [..., heads,
+    N, N], True = kept) replaces the random draw when given (tests replay a fast backend's mask)."""
     if cosine:
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
     elif normalize_qk:
@@ -198,7 +206,9 @@ def attend(
     att = torch.softmax(att, dim=-1)
     if bias is not None:
         att = att + bias
-    if dropout_p > 0.0:
+    if dropout_p > 0.0 and dropout_mask is not None:
+        att = att * dropout_mask / (1.0 - dropout_p)
+    elif dropout_p > 0.0:
         att = F.dropout(att, dropout_p, training=True)
     return att @ v
 
@@ -218,7 +228,10 @@ def window_attention_reference(
     normalize_qk: bool = False,
     rel_pos_bias: torch.Tensor | None = None,
     dropout_p: float = 0.0,
+    dropout_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """The eager reference. ``dropout_mask``: [B, T, groups, n_head, N, N] bool keep mask to apply instead of a
+    fresh draw (tests replay the Triton backend's mask; the public op never passes it)."""
     g = geometry(
         q, v, mode=mode, num_patches=num_patches, num_windows=num_windows, patch_size=patch_size, n_head=n_head
     )
@@ -238,6 +251,7 @@ def window_attention_reference(
         normalize_qk=normalize_qk,
         bias=rel_pos_bias,
         dropout_p=dropout_p,
+        dropout_mask=dropout_mask,
     )
     o = o.transpose(3, 4).reshape(B, T, g.n_groups, g.n_tokens, -1)
     return from_tokens(o, g, C, g.ph, g.pw)
@@ -375,15 +389,17 @@ def window_attention(
 public(WINDOW_ATTENTION, window_attention)
 
 
-# --- Triton backend (shared with fm_engine.ops.temporal_attention) ------------------------------------
+# --- Triton backend ----------------------------------------------------------------------------------
 
-MODE_CODES = {"local": 0, "global": 1, "temporal": 2}
+MODE_CODES = {"local": 0, "global": 1}
 
 
 def score_code(cosine: bool, normalize_qk: bool) -> int:
     return 1 if cosine else (2 if normalize_qk else 0)
 
 
+# The forward draws the dropout seed from torch's CPU generator (so torch.manual_seed makes it reproducible;
+# no device sync) and returns it as a CPU tensor, which backward reads to regenerate the same mask.
 @torch.library.custom_op("fm_engine::stcnnt_attention_fwd", mutates_args=())
 def _fwd(
     q: torch.Tensor,
@@ -393,17 +409,37 @@ def _fwd(
     geo: list[int],
     mode: int,
     score: int,
-    causal: bool,
     scale: float,
-) -> torch.Tensor:
+    dropout_p: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from fm_engine.kernels import window_attention as K  # lazy: kernels import triton
+    from fm_engine.kernels._attention_dropout import draw_seed
 
-    return K.forward(q, k, v, bias, _geo_dict(geo), mode=mode, score=score, causal=causal, scale=scale)
+    seed = draw_seed() if dropout_p > 0 else 0
+    o, lse = K.forward(
+        q,
+        k,
+        v,
+        bias,
+        _geo_dict(geo),
+        mode=mode,
+        score=score,
+        scale=scale,
+        dropout_p=dropout_p,
+        seed=seed,
+    )
+    return o, torch.tensor([seed], dtype=torch.int64), lse
 
 
 @_fwd.register_fake
-def _(q, k, v, bias, geo, mode, score, causal, scale):
-    return torch.empty_like(v, memory_format=torch.contiguous_format)
+def _(q, k, v, bias, geo, mode, score, scale, dropout_p):
+    g = _geo_dict(geo)
+    n_lse = g["programs"] * g["N"] if g["N"] > MAX_REGISTER_TOKENS else 0
+    return (
+        torch.empty_like(v, memory_format=torch.contiguous_format),
+        torch.empty(1, dtype=torch.int64),
+        q.new_empty(n_lse, dtype=torch.float32),
+    )
 
 
 @torch.library.custom_op("fm_engine::stcnnt_attention_bwd", mutates_args=())
@@ -416,17 +452,23 @@ def _bwd(
     geo: list[int],
     mode: int,
     score: int,
-    causal: bool,
     scale: float,
+    seed: torch.Tensor,
+    dropout_p: float,
+    o: torch.Tensor | None,
+    lse: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from fm_engine.kernels import window_attention as K
 
-    dq, dk, dv, db = K.backward(do, q, k, v, bias, _geo_dict(geo), mode=mode, score=score, causal=causal, scale=scale)
+    dq, dk, dv, db = K.backward(
+        do, q, k, v, bias, _geo_dict(geo), mode=mode, score=score, scale=scale, dropout_p=dropout_p,
+        seed=int(seed.item()), o=o, lse=lse,
+    )  # fmt: skip
     return dq, dk, dv, (db if db is not None else q.new_empty(0))
 
 
 @_bwd.register_fake
-def _(do, q, k, v, bias, geo, mode, score, causal, scale):
+def _(do, q, k, v, bias, geo, mode, score, scale, seed, dropout_p, o, lse):
     db = torch.empty_like(bias) if bias is not None else q.new_empty(0)
     c = torch.contiguous_format
     return (
@@ -438,14 +480,19 @@ def _(do, q, k, v, bias, geo, mode, score, causal, scale):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, bias, geo, mode, score, causal, scale = inputs
-    ctx.save_for_backward(q, k, v, bias)
-    ctx.args = (geo, mode, score, causal, scale)
+    q, k, v, bias, geo, mode, score, scale, dropout_p = inputs
+    o, seed, lse = output
+    # groups of more than MAX_REGISTER_TOKENS run the long kernels, whose backward needs o and the log-sum-exp;
+    # the others recompute everything from q, k, v and keep no extra activation
+    long = _geo_dict(geo)["N"] > MAX_REGISTER_TOKENS
+    ctx.save_for_backward(q, k, v, bias, seed, o if long else None, lse)
+    ctx.args = (geo, mode, score, scale)
+    ctx.dropout_p = dropout_p
 
 
-def _backward(ctx, do):
-    q, k, v, bias = ctx.saved_tensors
-    dq, dk, dv, db = _bwd(do.contiguous(), q, k, v, bias, *ctx.args)
+def _backward(ctx, do, _dseed, _dlse):
+    q, k, v, bias, seed, o, lse = ctx.saved_tensors
+    dq, dk, dv, db = _bwd(do.contiguous(), q, k, v, bias, *ctx.args, seed, ctx.dropout_p, o, lse)
     return dq, dk, dv, (db if bias is not None else None), None, None, None, None, None
 
 
@@ -488,8 +535,8 @@ def triton_attention(
     mode: str,
     cosine: bool,
     normalize_qk: bool,
-    causal: bool,
     scale: float,
+    dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """Run the fused kernels (autograd-aware, torch.compile-able). Non-contiguous inputs are copied once."""
     return _fwd(
@@ -500,22 +547,27 @@ def triton_attention(
         geo,
         MODE_CODES[mode],
         score_code(cosine, normalize_qk),
-        causal,
         float(scale),
-    )
+        float(dropout_p),
+    )[0]
 
 
-def triton_common_supports(tensors: list[torch.Tensor], dropout_p: float, n_tokens: int, per_item: int) -> str | None:
+def triton_common_supports(
+    tensors: list[torch.Tensor], dropout_p: float, n_tokens: int, per_item: int, head_dims: tuple[int, int]
+) -> str | None:
     """Why the Triton kernels cannot run these inputs, or None."""
     reason = triton_device_ok(*tensors)
     if reason is not None:
         return reason
     if tensors[0].dtype not in FAST_DTYPES:
         return f"dtype {tensors[0].dtype} (the Triton kernels take float32, float16, bfloat16)"
-    if dropout_p > 0.0:
-        return f"dropout_p = {dropout_p} > 0: the Triton kernels draw no dropout mask; the reference runs"
-    if n_tokens > MAX_TRITON_TOKENS:
-        return f"{n_tokens} tokens per attention group > {MAX_TRITON_TOKENS} (one group's scores must fit registers)"
+    if dropout_p > 0.0 and tensors[0].is_cuda and torch.cuda.is_current_stream_capturing():
+        return "dropout during CUDA graph capture (the seed is drawn on the host and would be frozen in the graph)"
+    if n_tokens > MAX_REGISTER_TOKENS and max(head_dims) > MAX_TRITON_HEAD:
+        return (
+            f"{n_tokens} tokens per attention group with head dims {head_dims}: groups of more than "
+            f"{MAX_REGISTER_TOKENS} tokens take head dims up to {MAX_TRITON_HEAD}"
+        )
     if per_item >= 2**31:
         return "more than 2**31 elements per frame group (32-bit in-group offsets)"
     return None
@@ -575,8 +627,8 @@ def _triton_window(
         mode=mode,
         cosine=cosine,
         normalize_qk=normalize_qk,
-        causal=False,
         scale=s,
+        dropout_p=dropout_p,
     )
 
 
@@ -598,7 +650,7 @@ def _triton_window_supports(
         q, v, mode=mode, num_patches=num_patches, num_windows=num_windows, patch_size=patch_size, n_head=n_head
     )
     tensors = [q, k, v] + ([rel_pos_bias] if rel_pos_bias is not None else [])
-    return triton_common_supports(tensors, dropout_p, g.n_tokens, v[0, 0].numel())
+    return triton_common_supports(tensors, dropout_p, g.n_tokens, v[0, 0].numel(), (g.hc_qk, g.hc_v))
 
 
 WINDOW_ATTENTION.register("triton", _triton_window, available=triton_available, supports=_triton_window_supports)

@@ -30,9 +30,20 @@ def _eps(dtype: torch.dtype) -> float:
 
 
 def parity_error(
-    fast: torch.Tensor, ref_lowp: torch.Tensor, ref_hi: torch.Tensor, dtype: torch.dtype
+    fast: torch.Tensor,
+    ref_lowp: torch.Tensor,
+    ref_hi: torch.Tensor,
+    dtype: torch.dtype,
+    *,
+    scale: float | None = None,
 ) -> tuple[float, float, bool]:
-    """(error, bound, ok) of ``fast`` under the parity rule for ``dtype``."""
+    """(error, bound, ok) of ``fast`` under the parity rule for ``dtype``.
+
+    ``scale`` is the norm the relative rule divides by: ``max|ref_hi|`` by default. A tensor that is one
+    part of a larger vector (the bias of a layer whose weight and bias gradients both come from one
+    output gradient) is judged normwise over that vector by passing the vector's ``max|ref64|``; it may
+    not be smaller than the tensor's own.
+    """
     hi = ref_hi.detach().double()
     f = fast.detach().double()
     ref_lowp = ref_lowp.detach()
@@ -53,7 +64,10 @@ def parity_error(
         t = t[finite_ref]
         return float(t.abs().max()) if t.numel() else 0.0
 
-    scale = max_abs(hi)
+    own_scale = max_abs(hi)
+    if scale is not None and not scale >= own_scale:
+        raise ValueError(f"scale: expected at least max|ref_hi| = {own_scale:.3e}, got {scale!r}")
+    scale = own_scale if scale is None else scale
     err = max_abs(f - hi)
     if dtype == torch.float64:
         bound = 1e-12 * max(scale, 1e-300)
@@ -66,9 +80,16 @@ def parity_error(
 
 
 def assert_parity_tensor(
-    name: str, fast: torch.Tensor, ref_lowp: torch.Tensor, ref_hi: torch.Tensor, dtype: torch.dtype
+    name: str,
+    fast: torch.Tensor,
+    ref_lowp: torch.Tensor,
+    ref_hi: torch.Tensor,
+    dtype: torch.dtype,
+    *,
+    scale: float | None = None,
 ) -> None:
-    err, bound, ok = parity_error(fast, ref_lowp, ref_hi, dtype)
+    """Raise AssertionError naming ``name`` where ``fast`` breaks the parity rule (see parity_error)."""
+    err, bound, ok = parity_error(fast, ref_lowp, ref_hi, dtype, scale=scale)
     if not ok:
         raise AssertionError(
             f"{name}: max error {err:.3e} exceeds the parity bound {bound:.3e} ({dtype}); "

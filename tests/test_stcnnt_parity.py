@@ -67,7 +67,17 @@ def check_model_parity(model: nn.Module, x: torch.Tensor, name: str) -> None:
             bound = 2 * ref_err + torch.finfo(dtype).eps * g_scale
             assert err <= bound, f"{name} grad {pname}: error {err:.3e} > {bound:.3e} (structurally zero gradient)"
             continue
-        assert_parity_tensor(f"{name} grad {pname}", fast_g[pname], ref_g[pname], hi_g[pname], dtype)
+        # Normwise over the layer's parameters: a layer's weight and bias gradients come from one output
+        # gradient, whose rounding differences (fp32, a different summation order in the kernels) reach
+        # both. Judged alone, the bias gradient of a cosine-attention Q / K conv is a sum that nearly
+        # cancels (the normalisation removes the component along each token's q / k), so its own max is
+        # far below the rounding the sum carries; measured against the layer's gradient, a wrong bias
+        # gradient (error at its own size) still fails by orders of magnitude.
+        layer = pname.rpartition(".")[0]
+        scale = max(float(g.abs().max()) for n, g in hi_g.items() if n.rpartition(".")[0] == layer)
+        assert_parity_tensor(
+            f"{name} grad {pname}", fast_g[pname], ref_g[pname], hi_g[pname], dtype, scale=scale
+        )
 
 
 def test_tiny_mri_model_parity(device: torch.device, no_tf32: None) -> None:

@@ -63,6 +63,19 @@ def test_nonfinite_values_must_match() -> None:
     assert not parity_error(spurious, ok, hi, torch.float32)[2]
 
 
+def test_normwise_scale_of_a_larger_vector() -> None:
+    # a bias gradient that nearly cancels (max 1e-3) beside a weight gradient of max 1.0
+    bias_hi = torch.tensor([1e-3, -5e-4, 2e-4], dtype=torch.float64)
+    noisy = (bias_hi + 3e-6).float()  # rounding noise carried by the sum: 3e-3 of the bias, 3e-6 of the layer
+    assert not parity_error(noisy, bias_hi.float(), bias_hi, torch.float32)[2]
+    assert parity_error(noisy, bias_hi.float(), bias_hi, torch.float32, scale=1.0)[2]
+    # an error at the bias's own size still fails against the layer's scale
+    wrong = (bias_hi * 1.5).float()
+    assert not parity_error(wrong, bias_hi.float(), bias_hi, torch.float32, scale=1.0)[2]
+    with pytest.raises(ValueError, match="scale: expected at least"):
+        parity_error(noisy, bias_hi.float(), bias_hi, torch.float32, scale=1e-4)
+
+
 def test_outputs_are_poisoned_in_tests() -> None:
     assert _alloc.poisoning()
     assert torch.isnan(_alloc.empty(3, dtype=torch.float32, device="cpu")).all()

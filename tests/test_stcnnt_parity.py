@@ -75,9 +75,7 @@ def check_model_parity(model: nn.Module, x: torch.Tensor, name: str) -> None:
         # gradient (error at its own size) still fails by orders of magnitude.
         layer = pname.rpartition(".")[0]
         scale = max(float(g.abs().max()) for n, g in hi_g.items() if n.rpartition(".")[0] == layer)
-        assert_parity_tensor(
-            f"{name} grad {pname}", fast_g[pname], ref_g[pname], hi_g[pname], dtype, scale=scale
-        )
+        assert_parity_tensor(f"{name} grad {pname}", fast_g[pname], ref_g[pname], hi_g[pname], dtype, scale=scale)
 
 
 def test_tiny_mri_model_parity(device: torch.device, no_tf32: None) -> None:

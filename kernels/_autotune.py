@@ -53,6 +53,7 @@ Tests drive the tuner on CPU with :meth:`Autotuned.override` (several configs pl
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import inspect
 import json
@@ -72,7 +73,7 @@ Timer = Callable[[Callable[[], object]], float]
 Bucket = tuple[Any, ...]
 
 FORMAT = 1  # version of the JSON layout below
-_TUNED: list[Autotuned] = []
+_TUNED: list[_Tuned] = []
 _lock = threading.Lock()
 
 
@@ -213,10 +214,94 @@ def _table(device_class: str) -> _DiskTable:
 # --- the tuner --------------------------------------------------------------------------------------
 
 
-class Autotuned:
-    """A Triton kernel plus its configs, bucket key and remembered winners (see the module docstring)."""
+class _Tuned:
+    """Winners of one tuned thing (a kernel or a launcher), in memory and in the device's disk table."""
 
     name: str
+
+    def __init__(self, name: str) -> None:
+        if any(t.name == name for t in _TUNED):
+            raise ValueError(f"autotune {name}: the name is taken (it keys the disk cache)")
+        self.name = name
+        self.stats = {"tunings": 0, "memory_hits": 0, "disk_hits": 0, "untuned": 0}
+        self.timings: dict[tuple[str, Bucket], list[tuple[dict[str, Any], float]]] = {}
+        self._memory: dict[tuple[str, str, Bucket], Any] = {}
+        _TUNED.append(self)
+
+    def _select(
+        self,
+        dev: str,
+        chash: str,
+        bucket: Bucket,
+        cands: Sequence[Any],
+        encode: Callable[[Any], dict[str, Any]],
+        capturing: bool,
+        tune: Callable[[], tuple[Any, list[tuple[dict[str, Any], float]]]],
+    ) -> Any:
+        """The bucket's winner among ``cands``: from memory, else the disk table, else ``tune()`` (stored in
+        both). During CUDA-graph capture a miss takes the first candidate and remembers nothing."""
+        mem_key = (dev, chash, bucket)
+        with _lock:
+            config = self._memory.get(mem_key)
+        if config is not None:
+            self.stats["memory_hits"] += 1
+            return config
+        entry = f"{self.name}|{chash}|{json.dumps(list(bucket))}"
+        table = _table(dev)
+        stored = table.lookup(entry)
+        if stored is not None:
+            config = next((c for c in cands if encode(c) == stored.get("config")), None)
+        if config is not None:
+            self.stats["disk_hits"] += 1
+        else:
+            if capturing:  # nothing can be timed inside a CUDA graph: run the first config, remember nothing
+                self.stats["untuned"] += 1
+                return cands[0]
+            config, results = tune()
+            self.stats["tunings"] += 1
+            self.timings[(dev, bucket)] = results
+            table.store(
+                entry,
+                {
+                    "config": encode(config),
+                    "ms": min(ms for _, ms in results),
+                    "timed": results,
+                    "tuned_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                },
+            )
+        with _lock:
+            self._memory[mem_key] = config
+        return config
+
+    def _time_each(
+        self, cands: Sequence[Any], encode: Callable[[Any], dict[str, Any]], timer: Timer, run: Callable[[Any], None]
+    ) -> tuple[Any, list[tuple[dict[str, Any], float]]]:
+        """Time ``run(c)`` for every candidate; the fastest and every (config, ms). Candidates that fail (do
+        not compile, or run out of resources on this GPU) are skipped; none running is an error."""
+        results: list[tuple[dict[str, Any], float]] = []
+        best: tuple[float, Any] | None = None
+        errors = []
+        for c in cands:
+            try:
+                ms = float(timer(functools.partial(run, c)))
+            except Exception as e:
+                errors.append(f"{encode(c)}: {type(e).__name__}: {str(e).strip().splitlines()[-1:]}")
+                continue
+            results.append((encode(c), ms))
+            if best is None or ms < best[0]:
+                best = (ms, c)
+        if best is None:
+            raise RuntimeError(f"autotune {self.name}: no config ran:\n" + "\n".join(errors))
+        return best[1], results
+
+    def forget(self) -> None:
+        """Drop the winners kept in memory (the disk table stays): the next call behaves as in a new process."""
+        with _lock:
+            self._memory.clear()
+
+
+class Autotuned(_Tuned):
+    """A Triton kernel plus its configs, bucket key and remembered winners (see the module docstring)."""
 
     def __init__(
         self,
@@ -233,10 +318,8 @@ class Autotuned:
         lists = {int(k): list(v) for k, v in configs.items()} if isinstance(configs, Mapping) else {0: list(configs)}
         if not lists or not all(lists.values()):
             raise ValueError(f"autotune {name}: no configs")
-        if any(t.name == name for t in _TUNED):
-            raise ValueError(f"autotune {name}: the name is taken (it keys the disk cache)")
+        super().__init__(name)
         self.fn = fn  # the JITFunction (InterpretedFunction under the interpreter); _aot unwraps .fn
-        self.name = name
         self._lists = dict(sorted(lists.items()))
         self.interpreter_config = interpreter_config
         self.key = key
@@ -244,14 +327,10 @@ class Autotuned:
         self.restore = tuple(restore)
         self.prune = prune
         self.arg_names: list[str] = list(getattr(fn, "arg_names", inspect.signature(getattr(fn, "fn", fn)).parameters))
-        self.stats = {"tunings": 0, "memory_hits": 0, "disk_hits": 0, "untuned": 0}
-        self.timings: dict[tuple[str, Bucket], list[tuple[dict[str, Any], float]]] = {}
-        self._memory: dict[tuple[str, str, Bucket], triton.Config] = {}
         self._hashes: dict[int, str] = {}
         self._arch: dict[Any, int] = {}
         self._override: tuple[list[triton.Config], Timer | None, str] | None = None
         self._device_class: dict[Any, str] = {}
-        _TUNED.append(self)
 
     # -- what is tried ------------------------------------------------------------------------------
 
@@ -346,46 +425,18 @@ class Autotuned:
         if len(cands) == 1 or not _enabled():
             self._launch(cands[0], grid, named)
             return cands[0]
-        bucket = tuple(self.key(named))
-        dev = self._device_of(named)
-        mem_key = (dev, chash, bucket)
-        with _lock:
-            config = self._memory.get(mem_key)
-        if config is not None:
-            self.stats["memory_hits"] += 1
-            self._launch(config, grid, named)
-            return config
-        entry = f"{self.name}|{chash}|{json.dumps(list(bucket))}"
-        table = _table(dev)
-        stored = table.lookup(entry)
-        if stored is not None:
-            config = next((c for c in cands if config_dict(c) == stored.get("config")), None)
-        if config is not None:
-            self.stats["disk_hits"] += 1
-        else:
-            capturing = (
-                any(isinstance(v, torch.Tensor) and v.is_cuda for v in named.values())
-                and torch.cuda.is_current_stream_capturing()
-            )
-            if capturing:  # nothing can be timed inside a CUDA graph: run the first config, remember nothing
-                self.stats["untuned"] += 1
-                self._launch(cands[0], grid, named)
-                return cands[0]
+        capturing = (
+            any(isinstance(v, torch.Tensor) and v.is_cuda for v in named.values())
+            and torch.cuda.is_current_stream_capturing()
+        )
+
+        def tune() -> tuple[triton.Config, list[tuple[dict[str, Any], float]]]:
             kept = [c for c in cands if self.prune is None or self.prune(c, named)]
-            config, results = self._tune(kept or cands, grid, named)
-            self.stats["tunings"] += 1
-            self.timings[(dev, bucket)] = results
-            table.store(
-                entry,
-                {
-                    "config": config_dict(config),
-                    "ms": min(ms for _, ms in results),
-                    "timed": results,
-                    "tuned_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                },
-            )
-        with _lock:
-            self._memory[mem_key] = config
+            return self._tune(kept or cands, grid, named)
+
+        config = self._select(
+            self._device_of(named), chash, tuple(self.key(named)), cands, config_dict, capturing, tune
+        )
         self._launch(config, grid, named)
         return config
 
@@ -401,32 +452,95 @@ class Autotuned:
     ) -> tuple[triton.Config, list[tuple[dict[str, Any], float]]]:
         timer = (self._override[1] if self._override is not None else None) or _default_timer
         saved = {n: named[n].clone() for n in self.restore}
-        results: list[tuple[dict[str, Any], float]] = []
-        best: tuple[float, triton.Config] | None = None
-        errors = []
-        for c in cands:
 
-            def once(c: triton.Config = c) -> None:
-                self._prepare(named, saved)
-                self._launch(c, grid, named)
+        def once(c: triton.Config) -> None:
+            self._prepare(named, saved)
+            self._launch(c, grid, named)
 
-            try:
-                ms = float(timer(once))
-            except Exception as e:  # a config that does not compile or fit on this GPU is skipped
-                errors.append(f"{config_dict(c)}: {type(e).__name__}: {str(e).strip().splitlines()[-1:]}")
-                continue
-            results.append((config_dict(c), ms))
-            if best is None or ms < best[0]:
-                best = (ms, c)
-        if best is None:
-            raise RuntimeError(f"autotune {self.name}: no config ran:\n" + "\n".join(errors))
+        best = self._time_each(cands, config_dict, timer, once)
         self._prepare(named, saved)  # the timed runs changed the outputs (and any in-place inputs)
-        return best[1], results
+        return best
 
-    def forget(self) -> None:
-        """Drop the winners kept in memory (the disk table stays): the next call behaves as in a new process."""
-        with _lock:
-            self._memory.clear()
+
+class LaunchTuner(_Tuned):
+    """Tunes a *launcher*: Python code that issues one or more kernel launches whose configuration also
+    decides the buffers and grids it allocates (key splits, partial results), so no single kernel can be
+    tuned alone. The attention kernels use it.
+
+    ``kernels``: the JIT functions the launcher may launch (their sources key the disk entries, with the
+    candidate list). A launcher calls :meth:`choose` with its bucket, the candidates for this call (config
+    maps, the first the default; each architecture's list as the compile gate registers it) and
+    ``run(config)``, which launches everything with that config into fresh outputs: on a miss every
+    candidate is timed that way (the outputs dropped), and the launcher then runs with the winner. Memory,
+    disk table, CUDA-graph capture, ``FM_ENGINE_AUTOTUNE=0`` and the counters behave as for
+    :class:`Autotuned`. Under the interpreter launchers pass their one interpreter config; :meth:`override`
+    lets tests drive the tuning there.
+    """
+
+    def __init__(self, name: str, kernels: Sequence[Any]) -> None:
+        super().__init__(name)
+        self.kernels = list(kernels)
+        self._source: str | None = None
+        self._hashes: dict[str, str] = {}
+        self._override: tuple[list[dict[str, Any]], Timer | None] | None = None
+
+    def source_hash(self, candidates: Sequence[Mapping[str, Any]]) -> str:
+        if self._source is None:
+            self._source = "\n".join(_jit_source(k) for k in self.kernels)
+        text = json.dumps([dict(sorted(c.items())) for c in candidates], sort_keys=True)
+        h = self._hashes.get(text)
+        if h is None:
+            h = self._hashes[text] = hashlib.sha256((self._source + "\n" + text).encode()).hexdigest()[:20]
+        return h
+
+    @contextlib.contextmanager
+    def override(self, candidates: Sequence[Mapping[str, Any]], timer: Timer | None = None) -> Iterator[LaunchTuner]:
+        """Choose among ``candidates`` (timed with ``timer(run) -> ms``) inside the block, on any device and
+        under the interpreter: CPU tests drive the tuning of real launchers this way."""
+        prev = self._override
+        self._override = ([dict(c) for c in candidates], timer)
+        try:
+            yield self
+        finally:
+            self._override = prev
+
+    def choose(
+        self,
+        device: torch.device,
+        bucket: Bucket,
+        candidates: Sequence[Mapping[str, Any]],
+        run: Callable[[dict[str, Any]], object],
+    ) -> dict[str, Any]:
+        """The config to launch with: the bucket's remembered winner, else the fastest of ``candidates`` by
+        ``run`` (see the class docstring); the first candidate when there is one, or tuning is off."""
+        timer: Timer | None = None
+        if self._override is not None:
+            cands, timer = self._override
+        else:
+            cands = [dict(c) for c in candidates]
+        if not cands:
+            raise ValueError(f"autotune {self.name}: no candidates")
+        if len(cands) == 1 or not _enabled():
+            return cands[0]
+        from fm_engine import _device
+
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+        def once(c: dict[str, Any]) -> None:
+            run(dict(c))  # fresh outputs, dropped
+
+        def tune() -> tuple[dict[str, Any], list[tuple[dict[str, Any], float]]]:
+            return self._time_each(cands, dict, timer or _default_timer, once)
+
+        chosen = self._select(
+            _device.device_class(device), self.source_hash(cands), tuple(bucket), cands, dict, capturing, tune
+        )
+        return dict(chosen)
+
+
+def launch_tuner(name: str, kernels: Sequence[Any]) -> LaunchTuner:
+    """A :class:`LaunchTuner` named ``name`` (unique: it keys the disk entries) over ``kernels``."""
+    return LaunchTuner(name, kernels)
 
 
 def autotune(
@@ -457,7 +571,7 @@ def autotune(
 
 
 def tuned_kernels() -> list[Autotuned]:
-    return list(_TUNED)
+    return [t for t in _TUNED if isinstance(t, Autotuned)]
 
 
 def stats() -> dict[str, int]:

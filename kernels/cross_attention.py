@@ -59,7 +59,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from fm_engine.kernels import _aot
+from fm_engine.kernels import _aot, _autotune
 from fm_engine.kernels._attention_dropout import dropout_keep_mask, dropout_scale, keep4
 
 from fm_engine import _alloc
@@ -404,10 +404,11 @@ def _dq_merge_kernel(dqp_ptr, dq_ptr, N, NSPLIT, scale, BLOCK: tl.constexpr):
 
 # --- launch configurations ----------------------------------------------------------------------
 #
-# One function per kernel: the candidate configs for sm_90 and sm_80 (the first is the default), the
-# interpreter's, and the one a launch uses. Every candidate is compiled by the gate below, so an autotuner
-# can pick among them without new compile risks. No timing here: candidates were chosen from the FLOP / byte
-# model in the module docstring, not measured.
+# One function per direction: the candidate configs for sm_90 and sm_80 (the first is the default) and the
+# interpreter's. A launch takes its bucket's winner from FWD_TUNER / BWD_TUNER (kernels/_autotune.py:
+# LaunchTuner, which times every candidate once per bucket on the user's GPU and keeps the winner on disk).
+# Every candidate is compiled by the gate below, so the tuner picks among them without new compile risks. The
+# lists come from the FLOP / byte model in the module docstring; only the forward default was timed (H200).
 
 _INTERP_TILE = 16  # tl.dot's minimum; small tiles make partial tiles and many splits cheap to reach in tests
 INTERPRETER_CONFIG = {"BLOCK_M": _INTERP_TILE, "BLOCK_N": _INTERP_TILE, "num_warps": 4, "num_stages": 1}
@@ -471,6 +472,24 @@ def fwd_config(dtype: torch.dtype, d: int, device: torch.device | None = None) -
 
 def bwd_config(dtype: torch.dtype, d: int, device: torch.device | None = None) -> dict[str, int]:
     return dict(INTERPRETER_CONFIG) if _interpreting() else bwd_configs(dtype, d, _arch(device))[0]
+
+
+def candidates(kind: str, dtype: torch.dtype, d: int, device: torch.device) -> list[dict[str, int]]:
+    """The configs a ``kind`` ("fwd" / "bwd") launch on ``device`` chooses from (interpreter: its one)."""
+    if _interpreting():
+        return [dict(INTERPRETER_CONFIG)]
+    return (fwd_configs if kind == "fwd" else bwd_configs)(dtype, d, _arch(device))
+
+
+def _bucket(
+    q: torch.Tensor, k: torch.Tensor, kv_heads: int, has_mask: bool, dropout_p: float, splits: int | None
+) -> tuple:
+    """Launches in one bucket share one tuning: dtype, head dim, powers of two of Nq, Nk and B*Hq, the GQA group,
+    flags and an explicit split count."""
+    b, hq, nq, d = q.shape
+    pow2 = _autotune.pow2
+    return (_autotune.dtype(q), d, pow2(nq), pow2(k.shape[2]), pow2(b * hq), hq // kv_heads, has_mask, dropout_p > 0,
+            splits)  # fmt: skip
 
 
 def _sms(device: torch.device) -> int:
@@ -541,18 +560,27 @@ def forward(
     splits: int | None = None,
     dropout_p: float = 0.0,
     seed: int = 0,
+    config: dict[str, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """o [B, Hq, Nq, D] (q's dtype, contiguous) and base-2 log-sum-exp [B, Hq, Nq] fp32.
 
     ``key_padding_mask`` [B, Nk] bool, True = padding: those keys get no weight. A query whose keys are
     all padding gets o = 0 and log-sum-exp -inf (the reference's SDPA also returns 0 for such rows).
+    ``config``: the launch config (default: the bucket's tuned one among :func:`candidates`).
     """
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     kpm, skpm_b, has_mask = _key_mask(key_padding_mask, q.device)
     b, hq, nq, d = q.shape
     nk = k.shape[2]
     group = hq // kv_heads
-    cfg = fwd_config(q.dtype, d, q.device)
+    if config is None:
+        config = FWD_TUNER.choose(
+            q.device,
+            _bucket(q, k, kv_heads, has_mask, dropout_p, splits),
+            candidates("fwd", q.dtype, d, q.device),
+            lambda c: forward(q, k, v, kv_heads, scale, key_padding_mask, splits, dropout_p, seed, config=c),
+        )
+    cfg = config
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     n_kb = triton.cdiv(nk, bn)
     grid_m = triton.cdiv(nq, bm)
@@ -641,15 +669,25 @@ def backward(
     splits: int | None = None,
     dropout_p: float = 0.0,
     seed: int = 0,
+    config: dict[str, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq [B, Hq, Nq, D], dk, dv [B, Hkv, Nk, D], all contiguous in q's dtype (padding keys get dk = dv = 0).
-    ``splits``: key splits of the fused kernel (None: :func:`bwd_splits`)."""
+    ``splits``: key splits of the fused kernel (None: :func:`bwd_splits`). ``config`` as for :func:`forward`."""
     do, q, k, v, o = (_last_dim_contiguous(t) for t in (do, q, k, v, o))
     kpm, skpm_b, has_mask = _key_mask(key_padding_mask, q.device)
     b, hq, nq, d = q.shape
     nk = k.shape[2]
     group = hq // kv_heads
-    cfg = bwd_config(q.dtype, d, q.device)
+    if config is None:
+        config = BWD_TUNER.choose(
+            q.device,
+            _bucket(q, k, kv_heads, has_mask, dropout_p, splits),
+            candidates("bwd", q.dtype, d, q.device),
+            lambda c: backward(
+                do, q, k, v, o, lse, kv_heads, scale, key_padding_mask, splits, dropout_p, seed, config=c
+            ),
+        )
+    cfg = config
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     delta = _alloc.empty(b, hq, nq, dtype=torch.float32, device=q.device)
     dbm = INTERPRETER_CONFIG["BLOCK_M"] if _interpreting() else 64
@@ -725,6 +763,9 @@ def backward(
     return dq, dk, dv
 
 
+FWD_TUNER = _autotune.launch_tuner("cross_attention_fwd", [_fwd_kernel, _combine_kernel])
+BWD_TUNER = _autotune.launch_tuner("cross_attention_bwd", [_delta_kernel, _bwd_kernel, _dq_merge_kernel])
+
 # --- compile gate -------------------------------------------------------------------------------
 
 _PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
@@ -751,7 +792,7 @@ def _register() -> None:
     i32 = "i32"
     every = [{"HAS_MASK": m, "DROPOUT": dr} for m in (False, True) for dr in (False, True)]
     heaviest = [{"HAS_MASK": True, "DROPOUT": True}]  # the most code: bounds registers and shared memory
-    # Each architecture's default config with every flag combination; the other candidates (what an autotuner
+    # Each architecture's default config with every flag combination; the other candidates (what the tuner
     # may pick) with the heaviest flags, at the AViT head dim 64 in bf16 and fp32. fp16 compiles like bf16; the
     # largest (128) and smallest (16) head dims with their defaults.
     cases = [

@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from fm_engine.kernels import _aot
+from fm_engine.kernels import _aot, _autotune
 from fm_engine.kernels._attention_dropout import dropout_keep_mask, dropout_scale, keep4
 
 from fm_engine import _alloc
@@ -406,8 +406,17 @@ def configs(dtype: torch.dtype, block_t: int, arch: int) -> list[dict[str, int]]
     ]
 
 
-def config(dtype: torch.dtype, block_t: int, device: torch.device | None) -> dict[str, int]:
-    return dict(INTERPRETER_CONFIG) if _interpreting() else configs(dtype, block_t, _arch(device))[0]
+def candidates(dtype: torch.dtype, block_t: int, device: torch.device | None) -> list[dict[str, int]]:
+    """The configs a launch on ``device`` chooses from: the interpreter's one, or the architecture's list."""
+    return [dict(INTERPRETER_CONFIG)] if _interpreting() else configs(dtype, block_t, _arch(device))
+
+
+def _bucket(q: torch.Tensor, v: torch.Tensor, n_head: int, score: int, causal: bool, dropout_p: float) -> tuple:
+    """Launches in one bucket share one tuning: dtype, T tile, powers of two of B*heads and the head dims, flags."""
+    B, T = v.shape[:2]
+    d_qk, d_v = q[0, 0].numel() // n_head, v[0, 0].numel() // n_head
+    return (_autotune.dtype(q), block_t(T), _autotune.pow2(B * n_head), _autotune.pow2(d_qk), _autotune.pow2(d_v),
+            score, bool(causal), dropout_p > 0)  # fmt: skip
 
 
 def block_t(T: int) -> int:
@@ -436,15 +445,25 @@ def forward(
     scale: float,
     dropout_p: float = 0.0,
     seed: int = 0,
+    config: dict[str, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k: [B, T, C, Hq, Wq]; v: [B, T, C, H, W], contiguous -> (o like v, Sn [B*H, BT, BT] fp32, row stats
-    [B*H, 4, BT] fp32) with BT = :func:`block_t` (T)."""
+    [B*H, 4, BT] fp32) with BT = :func:`block_t` (T). ``config``: the launch config (default: the bucket's
+    tuned one among :func:`candidates`)."""
     B, T = v.shape[:2]
     frame_qk, frame_v = q[0, 0].numel(), v[0, 0].numel()
     d_qk, d_v = frame_qk // n_head, frame_v // n_head
     bt = block_t(T)
     bh = B * n_head
-    cfg = config(q.dtype, bt, q.device)
+    if config is None:
+        config = FWD_TUNER.choose(
+            q.device,
+            _bucket(q, v, n_head, score, causal, dropout_p),
+            candidates(q.dtype, bt, q.device),
+            lambda c: forward(q, k, v, n_head, score=score, causal=causal, scale=scale, dropout_p=dropout_p,
+                              seed=seed, config=c),
+        )  # fmt: skip
+    cfg = config
     bd = cfg["BLOCK_D"]
     launch = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
     ieee = q.dtype == torch.float32
@@ -482,14 +501,24 @@ def backward(
     scale: float,
     dropout_p: float = 0.0,
     seed: int = 0,
+    config: dict[str, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) for the upstream gradient do (contiguous, like v), from the forward's saved Sn and stats."""
+    """(dq, dk, dv) for the upstream gradient do (contiguous, like v), from the forward's saved Sn and stats.
+    ``config`` as for :func:`forward` (tuned on its own: the backward's best tile need not be the forward's)."""
     B, T = v.shape[:2]
     frame_qk, frame_v = q[0, 0].numel(), v[0, 0].numel()
     d_qk, d_v = frame_qk // n_head, frame_v // n_head
     bt = block_t(T)
     bh = B * n_head
-    cfg = config(q.dtype, bt, q.device)
+    if config is None:
+        config = BWD_TUNER.choose(
+            q.device,
+            _bucket(q, v, n_head, score, causal, dropout_p),
+            candidates(q.dtype, bt, q.device),
+            lambda c: backward(do, q, k, v, sn, st, n_head, score=score, causal=causal, scale=scale,
+                               dropout_p=dropout_p, seed=seed, config=c),
+        )  # fmt: skip
+    cfg = config
     bd = cfg["BLOCK_D"]
     launch = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
     ieee = q.dtype == torch.float32
@@ -509,6 +538,9 @@ def backward(
     )  # fmt: skip
     return dq, dk, dv
 
+
+FWD_TUNER = _autotune.launch_tuner("temporal_attention_fwd", [_scores_kernel, _pv_kernel])
+BWD_TUNER = _autotune.launch_tuner("temporal_attention_bwd", [_bwd_v_kernel, _bwd_qk_kernel])
 
 # --- compile gate -------------------------------------------------------------------------------------------
 

@@ -37,7 +37,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from fm_engine.kernels import _aot
+from fm_engine.kernels import _aot, _autotune
 from fm_engine.kernels._attention_dropout import dropout_scale, keep4, keep_at
 
 from fm_engine import _alloc
@@ -1036,10 +1036,6 @@ def plane_configs(kind: str, arch: int) -> list[dict[str, int]]:
     ]
 
 
-def plane_config(kind: str, device: torch.device | None) -> dict[str, int]:
-    return dict(PLANE_INTERPRETER_CONFIG) if _interpreting() else plane_configs(kind, _arch(device))[0]
-
-
 def plane_tile(geo: dict, mode: int, cfg: dict[str, int]) -> dict[str, int] | None:
     """The plane kernels' tile constexprs and grid sizes for this geometry and config, or None when the
     kernels do not apply (heads not whole channel groups, strided q/k, or a score tile over budget)."""
@@ -1105,16 +1101,42 @@ def long_configs(d_max: int, arch: int) -> list[dict[str, int]]:
     return [{"BLOCK": 16, "num_warps": 8}, {"BLOCK": 16, "num_warps": 4}]
 
 
-def long_tile(geo: dict, device: torch.device | None, cfg: dict[str, int] | None = None) -> dict[str, int]:
+def long_tile(geo: dict, cfg: dict[str, int]) -> dict[str, int]:
     dqp = max(16, triton.next_power_of_2(geo["D_QK"]))
     dvp = max(16, triton.next_power_of_2(geo["D_V"]))
-    if cfg is None:
-        cfg = {"BLOCK": 16, "num_warps": 4} if _interpreting() else long_configs(max(dqp, dvp), _arch(device))[0]
     n_blocks = triton.cdiv(geo["N"], cfg["BLOCK"])
     return {
         "BLOCK_M": cfg["BLOCK"], "BLOCK_N": cfg["BLOCK"], "DQP": dqp, "DVP": dvp, "n_blocks": n_blocks,
         "programs": geo["programs"] * n_blocks, "num_warps": cfg["num_warps"],
     }  # fmt: skip
+
+
+LONG_INTERPRETER_CONFIG = {"BLOCK": 16, "num_warps": 4}
+
+
+def candidates(geo: dict, mode: int, kind: str, device: torch.device | None) -> list[dict[str, int]]:
+    """The configs a ``kind`` ("fwd" / "bwd") launch chooses from, the first the default: the long kernels'
+    (groups over MAX_TOKENS), else the plane kernels' that take this geometry (none when the default does not:
+    then the general kernels run, with the one config their tile sizes decide)."""
+    if geo["N"] > MAX_TOKENS:
+        if _interpreting():
+            return [dict(LONG_INTERPRETER_CONFIG)]
+        d_max = max(16, triton.next_power_of_2(max(geo["D_QK"], geo["D_V"])))
+        return long_configs(d_max, _arch(device))
+    cands = [dict(PLANE_INTERPRETER_CONFIG)] if _interpreting() else plane_configs(kind, _arch(device))
+    if plane_tile(geo, mode, cands[0]) is None:
+        return []
+    return [c for c in cands if plane_tile(geo, mode, c) is not None]
+
+
+_GEO_BUCKET = ("N", "C", "D_QK", "D_V", "ph", "pw", "phq", "pwq", "nPh", "nPw", "nWw", "n_head")
+
+
+def _bucket(q: torch.Tensor, geo: dict, mode: int, flags: dict) -> tuple:
+    """Launches in one bucket share one tuning: dtype, mode and flags, the window geometry, and the power of two
+    of the program count (batch x frames x groups x heads)."""
+    return (_autotune.dtype(q), mode, *(flags[f] for f in ("SCORE", "HAS_BIAS", "DROPOUT")),
+            *(geo[g] for g in _GEO_BUCKET), _autotune.pow2(geo["programs"]))  # fmt: skip
 
 
 def _long_constexprs(t: dict) -> dict:
@@ -1151,26 +1173,40 @@ def forward(
     scale: float,
     dropout_p: float = 0.0,
     seed: int = 0,
+    config: dict[str, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q, k: [B, T, C, Hq, Wq]; v: [B, T, C, H, W] (contiguous); geo: sizes (fm_engine.ops.window_attention.GEO_KEYS).
     ``dropout_p`` > 0 drops attention weights with the keep mask of ``seed`` (kernels/_attention_dropout.py).
     Returns o and, for groups of more than MAX_TOKENS tokens, the rows' log-sum-exp [B*T*groups*n_head*N] fp32
-    that the backward needs (else an empty tensor)."""
+    that the backward needs (else an empty tensor). ``config``: one of :func:`candidates` (default: the bucket's
+    tuned one; ``{}`` where there are none)."""
     o = _alloc.empty_like(v)
     lse = q.new_empty(0, dtype=torch.float32)
     if geo["programs"] == 0 or v.numel() == 0:
         return o, lse
     eps = float(torch.finfo(q.dtype).eps)
     flags = {"MODE": mode, "SCORE": score, "HAS_BIAS": bias is not None, "DROPOUT": dropout_p > 0}
+    if config is None:
+        cands = candidates(geo, mode, "fwd", q.device)
+        config = {}
+        if cands:
+            config = FWD_TUNER.choose(
+                q.device,
+                _bucket(q, geo, mode, flags),
+                cands,
+                lambda c: forward(
+                    q, k, v, bias, geo, mode=mode, score=score, scale=scale, dropout_p=dropout_p, seed=seed, config=c
+                ),
+            )
     if geo["N"] > MAX_TOKENS:  # the long kernels in both directions (the backward needs the lse)
-        t = long_tile(geo, q.device)
+        t = long_tile(geo, config)
         lse = _alloc.empty(geo["programs"] * geo["N"], dtype=torch.float32, device=q.device)
         long_fwd_kernel[(t["programs"],)](
             q, k, v, o, bias if bias is not None else q, lse, *_long_args(geo, t), float(scale), eps, seed,
             float(dropout_p), **flags, **_long_constexprs(t), num_warps=t["num_warps"],
         )  # fmt: skip
         return o, lse
-    plane = plane_tile(geo, mode, plane_config("fwd", q.device))
+    plane = plane_tile(geo, mode, config) if config else None
     if plane is not None:
         t = plane
         plane_fwd_kernel[(t["programs"],)](
@@ -1202,19 +1238,34 @@ def backward(
     seed: int = 0,
     o: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
+    config: dict[str, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gradients (dq, dk, dv, dbias or None) for the upstream gradient do: [B, T, C, H, W] (contiguous). Groups of
-    more than MAX_TOKENS tokens also need the forward's output o and log-sum-exp."""
+    more than MAX_TOKENS tokens also need the forward's output o and log-sum-exp. ``config`` as for
+    :func:`forward` (tuned on its own)."""
     dq, dk, dv = _alloc.empty_like(q), _alloc.empty_like(k), _alloc.empty_like(v)
     dbias32 = torch.zeros(bias.shape, dtype=torch.float32, device=q.device) if bias is not None else None
     if geo["programs"] and v.numel():
         eps = float(torch.finfo(q.dtype).eps)
         flags = {"MODE": mode, "SCORE": score, "HAS_BIAS": bias is not None, "DROPOUT": dropout_p > 0}
+        if config is None:
+            cands = candidates(geo, mode, "bwd", q.device)
+            config = {}
+            if cands:
+                config = BWD_TUNER.choose(
+                    q.device,
+                    _bucket(q, geo, mode, flags),
+                    cands,
+                    lambda c: backward(
+                        do, q, k, v, bias, geo, mode=mode, score=score, scale=scale, dropout_p=dropout_p, seed=seed,
+                        o=o, lse=lse, config=c,
+                    ),
+                )  # fmt: skip
         ptrs = (q, k, v, do, bias if bias is not None else q, dq, dk, dv, dbias32 if dbias32 is not None else dq)
-        t = None if geo["N"] > MAX_TOKENS else plane_tile(geo, mode, plane_config("bwd", q.device))
+        t = None if geo["N"] > MAX_TOKENS or not config else plane_tile(geo, mode, config)
         if geo["N"] > MAX_TOKENS:
             assert o is not None and lse is not None and lse.numel(), "long groups need the forward's o and lse"
-            t = long_tile(geo, q.device)
+            t = long_tile(geo, config)
             delta = _alloc.empty(lse.numel(), dtype=torch.float32, device=q.device)
             args = (*_long_args(geo, t), float(scale), eps, seed, float(dropout_p))
             long_bwd_dq_kernel[(t["programs"],)](
@@ -1240,6 +1291,13 @@ def backward(
     dbias = dbias32.to(bias.dtype) if dbias32 is not None and bias is not None else None
     return dq, dk, dv, dbias
 
+
+_KERNELS = {
+    "fwd": [stcnnt_attn_fwd_kernel, long_fwd_kernel, plane_fwd_kernel],
+    "bwd": [stcnnt_attn_bwd_kernel, long_bwd_dq_kernel, long_bwd_dkdv_kernel, plane_bwd_kernel],
+}
+FWD_TUNER = _autotune.launch_tuner("window_attention_fwd", _KERNELS["fwd"])
+BWD_TUNER = _autotune.launch_tuner("window_attention_bwd", _KERNELS["bwd"])
 
 # --- compile gate ----------------------------------------------------------------------------------
 
@@ -1363,7 +1421,7 @@ _LONG_PTRS = {
 
 
 def _register_long(dt: str, mode: int, d_qk: int, d_v: int, cfg: dict, flags: dict) -> None:
-    t = long_tile({"D_QK": d_qk, "D_V": d_v, "N": 256, "programs": 1}, None, cfg)
+    t = long_tile({"D_QK": d_qk, "D_V": d_v, "N": 256, "programs": 1}, cfg)
     for kind, (fn, ptrs, f32_ptrs) in _LONG_PTRS.items():
         sig = {**dict.fromkeys(ptrs, _DT[dt]), **dict.fromkeys(f32_ptrs, "*fp32"), **dict.fromkeys(_LONG_INTS, "i32")}
         sig.update({"scale": "fp32", "eps": "fp32", "p_drop": "fp32"})

@@ -1,4 +1,4 @@
-"""fm_engine.kernels._autotune on CPU: the interpreter runs the kernels, a fake timer stands in for do_bench.
+"""fm_engine.kernels._autotune on the test device (the interpreter without a GPU); a fake timer stands in for do_bench.
 
 Checks that a bucket is tuned once (a second call of the same bucket, or of another size in it, does not
 time again), that winners survive in the disk table across processes, that a stale or corrupt table is
@@ -23,7 +23,18 @@ import triton.language as tl
 from fm_engine.kernels import _autotune
 from fm_engine.kernels._autotune import dtype, pow2
 
+from fm_engine import _device
+
 ROOT = Path(__file__).resolve().parents[1]
+# the kernels run on the GPU where there is one, else in the interpreter (conftest sets TRITON_INTERPRET=1)
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def TABLE() -> Path:
+    """This device's autotune table (under the test's FM_ENGINE_CACHE_DIR)."""
+    return _autotune.table_path(_device.device_class(DEV))
+
+
 CONFIGS = [triton.Config({"BLOCK": b}, num_warps=4, num_stages=1) for b in (64, 128, 256)]
 
 
@@ -112,23 +123,23 @@ def test_pow2_buckets() -> None:
 
 def test_same_bucket_is_tuned_once(cache_dir: Path) -> None:
     timer = FakeTimer([3.0, 1.0, 2.0])  # the second config (BLOCK 128) wins
-    x = torch.randn(1000)
+    x = torch.randn(1000, device=DEV)
     with scale_kernel.override(CONFIGS, timer):
         y, cfg = scale(x)
         assert cfg.kwargs["BLOCK"] == 128 and timer.calls == 3
         torch.testing.assert_close(y, x * 3)  # the final launch wrote the output
         assert scale_kernel.stats == {"tunings": 1, "memory_hits": 0, "disk_hits": 0, "untuned": 0}
-        _, cfg2 = scale(torch.randn(1000))  # same bucket
-        _, cfg3 = scale(torch.randn(700))  # 700 -> 1024: same bucket again
+        _, cfg2 = scale(torch.randn(1000, device=DEV))  # same bucket
+        _, cfg3 = scale(torch.randn(700, device=DEV))  # 700 -> 1024: same bucket again
         assert cfg2 is cfg and cfg3 is cfg and timer.calls == 3
         assert scale_kernel.stats["memory_hits"] == 2
-        scale(torch.randn(1025))  # next bucket: tuned
+        scale(torch.randn(1025, device=DEV))  # next bucket: tuned
         assert timer.calls == 6 and scale_kernel.stats["tunings"] == 2
-        scale(torch.randn(1000, dtype=torch.float64))  # a dtype is part of the bucket
+        scale(torch.randn(1000, dtype=torch.float64, device=DEV))  # a dtype is part of the bucket
         assert scale_kernel.stats["tunings"] == 3
     # the table on disk: one file for the interpreter's device class, Triton's version recorded
     (path,) = (cache_dir / "autotune").iterdir()
-    assert path.name == "cpu-triton-interpreter.json"
+    assert path == TABLE()
     data = json.loads(path.read_text())
     assert data["triton"] == triton.__version__
     assert len(data["entries"]) == 3 and all(k.startswith("test_scale|") for k in data["entries"])
@@ -137,9 +148,9 @@ def test_same_bucket_is_tuned_once(cache_dir: Path) -> None:
 def test_winner_is_read_back_from_disk(cache_dir: Path) -> None:
     timer = FakeTimer([2.0, 3.0, 1.0])
     with scale_kernel.override(CONFIGS, timer):
-        _, cfg = scale(torch.randn(300))
+        _, cfg = scale(torch.randn(300, device=DEV))
         _autotune.forget()  # as a new process: memory empty, the disk table stays
-        y, cfg2 = scale(x := torch.randn(300))
+        y, cfg2 = scale(x := torch.randn(300, device=DEV))
     assert cfg2.kwargs == cfg.kwargs == {"BLOCK": 256}
     assert timer.calls == 3
     assert _autotune.stats()["disk_hits"] == 1 and _autotune.stats()["tunings"] == 1
@@ -150,7 +161,7 @@ def test_another_process_does_not_tune_again(cache_dir: Path) -> None:
     """Tune here, then a fresh Python process (same cache folder) finds the winner on disk."""
     timer = FakeTimer([5.0, 4.0, 1.0])
     with scale_kernel.override(CONFIGS, timer):
-        scale(torch.randn(513))
+        scale(torch.randn(513, device=DEV))
     script = textwrap.dedent(
         """
         import json, sys, torch, triton
@@ -160,12 +171,12 @@ def test_another_process_does_not_tune_again(cache_dir: Path) -> None:
         def no_timing(run):
             raise AssertionError("timed in the second process")
         with T.scale_kernel.override(T.CONFIGS, no_timing):
-            y, cfg = T.scale(x := torch.randn(600))
+            y, cfg = T.scale(x := torch.randn(600, device=T.DEV))
         assert torch.equal(y, x * 3)
         print(json.dumps({"stats": _autotune.stats(), "block": cfg.kwargs["BLOCK"]}))
         """
     )
-    env = {**os.environ, "TRITON_INTERPRET": "1", "FM_ENGINE_CACHE_DIR": str(cache_dir)}
+    env = {**os.environ, "FM_ENGINE_CACHE_DIR": str(cache_dir)}  # the same mode (interpreter or GPU) as here
     r = subprocess.run(
         [sys.executable, "-c", script, str(ROOT)], env=env, capture_output=True, text=True, timeout=300, check=False
     )
@@ -177,15 +188,15 @@ def test_another_process_does_not_tune_again(cache_dir: Path) -> None:
 
 @pytest.mark.parametrize("content", ["not json {", json.dumps({"format": 1, "triton": "0.0.1", "entries": {}})])
 def test_stale_or_corrupt_table_is_ignored_with_one_warning(cache_dir: Path, content: str) -> None:
-    path = _autotune.table_path("cpu triton-interpreter")
+    path = TABLE()
     path.parent.mkdir(parents=True)
     path.write_text(content)
     timer = FakeTimer([1.0, 2.0, 3.0])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with scale_kernel.override(CONFIGS, timer):
-            y, _ = scale(x := torch.randn(100))
-            scale(torch.randn(5000))  # another bucket: the table is read and rewritten again
+            y, _ = scale(x := torch.randn(100, device=DEV))
+            scale(torch.randn(5000, device=DEV))  # another bucket: the table is read and rewritten again
     msgs = [str(w.message) for w in caught if "autotune cache" in str(w.message)]
     assert len(msgs) == 1, msgs
     assert "ignored" in msgs[0]
@@ -196,15 +207,15 @@ def test_stale_or_corrupt_table_is_ignored_with_one_warning(cache_dir: Path, con
 
 def test_reset_hook_clears_accumulated_outputs(cache_dir: Path) -> None:
     """Three timed runs accumulate into the output; the reset before the final launch makes it right."""
-    x = torch.randn(500)
-    out = torch.zeros(500)
+    x = torch.randn(500, device=DEV)
+    out = torch.zeros(500, device=DEV)
     with accumulate_kernel.override(CONFIGS, FakeTimer([1.0, 2.0, 3.0])):
         accumulate_kernel[grid(500)](x, out, 500)
     torch.testing.assert_close(out, x)
 
 
 def test_restore_hook_for_in_place_kernels(cache_dir: Path) -> None:
-    x = torch.randn(300)
+    x = torch.randn(300, device=DEV)
     expected = x * 2
     with double_in_place_kernel.override(CONFIGS, FakeTimer([2.0, 1.0, 3.0])):
         double_in_place_kernel[grid(300)](x, 300)
@@ -215,15 +226,16 @@ def test_failing_configs_are_skipped(cache_dir: Path) -> None:
     bad = triton.Config({"BLOCK": 100}, num_warps=4, num_stages=1)  # tl.arange needs a power of two
     timer = FakeTimer([1.0, 5.0])
     with scale_kernel.override([bad, CONFIGS[1]], timer):
-        y, cfg = scale(x := torch.randn(200))
+        y, cfg = scale(x := torch.randn(200, device=DEV))
     assert cfg.kwargs["BLOCK"] == 128
     torch.testing.assert_close(y, x * 3)
     with scale_kernel.override([bad], timer), pytest.raises(Exception, match=r"test_scale|BLOCK|arange"):
-        scale(torch.randn(200))
+        scale(torch.randn(200, device=DEV))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter only: on a GPU the first call tunes")
 def test_interpreter_never_times_by_default(cache_dir: Path) -> None:
-    y, cfg = scale(x := torch.randn(77))
+    y, cfg = scale(x := torch.randn(77, device=DEV))
     assert cfg is scale_kernel.interpreter_config
     assert _autotune.stats() == {"tunings": 0, "memory_hits": 0, "disk_hits": 0, "untuned": 0}
     assert not (cache_dir / "autotune").exists()
@@ -233,7 +245,7 @@ def test_interpreter_never_times_by_default(cache_dir: Path) -> None:
 def test_autotune_off_pins_the_first_config(cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FM_ENGINE_AUTOTUNE", "0")
     with scale_kernel.override(CONFIGS[::-1], FakeTimer([9.0, 1.0, 1.0])):
-        _, cfg = scale(torch.randn(64))
+        _, cfg = scale(torch.randn(64, device=DEV))
     assert cfg.kwargs["BLOCK"] == 256 and _autotune.stats()["tunings"] == 0
 
 
@@ -242,6 +254,55 @@ def test_names_are_unique() -> None:
         _autotune.autotune(name="test_scale", configs=CONFIGS, interpreter_config=CONFIGS[0], key=lambda a: ())(
             scale_kernel.fn
         )
+
+
+# --- LaunchTuner: launchers whose config decides their buffers (the attention kernels) --------------------
+
+LAUNCHER = _autotune.launch_tuner("test_launcher", [scale_kernel.fn])
+LAUNCH_CANDS = [{"BLOCK": 64, "num_warps": 4}, {"BLOCK": 128, "num_warps": 4}, {"BLOCK": 256, "num_warps": 8}]
+
+
+def test_launch_tuner_times_each_candidate_once_per_bucket(cache_dir: Path) -> None:
+    ran: list[int] = []
+    timer = FakeTimer([3.0, 2.0, 1.0])  # the third candidate wins
+    dev = DEV
+    with LAUNCHER.override(LAUNCH_CANDS, timer):
+        cfg = LAUNCHER.choose(dev, (1024, "float32"), [{"BLOCK": 1}], lambda c: ran.append(c["BLOCK"]))
+        assert cfg == LAUNCH_CANDS[2] and ran == [64, 128, 256] and timer.calls == 3
+        assert LAUNCHER.choose(dev, (1024, "float32"), [], lambda c: ran.append(-1)) == cfg  # memory
+        assert ran == [64, 128, 256] and LAUNCHER.stats["memory_hits"] == 1
+        _autotune.forget()  # a new process: read back from the disk table
+        assert LAUNCHER.choose(dev, (1024, "float32"), [], lambda c: ran.append(-1)) == cfg
+        assert LAUNCHER.stats["disk_hits"] == 1 and ran == [64, 128, 256]
+        LAUNCHER.choose(dev, (2048, "float32"), [], lambda c: ran.append(c["BLOCK"]))  # another bucket
+        assert LAUNCHER.stats["tunings"] == 2 and len(ran) == 6
+    entries = json.loads(TABLE().read_text())["entries"]
+    assert sorted(k.split("|")[2] for k in entries if k.startswith("test_launcher|")) == [
+        '[1024, "float32"]',
+        '[2048, "float32"]',
+    ]
+
+
+def test_launch_tuner_without_a_choice_runs_nothing(cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    dev = DEV
+    never = lambda c: pytest.fail("timed a launch")
+    assert LAUNCHER.choose(dev, (1,), LAUNCH_CANDS[:1], never) == LAUNCH_CANDS[0]  # one candidate
+    monkeypatch.setenv("FM_ENGINE_AUTOTUNE", "0")
+    assert LAUNCHER.choose(dev, (1,), LAUNCH_CANDS[::-1], never) == LAUNCH_CANDS[2]  # tuning off: the first
+    with pytest.raises(ValueError, match="no candidates"):
+        LAUNCHER.choose(dev, (1,), [], never)
+    assert _autotune.stats()["tunings"] == 0
+
+
+def test_launch_tuner_skips_failing_candidates(cache_dir: Path) -> None:
+    def run(c: dict) -> None:
+        if c["BLOCK"] == 64:
+            raise RuntimeError("out of resources")
+
+    with LAUNCHER.override(LAUNCH_CANDS, FakeTimer([1.0, 2.0, 3.0])):
+        assert LAUNCHER.choose(DEV, (5,), [], run) == LAUNCH_CANDS[1]
+    with LAUNCHER.override(LAUNCH_CANDS[:2], FakeTimer([1.0])), pytest.raises(RuntimeError, match="no config ran"):
+        LAUNCHER.choose(DEV, (6,), [], lambda c: run({"BLOCK": 64}))
 
 
 @pytest.mark.gpu

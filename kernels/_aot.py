@@ -7,9 +7,12 @@ may pick is compiled here. The gate compiles each (signature x config) with
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cap, 32))`` and rejects a case that
 
 * needs more shared memory than the architecture has (``metadata.shared`` vs :data:`SMEM_LIMIT`), or
-* spills registers (for kernels on :mod:`fm_engine.kernels._autotune`, whose configs are chosen to fit;
-  kernels registered with hand-listed configs have their spills printed as ``SPILL`` lines until they
-  move to the autotuner): Triton 3.6 reports ``n_spills`` / ``n_regs`` only after loading a binary onto a GPU,
+* spills registers (for kernels tuned per kernel, :class:`~fm_engine.kernels._autotune.Autotuned`, whose
+  configs are chosen to fit; the attention kernels, tuned per launcher by
+  :class:`~fm_engine.kernels._autotune.LaunchTuner`, register their candidates with ``strict=False``: their
+  spills are printed as ``SPILL`` lines, because some candidates spill a few bytes in some flag combinations
+  only, among them the forward default measured fastest on an H200, and the tuner times them against
+  spill-free ones on the GPU; a spill-free list for them needs those GPU timings): Triton 3.6 reports ``n_spills`` / ``n_regs`` only after loading a binary onto a GPU,
   so the gate reads the same facts from the cubin with ``cuobjdump -res-usage`` (shipped with Triton):
   a stack frame or local memory (``STACK`` / ``LOCAL`` > 0) is where ptxas puts spilled registers (for
   Triton kernels the two go together: a case with an 8-byte frame showed 12 bytes of spill stores in
@@ -127,8 +130,8 @@ def register(
     (False when the launcher guarantees the unit strides, e.g. by making operands contiguous).
     The first config of each signature x variant is the representative the quick gate compiles.
     ``strict``: whether a register spill fails the gate; default: True for autotuned kernels (their configs
-    are chosen to fit), False for hand-listed configs, whose spills are reported until they move to
-    :mod:`fm_engine.kernels._autotune`.
+    are chosen to fit), False for configs given here (the attention launchers' candidates), whose spills are
+    reported.
     Under the interpreter, kernels are not JITFunctions and nothing is recorded: the gate compiles in a
     process of its own without ``TRITON_INTERPRET``.
     """
@@ -348,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
                 print("FAIL", failures[-1], flush=True)
             if note:
                 notes += 1
-                print(f"SPILL (not strict: hand-listed configs) {case.id} sm_{arch}: {note}", flush=True)
+                print(f"SPILL (not strict: launcher-tuned candidates) {case.id} sm_{arch}: {note}", flush=True)
     depth = "every config" if a.all else "representative configs"
     spilled = f", {notes} non-strict cases spill" if notes else ""
     print(

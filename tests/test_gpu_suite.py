@@ -34,7 +34,15 @@ def test_smoke_suite(tmp_path: Path) -> None:
     s = json.loads((out / "summary.json").read_text())
     assert s["smoke"] is True
     stages = {st["stage"]: st["status"] for st in s["stages"]}
-    assert stages == dict.fromkeys(("install", "tests", "ops", "models", "maxbatch", "breakdown"), "ok"), stages
+    if stages != dict.fromkeys(("install", "tests", "ops", "models", "maxbatch", "breakdown"), "ok"):
+        logs = []
+        with tarfile.open(out / "details.tar.gz") as tar:
+            for st, status in stages.items():
+                member = f"details/{st}.log"
+                if status != "ok" and member in tar.getnames():
+                    f = tar.extractfile(member)
+                    logs.append(f"--- {member} (last 3000 characters)\n" + (f.read().decode()[-3000:] if f else ""))
+        pytest.fail(f"stages not ok: {stages}\n" + "\n".join(logs), pytrace=False)
     t = s["tests"]
     assert t["passed"] > 0 and t["failed"] == 0 and t["errors"] == 0 and set(t) >= {"skipped", "failed_tests"}
     ops = {(row["op"], row["backend"]): row for row in s["ops"]}

@@ -113,6 +113,8 @@ def register(
     alignments: tuple[bool, ...] = (True,),
     prune_args: dict[str, Any] | None = None,
     strict: bool | None = None,
+    archs: tuple[int, ...] | None = None,
+    representative: bool = True,
 ) -> None:
     """Register every (signature x config) combination of ``kernel`` for the compile gate.
 
@@ -131,7 +133,8 @@ def register(
     The first config of each signature x variant is the representative the quick gate compiles.
     ``strict``: whether a register spill fails the gate; default: True for autotuned kernels (their configs
     are chosen to fit), False for configs given here (the attention launchers' candidates), whose spills are
-    reported.
+    reported. ``archs``: compile the given ``configs`` for these architectures only (per-architecture lists);
+    default every one. ``representative``: False keeps every case of this call out of the quick gate.
     Under the interpreter, kernels are not JITFunctions and nothing is recorded: the gate compiles in a
     process of its own without ``TRITON_INTERPRET``.
     """
@@ -141,7 +144,9 @@ def register(
     label = name or getattr(kernel, "name", None) or fn.__name__
     strict = configs is None if strict is None else strict
     if configs is not None:
-        per_arch: list[tuple[int | None, list[dict[str, Any]]]] = [(None, configs)]
+        per_arch: list[tuple[int | None, list[dict[str, Any]]]] = (
+            [(None, configs)] if archs is None else [(a, configs) for a in archs]
+        )
     else:
         if not hasattr(kernel, "configs_for"):
             raise ValueError(f"compile gate: {fn.__name__}: give configs (the kernel is not autotuned)")
@@ -168,7 +173,7 @@ def register(
                         full_sig[arg] = sig[arg]
                     else:
                         raise ValueError(f"compile gate: {fn.__name__} argument {arg!r} has no type or constexpr value")
-                rep = i == 0
+                rep = representative and i == 0
                 if generic:
                     _CASES.append(AOTCase(label, fn, full_sig, cfg, nw, ns, False, rep, arch, strict))
                 for spec in specializations or []:

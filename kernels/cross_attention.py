@@ -421,49 +421,167 @@ def _arch(device: torch.device | None) -> int:
     return 90 if torch.cuda.get_device_capability(device)[0] >= 9 else 80
 
 
-def fwd_configs(dtype: torch.dtype, d: int, arch: int) -> list[dict[str, int]]:
+# Candidate tiles (BLOCK_M, BLOCK_N, warps, stages), the first the default, for each (operand class, head dim,
+# architecture, HAS_MASK, DROPOUT): the kernels hold their tiles in registers at the edge of the 255-register
+# budget, and the mask and dropout code moves that edge, so each flag combination has its own list. Each list is
+# the first (at most three) of a preference order that compile for that key without spilling registers or
+# exceeding shared memory, read from the sm_80 / sm_90 cubins of the compile gate (which checks every entry
+# with every split flag, strictly). Preference: forward 128x64 / 4 warps (339 TFLOP/s on an H200), then wider
+# warps, then smaller tiles; backward 128 resident keys first (half the dQ reduction traffic of 64). "half" is
+# fp16 and bf16 (tensor-core dots); fp32 runs ieee dots on CUDA cores with small tiles.
+_FWD_TILES: dict[tuple[str, int, int, bool, bool], tuple[tuple[int, int, int, int], ...]] = {
+    ("half", 16, 80, False, False): ((128, 64, 4, 2), (128, 64, 8, 2), (64, 64, 4, 2)),
+    ("half", 16, 80, False, True): ((128, 64, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2)),
+    ("half", 16, 80, True, False): ((128, 64, 4, 2), (128, 128, 8, 2), (64, 64, 4, 2)),
+    ("half", 16, 80, True, True): ((128, 64, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2)),
+    ("half", 16, 90, False, False): ((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3)),
+    ("half", 16, 90, False, True): ((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3)),
+    ("half", 16, 90, True, False): ((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3)),
+    ("half", 16, 90, True, True): ((128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 8, 3)),
+    ("half", 32, 80, False, False): ((128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 2)),
+    ("half", 32, 80, False, True): ((128, 64, 4, 2), (128, 64, 8, 2), (64, 64, 4, 2)),
+    ("half", 32, 80, True, False): ((128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 2)),
+    ("half", 32, 80, True, True): ((128, 64, 8, 2), (64, 64, 4, 2), (64, 64, 8, 2)),
+    ("half", 32, 90, False, False): ((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3)),
+    ("half", 32, 90, False, True): ((128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)),
+    ("half", 32, 90, True, False): ((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3)),
+    ("half", 32, 90, True, True): ((128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 8, 3)),
+    ("half", 64, 80, False, False): ((128, 64, 8, 2), (64, 64, 8, 2), (64, 32, 4, 2)),
+    ("half", 64, 80, False, True): ((128, 64, 8, 2), (64, 64, 4, 2), (64, 64, 8, 2)),
+    ("half", 64, 80, True, False): ((128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 2)),
+    ("half", 64, 80, True, True): ((64, 64, 8, 2), (64, 32, 4, 2), (32, 64, 4, 2)),
+    ("half", 64, 90, False, False): ((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3)),
+    ("half", 64, 90, False, True): ((128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 8, 3)),
+    ("half", 64, 90, True, False): ((128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 8, 3)),
+    ("half", 64, 90, True, True): ((128, 64, 8, 3), (64, 64, 8, 3), (64, 32, 4, 2)),
+    ("half", 128, 80, False, False): ((128, 64, 8, 2), (64, 64, 8, 2), (64, 32, 4, 2)),
+    ("half", 128, 80, False, True): ((64, 64, 8, 2), (64, 32, 4, 2), (32, 64, 4, 2)),
+    ("half", 128, 80, True, False): ((32, 64, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2)),
+    ("half", 128, 80, True, True): ((64, 32, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2)),
+    ("half", 128, 90, False, False): ((128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 8, 3)),
+    ("half", 128, 90, False, True): ((64, 32, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2)),
+    ("half", 128, 90, True, False): ((64, 64, 8, 3), (64, 32, 4, 2), (32, 32, 4, 2)),
+    ("half", 128, 90, True, True): ((32, 32, 4, 2), (16, 32, 4, 2)),
+    ("fp32", 16, 80, False, False): ((64, 32, 4, 2), (64, 32, 8, 2), (32, 32, 4, 2)),
+    ("fp32", 16, 80, False, True): ((64, 32, 4, 2), (64, 32, 8, 2), (32, 32, 4, 2)),
+    ("fp32", 16, 80, True, False): ((64, 32, 8, 2), (32, 32, 4, 2), (32, 64, 4, 2)),
+    ("fp32", 16, 80, True, True): ((64, 32, 4, 2), (64, 32, 8, 2), (32, 32, 4, 2)),
+    ("fp32", 16, 90, False, False): ((64, 32, 4, 2), (64, 32, 8, 2), (32, 32, 4, 2)),
+    ("fp32", 16, 90, False, True): ((64, 32, 4, 2), (64, 32, 8, 2), (32, 32, 4, 2)),
+    ("fp32", 16, 90, True, False): ((64, 32, 4, 2), (64, 32, 8, 2), (32, 32, 4, 2)),
+    ("fp32", 16, 90, True, True): ((64, 32, 4, 2), (64, 32, 8, 2), (32, 32, 4, 2)),
+    ("fp32", 32, 80, False, False): ((64, 32, 4, 2), (64, 32, 8, 2), (32, 32, 4, 2)),
+    ("fp32", 32, 80, False, True): ((64, 32, 4, 2), (64, 32, 8, 2), (32, 32, 4, 2)),
+    ("fp32", 32, 80, True, False): ((64, 32, 4, 2), (64, 32, 8, 2), (32, 32, 4, 2)),
+    ("fp32", 32, 80, True, True): ((64, 32, 4, 2), (64, 32, 8, 2), (32, 32, 4, 2)),
+    ("fp32", 32, 90, False, False): ((64, 32, 4, 2), (64, 32, 8, 2), (32, 32, 4, 2)),
+    ("fp32", 32, 90, False, True): ((32, 32, 4, 2), (16, 32, 4, 2), (16, 64, 4, 2)),
+    ("fp32", 32, 90, True, False): ((64, 32, 4, 2), (64, 32, 8, 2), (32, 32, 4, 2)),
+    ("fp32", 32, 90, True, True): ((64, 32, 4, 2), (64, 32, 8, 2), (32, 32, 4, 2)),
+    ("fp32", 64, 80, False, False): ((64, 32, 8, 2), (32, 32, 4, 2), (16, 64, 4, 2)),
+    ("fp32", 64, 80, False, True): ((64, 32, 8, 2), (32, 32, 4, 2), (16, 32, 4, 2)),
+    ("fp32", 64, 80, True, False): ((64, 32, 8, 2), (32, 32, 4, 2), (16, 32, 4, 2)),
+    ("fp32", 64, 80, True, True): ((64, 32, 8, 2), (32, 32, 4, 2), (16, 32, 4, 2)),
+    ("fp32", 64, 90, False, False): ((64, 32, 8, 2), (32, 32, 4, 2), (32, 16, 4, 2)),
+    ("fp32", 64, 90, False, True): ((32, 32, 4, 2), (16, 32, 4, 2), (16, 64, 4, 2)),
+    ("fp32", 64, 90, True, False): ((32, 32, 4, 2), (16, 32, 4, 2), (16, 64, 4, 2)),
+    ("fp32", 64, 90, True, True): ((32, 32, 4, 2), (16, 32, 4, 2), (16, 64, 4, 2)),
+    ("fp32", 128, 80, False, False): ((64, 32, 8, 2), (32, 32, 4, 2), (16, 32, 4, 2)),
+    ("fp32", 128, 80, False, True): ((64, 32, 8, 2), (32, 32, 4, 2), (16, 32, 4, 2)),
+    ("fp32", 128, 80, True, False): ((64, 32, 8, 2), (16, 32, 4, 2), (32, 16, 4, 2)),
+    ("fp32", 128, 80, True, True): ((64, 32, 8, 2), (32, 16, 4, 2)),
+    ("fp32", 128, 90, False, False): ((64, 32, 8, 2),),
+    ("fp32", 128, 90, False, True): ((64, 32, 8, 2), (32, 32, 4, 2), (16, 32, 4, 2)),
+    ("fp32", 128, 90, True, False): ((64, 32, 8, 2), (32, 32, 4, 2), (16, 32, 4, 2)),
+    ("fp32", 128, 90, True, True): ((64, 32, 8, 2), (32, 32, 4, 2), (16, 32, 4, 2)),
+}
+_BWD_TILES: dict[tuple[str, int, int, bool, bool], tuple[tuple[int, int, int, int], ...]] = {
+    ("half", 16, 80, False, False): ((64, 128, 8, 1), (64, 128, 8, 2), (32, 128, 4, 1)),
+    ("half", 16, 80, False, True): ((64, 128, 8, 1), (64, 128, 8, 2), (32, 128, 4, 1)),
+    ("half", 16, 80, True, False): ((64, 128, 8, 1), (64, 128, 8, 2), (32, 128, 4, 1)),
+    ("half", 16, 80, True, True): ((64, 128, 8, 1), (64, 128, 8, 2), (32, 128, 4, 1)),
+    ("half", 16, 90, False, False): ((64, 128, 8, 1), (64, 128, 8, 2), (32, 128, 4, 1)),
+    ("half", 16, 90, False, True): ((64, 128, 8, 1), (64, 128, 8, 2), (32, 128, 4, 1)),
+    ("half", 16, 90, True, False): ((64, 128, 8, 1), (64, 128, 8, 2), (32, 128, 4, 1)),
+    ("half", 16, 90, True, True): ((64, 128, 8, 1), (64, 128, 8, 2), (32, 128, 4, 1)),
+    ("half", 32, 80, False, False): ((64, 128, 8, 1), (64, 128, 8, 2), (32, 128, 8, 1)),
+    ("half", 32, 80, False, True): ((32, 128, 8, 1), (32, 128, 8, 2), (32, 64, 4, 1)),
+    ("half", 32, 80, True, False): ((32, 128, 8, 1), (32, 128, 8, 2), (64, 64, 8, 1)),
+    ("half", 32, 80, True, True): ((32, 128, 8, 1), (32, 128, 8, 2), (32, 64, 4, 1)),
+    ("half", 32, 90, False, False): ((64, 128, 8, 1), (64, 128, 8, 2), (32, 128, 4, 1)),
+    ("half", 32, 90, False, True): ((32, 128, 8, 1), (32, 128, 8, 2), (64, 64, 8, 1)),
+    ("half", 32, 90, True, False): ((64, 128, 8, 1), (64, 128, 8, 2), (32, 128, 4, 1)),
+    ("half", 32, 90, True, True): ((32, 128, 8, 1), (32, 128, 8, 2), (64, 64, 8, 1)),
+    ("half", 64, 80, False, False): ((32, 64, 8, 1), (32, 64, 8, 2), (16, 64, 8, 1)),
+    ("half", 64, 80, False, True): ((32, 64, 8, 1), (32, 64, 8, 2), (16, 64, 8, 1)),
+    ("half", 64, 80, True, False): ((32, 64, 8, 1), (32, 64, 8, 2), (16, 64, 8, 1)),
+    ("half", 64, 80, True, True): ((16, 64, 8, 1), (16, 64, 8, 2), (32, 32, 8, 1)),
+    ("half", 64, 90, False, False): ((64, 128, 8, 1), (32, 128, 8, 1), (32, 128, 8, 2)),
+    ("half", 64, 90, False, True): ((32, 128, 8, 1), (32, 64, 8, 1), (32, 64, 8, 2)),
+    ("half", 64, 90, True, False): ((32, 128, 8, 1), (32, 128, 8, 2), (64, 64, 8, 2)),
+    ("half", 64, 90, True, True): ((32, 128, 8, 1), (32, 64, 8, 1), (32, 64, 8, 2)),
+    ("half", 128, 80, False, False): ((32, 32, 8, 1), (32, 32, 8, 2), (16, 32, 4, 1)),
+    ("half", 128, 80, False, True): ((32, 32, 8, 1), (32, 32, 8, 2), (16, 32, 8, 1)),
+    ("half", 128, 80, True, False): ((32, 32, 8, 1), (16, 32, 8, 1), (16, 32, 8, 2)),
+    ("half", 128, 80, True, True): ((32, 16, 8, 1), (16, 16, 8, 1), (16, 16, 4, 1)),
+    ("half", 128, 90, False, False): ((32, 32, 8, 1), (32, 32, 8, 2), (16, 32, 4, 1)),
+    ("half", 128, 90, False, True): ((32, 32, 8, 1), (32, 32, 8, 2), (16, 32, 4, 1)),
+    ("half", 128, 90, True, False): ((32, 32, 8, 1), (32, 32, 8, 2), (16, 32, 4, 1)),
+    ("half", 128, 90, True, True): ((32, 32, 8, 1), (32, 32, 8, 2), (16, 32, 8, 1)),
+    ("fp32", 16, 80, False, False): ((32, 32, 4, 2), (16, 64, 4, 2), (16, 64, 8, 2)),
+    ("fp32", 16, 80, False, True): ((32, 32, 4, 2), (32, 32, 8, 2), (16, 64, 4, 2)),
+    ("fp32", 16, 80, True, False): ((32, 32, 4, 2), (16, 64, 4, 2), (16, 64, 8, 2)),
+    ("fp32", 16, 80, True, True): ((32, 32, 8, 2), (16, 64, 4, 2), (16, 64, 8, 2)),
+    ("fp32", 16, 90, False, False): ((32, 32, 8, 2), (16, 64, 8, 2), (16, 32, 4, 2)),
+    ("fp32", 16, 90, False, True): ((32, 32, 4, 2), (32, 32, 8, 2), (16, 64, 4, 2)),
+    ("fp32", 16, 90, True, False): ((32, 32, 4, 2), (16, 64, 4, 2), (16, 64, 8, 2)),
+    ("fp32", 16, 90, True, True): ((32, 32, 4, 2), (32, 32, 8, 2), (16, 64, 4, 2)),
+    ("fp32", 32, 80, False, False): ((32, 32, 8, 2), (16, 64, 4, 2), (32, 16, 4, 2)),
+    ("fp32", 32, 80, False, True): ((16, 64, 4, 2), (32, 16, 4, 2), (32, 16, 8, 2)),
+    ("fp32", 32, 80, True, False): ((32, 32, 4, 2), (32, 32, 8, 2), (16, 64, 4, 2)),
+    ("fp32", 32, 80, True, True): ((16, 32, 4, 2), (16, 16, 4, 2), (32, 64, 8, 2)),
+    ("fp32", 32, 90, False, False): ((32, 32, 4, 2), (16, 64, 4, 2), (16, 32, 8, 2)),
+    ("fp32", 32, 90, False, True): ((32, 32, 4, 2), (32, 32, 8, 2), (16, 64, 4, 2)),
+    ("fp32", 32, 90, True, False): ((32, 32, 4, 2), (16, 64, 4, 2), (16, 32, 4, 2)),
+    ("fp32", 32, 90, True, True): ((32, 32, 4, 2), (32, 32, 8, 2), (16, 64, 4, 2)),
+    ("fp32", 64, 80, False, False): ((32, 32, 8, 2), (16, 64, 8, 2), (16, 32, 8, 2)),
+    ("fp32", 64, 80, False, True): ((32, 32, 8, 2), (16, 64, 8, 2), (32, 16, 8, 2)),
+    ("fp32", 64, 80, True, False): ((32, 32, 8, 2), (16, 64, 8, 2), (16, 32, 8, 2)),
+    ("fp32", 64, 80, True, True): ((16, 64, 8, 2), (32, 16, 8, 2), (16, 16, 4, 2)),
+    ("fp32", 64, 90, False, False): ((32, 32, 8, 2), (16, 64, 8, 2), (16, 32, 8, 2)),
+    ("fp32", 64, 90, False, True): ((32, 32, 8, 2), (16, 64, 8, 2), (16, 32, 8, 2)),
+    ("fp32", 64, 90, True, False): ((32, 32, 8, 2), (16, 64, 8, 2), (16, 32, 4, 2)),
+    ("fp32", 64, 90, True, True): ((32, 32, 8, 2), (16, 64, 8, 2), (16, 32, 4, 2)),
+    ("fp32", 128, 80, False, False): ((16, 32, 8, 2), (32, 16, 8, 2), (16, 16, 4, 2)),
+    ("fp32", 128, 80, False, True): ((16, 32, 8, 2), (16, 16, 4, 2), (16, 16, 8, 2)),
+    ("fp32", 128, 80, True, False): ((16, 32, 8, 2), (32, 16, 8, 2), (16, 16, 4, 2)),
+    ("fp32", 128, 80, True, True): ((16, 32, 8, 2), (16, 16, 4, 2), (16, 16, 8, 2)),
+    ("fp32", 128, 90, False, False): ((16, 64, 8, 2), (16, 32, 8, 2), (32, 16, 8, 2)),
+    ("fp32", 128, 90, False, True): ((16, 32, 8, 2), (32, 16, 8, 2), (16, 16, 4, 2)),
+    ("fp32", 128, 90, True, False): ((16, 64, 8, 2), (16, 32, 8, 2), (32, 16, 8, 2)),
+    ("fp32", 128, 90, True, True): ((16, 32, 8, 2), (32, 16, 8, 2), (16, 16, 4, 2)),
+}
+
+
+def _tiles(table: dict, dtype: torch.dtype, d: int, arch: int, has_mask: bool, dropout: bool) -> list[dict[str, int]]:
+    key = ("fp32" if dtype == torch.float32 else "half", d, 90 if arch >= 90 else 80, bool(has_mask), bool(dropout))
+    if key not in table:
+        raise ValueError(f"cross-attention kernels: no configs for head dim {d} (expected one of {HEAD_DIMS})")
+    return [{"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": st} for m, n, w, st in table[key]]
+
+
+def fwd_configs(
+    dtype: torch.dtype, d: int, arch: int, has_mask: bool = False, dropout: bool = False
+) -> list[dict[str, int]]:
     """Forward candidates (BLOCK_M queries x BLOCK_N keys); the first is the default."""
-    if dtype == torch.float32:
-        # ieee dots run on CUDA cores: small tiles keep the fp32 operands in registers
-        return [{"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}]
-    if d <= 64:
-        stages = 3 if arch >= 90 else 2
-        return [
-            {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": stages},  # 339 TFLOP/s fwd on H200
-            {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": stages},
-            {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": stages + 1},
-        ]
-    return [
-        {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
-        {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
-    ]
+    return _tiles(_FWD_TILES, dtype, d, arch, has_mask, dropout)
 
 
-def bwd_configs(dtype: torch.dtype, d: int, arch: int) -> list[dict[str, int]]:
-    """Fused backward candidates (BLOCK_N keys resident, BLOCK_M queries streamed); the first is the default.
-
-    BLOCK_N = 128 halves the dQ reduction traffic of BLOCK_N = 64 (one [BLOCK_M, D] fp32 reduction per
-    query tile per key tile); its dK, dV accumulators (2 x 128 x 64 fp32) need 8 warps to stay in registers.
-    """
-    if dtype == torch.float32:
-        return [
-            {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
-            {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
-        ]
-    if d <= 32:
-        # a 128-key tile with 8 warps does not compile for sm_90 at D = 16 (wgmma K = 16 from a transposed tile)
-        return [{"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}]
-    if d <= 64:
-        stages = 2 if arch >= 90 else 1
-        return [
-            {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": stages},
-            {"BLOCK_M": 32, "BLOCK_N": 128, "num_warps": 8, "num_stages": stages + 1},
-            {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": stages},
-        ]
-    return [
-        {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
-        {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 1},
-    ]
+def bwd_configs(
+    dtype: torch.dtype, d: int, arch: int, has_mask: bool = False, dropout: bool = False
+) -> list[dict[str, int]]:
+    """Fused backward candidates (BLOCK_N keys resident, BLOCK_M queries streamed); the first is the default."""
+    return _tiles(_BWD_TILES, dtype, d, arch, has_mask, dropout)
 
 
 def fwd_config(dtype: torch.dtype, d: int, device: torch.device | None = None) -> dict[str, int]:
@@ -474,11 +592,20 @@ def bwd_config(dtype: torch.dtype, d: int, device: torch.device | None = None) -
     return dict(INTERPRETER_CONFIG) if _interpreting() else bwd_configs(dtype, d, _arch(device))[0]
 
 
-def candidates(kind: str, dtype: torch.dtype, d: int, device: torch.device) -> list[dict[str, int]]:
+def _combine_rows(d: int) -> int:
+    """Query rows per program of the split merge (4 warps; its own grid, independent of the forward's tile): a
+    [rows, D] fp32 accumulator plus one partial in flight stays spill-free (at most 202 registers, sm_80 and
+    sm_90, in the gate's cubins); 128 rows of D 64 spilled."""
+    return 32 if d <= 64 else 16
+
+
+def candidates(
+    kind: str, dtype: torch.dtype, d: int, device: torch.device, has_mask: bool, dropout: bool
+) -> list[dict[str, int]]:
     """The configs a ``kind`` ("fwd" / "bwd") launch on ``device`` chooses from (interpreter: its one)."""
     if _interpreting():
         return [dict(INTERPRETER_CONFIG)]
-    return (fwd_configs if kind == "fwd" else bwd_configs)(dtype, d, _arch(device))
+    return (fwd_configs if kind == "fwd" else bwd_configs)(dtype, d, _arch(device), has_mask, dropout)
 
 
 def _bucket(
@@ -577,7 +704,7 @@ def forward(
         config = FWD_TUNER.choose(
             q.device,
             _bucket(q, k, kv_heads, has_mask, dropout_p, splits),
-            candidates("fwd", q.dtype, d, q.device),
+            candidates("fwd", q.dtype, d, q.device, has_mask, dropout_p > 0),
             lambda c: forward(q, k, v, kv_heads, scale, key_padding_mask, splits, dropout_p, seed, config=c),
         )
     cfg = config
@@ -637,7 +764,7 @@ def forward(
         num_stages=cfg["num_stages"],
     )
     if split:
-        _combine_kernel[(grid_m, b * hq)](
+        _combine_kernel[(triton.cdiv(nq, _combine_rows(d)), b * hq)](
             op,
             lsep,
             o,
@@ -649,7 +776,7 @@ def forward(
             nq,
             splits,
             D=d,
-            BLOCK_M=bm,
+            BLOCK_M=_combine_rows(d),
             num_warps=4,
             num_stages=1,
         )
@@ -682,7 +809,7 @@ def backward(
         config = BWD_TUNER.choose(
             q.device,
             _bucket(q, k, kv_heads, has_mask, dropout_p, splits),
-            candidates("bwd", q.dtype, d, q.device),
+            candidates("bwd", q.dtype, d, q.device, has_mask, dropout_p > 0),
             lambda c: backward(
                 do, q, k, v, o, lse, kv_heads, scale, key_padding_mask, splits, dropout_p, seed, config=c
             ),
@@ -772,99 +899,84 @@ _PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 _STRIDES = ("sq_b", "sq_h", "sq_m", "sk_b", "sk_h", "sk_n", "sv_b", "sv_h", "sv_n")
 
 
-def _gate_configs(candidates: dict[int, list[dict[str, int]]], all_candidates: bool) -> list[tuple[dict, bool]]:
-    """(config, is a default) pairs to compile: each architecture's default, plus (``all_candidates``) every
-    other candidate of either architecture."""
-    out: list[tuple[dict, bool]] = []
-    defaults = [c[0] for c in candidates.values()]
-    for c in defaults:
-        if (c, True) not in out:
-            out.append((c, True))
-    if all_candidates:
-        for cs in candidates.values():
-            for c in cs[1:]:
-                if c not in defaults and (c, False) not in out:
-                    out.append((c, False))
-    return out
-
-
 def _register() -> None:
     i32 = "i32"
-    every = [{"HAS_MASK": m, "DROPOUT": dr} for m in (False, True) for dr in (False, True)]
-    heaviest = [{"HAS_MASK": True, "DROPOUT": True}]  # the most code: bounds registers and shared memory
-    # Each architecture's default config with every flag combination; the other candidates (what the tuner
-    # may pick) with the heaviest flags, at the AViT head dim 64 in bf16 and fp32. fp16 compiles like bf16; the
-    # largest (128) and smallest (16) head dims with their defaults.
-    cases = [
-        (torch.bfloat16, 64, True),
-        (torch.float32, 64, True),
-        (torch.float16, 64, False),
-        (torch.bfloat16, 128, False),
-        (torch.bfloat16, 16, False),
-    ]
-    for dtype, d, all_candidates in cases:
+    # Every candidate of every (dtype, head dim, architecture, mask, dropout) with the flags it is chosen for,
+    # strictly (no spill); the forward also with and without key splits. The quick gate compiles the first
+    # candidate of each flag combination at the AViT head dim 64 in bf16 and fp32.
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
         t = _PTR[dtype]
         ieee = dtype == torch.float32
         fwd_sig = {n: t for n in ("q_ptr", "k_ptr", "v_ptr", "o_ptr")}
         fwd_sig.update({"lse_ptr": "*fp32", "op_ptr": "*fp32", "lsep_ptr": "*fp32", "kpm_ptr": "*u8"})
         fwd_sig.update({n: i32 for n in (*_STRIDES, "so_b", "so_h", "so_m", "skpm_b", "H", "NQ", "NK", "GROUP")})
         fwd_sig.update({"BLOCKS_PER_SPLIT": i32, "scale_log2": "fp32", "seed": i32, "p_drop": "fp32"})
-        fwd = _gate_configs({a: fwd_configs(dtype, d, a) for a in (80, 90)}, all_candidates)
-        _aot.register(
-            _fwd_kernel,
-            signatures=[fwd_sig],
-            configs=[
-                {**c, "D": d, "SPLIT": s, "IEEE": ieee, **f}
-                for c, default in fwd
-                for s in ((True, False) if default else (True,))
-                for f in (every if default else heaviest)
-            ],
-            name="cross_attention_fwd",
-        )
         bsig = {n: t for n in ("q_ptr", "k_ptr", "v_ptr", "do_ptr", "dk_ptr", "dv_ptr")}
         bsig.update({"lse_ptr": "*fp32", "delta_ptr": "*fp32", "dqp_ptr": "*fp32", "kpm_ptr": "*u8"})
         bsig.update({n: i32 for n in (*_STRIDES, "sd_b", "sd_h", "sd_m", "skpm_b", "HKV", "NQ", "NK", "GROUP")})
         bsig.update({"BLOCKS_PER_SPLIT": i32, "scale": "fp32", "scale_log2": "fp32", "seed": i32, "p_drop": "fp32"})
-        bwd = _gate_configs({a: bwd_configs(dtype, d, a) for a in (80, 90)}, all_candidates)
-        _aot.register(
-            _bwd_kernel,
-            signatures=[bsig],
-            configs=[{**c, "D": d, "IEEE": ieee, **f} for c, default in bwd for f in (every if default else heaviest)],
-            name="cross_attention_bwd",
-        )
+        for d in HEAD_DIMS:
+            rep = d == 64 and dtype != torch.float16
+            for arch in (80, 90):
+                for mask in (False, True):
+                    for drop in (False, True):
+                        flags = {"D": d, "IEEE": ieee, "HAS_MASK": mask, "DROPOUT": drop}
+                        fwd = fwd_configs(dtype, d, arch, mask, drop)
+                        _aot.register(
+                            _fwd_kernel,
+                            signatures=[fwd_sig],
+                            configs=[{**c, **flags, "SPLIT": s} for c in fwd for s in (True, False)],
+                            name="cross_attention_fwd",
+                            archs=(arch,),
+                            strict=True,
+                            representative=rep,
+                        )
+                        _aot.register(
+                            _bwd_kernel,
+                            signatures=[bsig],
+                            configs=[{**c, **flags} for c in bwd_configs(dtype, d, arch, mask, drop)],
+                            name="cross_attention_bwd",
+                            archs=(arch,),
+                            strict=True,
+                            representative=rep,
+                        )
+            _aot.register(
+                _combine_kernel,
+                signatures=[
+                    {
+                        "op_ptr": "*fp32",
+                        "lsep_ptr": "*fp32",
+                        "o_ptr": t,
+                        "lse_ptr": "*fp32",
+                        **{n: i32 for n in ("so_b", "so_h", "so_m", "H", "NQ", "NSPLIT")},
+                    }
+                ],
+                configs=[{"D": d, "BLOCK_M": _combine_rows(d), "num_warps": 4, "num_stages": 1}],
+                name="cross_attention_combine",
+                strict=True,
+                representative=rep,
+            )
+            _aot.register(
+                _delta_kernel,
+                signatures=[
+                    {
+                        "o_ptr": t,
+                        "do_ptr": t,
+                        "delta_ptr": "*fp32",
+                        **{n: i32 for n in ("so_b", "so_h", "so_m", "sd_b", "sd_h", "sd_m", "H", "NQ")},
+                    }
+                ],
+                configs=[{"D": d, "BLOCK_M": 64, "num_warps": 4, "num_stages": 1}],
+                name="cross_attention_delta",
+                strict=True,
+                representative=rep,
+            )
         _aot.register(
             _dq_merge_kernel,
             signatures=[{"dqp_ptr": "*fp32", "dq_ptr": t, "N": i32, "NSPLIT": i32, "scale": "fp32"}],
             configs=[{"BLOCK": MERGE_BLOCK, "num_warps": 4}],
             name="cross_attention_dq_merge",
-        )
-        block_ms = sorted({c["BLOCK_M"] for c, _ in fwd})
-        _aot.register(
-            _combine_kernel,
-            signatures=[
-                {
-                    "op_ptr": "*fp32",
-                    "lsep_ptr": "*fp32",
-                    "o_ptr": t,
-                    "lse_ptr": "*fp32",
-                    **{n: i32 for n in ("so_b", "so_h", "so_m", "H", "NQ", "NSPLIT")},
-                }
-            ],
-            configs=[{"D": d, "BLOCK_M": bm, "num_warps": 4, "num_stages": 1} for bm in block_ms],
-            name="cross_attention_combine",
-        )
-        _aot.register(
-            _delta_kernel,
-            signatures=[
-                {
-                    "o_ptr": t,
-                    "do_ptr": t,
-                    "delta_ptr": "*fp32",
-                    **{n: i32 for n in ("so_b", "so_h", "so_m", "sd_b", "sd_h", "sd_m", "H", "NQ")},
-                }
-            ],
-            configs=[{"D": d, "BLOCK_M": 64, "num_warps": 4, "num_stages": 1}],
-            name="cross_attention_delta",
+            strict=True,
         )
 
 

@@ -7,12 +7,10 @@ may pick is compiled here. The gate compiles each (signature x config) with
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cap, 32))`` and rejects a case that
 
 * needs more shared memory than the architecture has (``metadata.shared`` vs :data:`SMEM_LIMIT`), or
-* spills registers (for kernels tuned per kernel, :class:`~fm_engine.kernels._autotune.Autotuned`, whose
-  configs are chosen to fit; the attention kernels, tuned per launcher by
-  :class:`~fm_engine.kernels._autotune.LaunchTuner`, register their candidates with ``strict=False``: their
-  spills are printed as ``SPILL`` lines, because some candidates spill a few bytes in some flag combinations
-  only, among them the forward default measured fastest on an H200, and the tuner times them against
-  spill-free ones on the GPU; a spill-free list for them needs those GPU timings): Triton 3.6 reports ``n_spills`` / ``n_regs`` only after loading a binary onto a GPU,
+* spills registers (every case registered strictly: the configs of kernels tuned per kernel,
+  :class:`~fm_engine.kernels._autotune.Autotuned`, and the cross- and temporal-attention candidates, chosen
+  per flag combination to fit; the window-attention kernels register theirs with ``strict=False`` and their
+  spills are printed as ``SPILL`` lines until their lists are chosen the same way): Triton 3.6 reports ``n_spills`` / ``n_regs`` only after loading a binary onto a GPU,
   so the gate reads the same facts from the cubin with ``cuobjdump -res-usage`` (shipped with Triton):
   a stack frame or local memory (``STACK`` / ``LOCAL`` > 0) is where ptxas puts spilled registers (for
   Triton kernels the two go together: a case with an 8-byte frame showed 12 bytes of spill stores in
@@ -132,8 +130,7 @@ def register(
     (False when the launcher guarantees the unit strides, e.g. by making operands contiguous).
     The first config of each signature x variant is the representative the quick gate compiles.
     ``strict``: whether a register spill fails the gate; default: True for autotuned kernels (their configs
-    are chosen to fit), False for configs given here (the attention launchers' candidates), whose spills are
-    reported. ``archs``: compile the given ``configs`` for these architectures only (per-architecture lists);
+    are chosen to fit), False for configs given here, whose spills are then only reported. ``archs``: compile the given ``configs`` for these architectures only (per-architecture lists);
     default every one. ``representative``: False keeps every case of this call out of the quick gate.
     Under the interpreter, kernels are not JITFunctions and nothing is recorded: the gate compiles in a
     process of its own without ``TRITON_INTERPRET``.

@@ -91,4 +91,5 @@ _aot.register(
     signatures=[{"out_ptr": "*i8", "ROWS": "i32", "NK": "i32", "seed": "i32", "p": "fp32"}],
     configs=[{**_MASK_TILE, "num_warps": 4}],
     name="attention_keep_mask",
+    strict=True,
 )

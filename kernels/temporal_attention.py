@@ -363,12 +363,41 @@ def _bwd_qk_kernel(
 
 # --- launch configurations ----------------------------------------------------------------------------------
 #
-# One function per kernel family: candidate configs for sm_90 / sm_80 (the first is the default), the
-# interpreter's, and the split counts. Every candidate is compiled by the gate below. Chosen from the register
-# counts of the gate's sm_90 cubins (cuobjdump -res-usage), not from timings: at a 64-frame tile the backward
-# dq/dk kernel holds four [64, 64] fp32 tiles (Sn, P, dA, dS) besides its [64, BLOCK_D] chunks and spilled
-# (255 registers + 300 B of stack) with BLOCK_D 64 and 8 warps; BLOCK_D 32 with 16 warps needs 128 and no stack
-# in every kernel. At a 16-frame tile BLOCK_D 64 with 4 warps stays spill-free (at most 218 registers).
+# Candidate configs per direction (forward: the scores and P·V kernels; backward: the dV and dq / dk kernels), the
+# first the default, for sm_90 / sm_80, and the interpreter's. A launch takes its bucket's winner from FWD_TUNER /
+# BWD_TUNER (kernels/_autotune.py: LaunchTuner, timing each candidate once per bucket on the user's GPU). Every
+# candidate compiles without spilling registers in both kernels of its direction for every score form, causal
+# and dropout setting (the compile gate checks each, strictly): the table lists, per (direction, operand class,
+# T tile, architecture), the first three (BLOCK_D, warps, stages) of a preference order that do, read from the
+# gate's cubins (cuobjdump -res-usage), not from timings. Preference: 64-wide D chunks with 4 warps at short T
+# tiles, narrower chunks over more warps at T tile 64 (the dq / dk kernel holds four [T, T] fp32 tiles: Sn, P,
+# dA, dS), fp32 (ieee dots on CUDA cores) narrow chunks.
+_TILES: dict[tuple[str, str, int, int], tuple[tuple[int, int, int], ...]] = {
+    ("fwd", "half", 16, 80): ((64, 4, 2), (128, 8, 2), (32, 4, 2)),
+    ("fwd", "half", 16, 90): ((64, 4, 3), (128, 8, 3), (32, 4, 3)),
+    ("fwd", "half", 32, 80): ((32, 4, 2), (64, 8, 2), (32, 8, 2)),
+    ("fwd", "half", 32, 90): ((32, 4, 3), (64, 8, 3), (32, 8, 3)),
+    ("fwd", "half", 64, 80): ((32, 16, 2), (32, 8, 2), (16, 16, 2)),
+    ("fwd", "half", 64, 90): ((32, 16, 3), (32, 8, 3), (16, 16, 3)),
+    ("fwd", "fp32", 16, 80): ((32, 4, 2), (64, 8, 2), (32, 8, 2)),
+    ("fwd", "fp32", 16, 90): ((32, 4, 2), (64, 8, 2), (32, 8, 2)),
+    ("fwd", "fp32", 32, 80): ((32, 4, 2), (64, 8, 2), (32, 8, 2)),
+    ("fwd", "fp32", 32, 90): ((32, 4, 2), (64, 8, 2), (32, 8, 2)),
+    ("fwd", "fp32", 64, 80): ((32, 8, 2), (16, 8, 2)),
+    ("fwd", "fp32", 64, 90): ((16, 8, 2),),
+    ("bwd", "half", 16, 80): ((64, 4, 2), (128, 8, 2), (32, 4, 2)),
+    ("bwd", "half", 16, 90): ((64, 4, 3), (128, 8, 3), (32, 4, 3)),
+    ("bwd", "half", 32, 80): ((32, 4, 2), (64, 8, 2), (32, 8, 2)),
+    ("bwd", "half", 32, 90): ((32, 4, 3), (64, 8, 3), (32, 8, 3)),
+    ("bwd", "half", 64, 80): ((32, 8, 2), (16, 16, 2), (16, 8, 2)),
+    ("bwd", "half", 64, 90): ((32, 16, 3), (32, 8, 3), (16, 16, 3)),
+    ("bwd", "fp32", 16, 80): ((32, 4, 2), (64, 8, 2), (32, 8, 2)),
+    ("bwd", "fp32", 16, 90): ((32, 4, 2), (64, 8, 2), (32, 8, 2)),
+    ("bwd", "fp32", 32, 80): ((64, 8, 2), (32, 8, 2), (16, 4, 2)),
+    ("bwd", "fp32", 32, 90): ((32, 8, 2), (16, 4, 2), (16, 8, 2)),
+    ("bwd", "fp32", 64, 80): ((16, 8, 2),),
+    ("bwd", "fp32", 64, 90): ((16, 8, 2),),
+}
 
 INTERPRETER_CONFIG = {"BLOCK_D": 16, "num_warps": 4, "num_stages": 1}
 
@@ -385,30 +414,15 @@ def _arch(device: torch.device | None) -> int:
     return 90 if torch.cuda.get_device_capability(device)[0] >= 9 else 80
 
 
-def configs(dtype: torch.dtype, block_t: int, arch: int) -> list[dict[str, int]]:
-    """Candidates shared by the four kernels (each streams [T, BLOCK_D] tiles past [T, T] fp32 tiles)."""
-    stages = 3 if arch >= 90 and dtype != torch.float32 else 2
-    if block_t > 32:
-        return [
-            {"BLOCK_D": 32, "num_warps": 16, "num_stages": stages},
-            {"BLOCK_D": 32, "num_warps": 8, "num_stages": stages},
-            {"BLOCK_D": 64, "num_warps": 16, "num_stages": 2},
-        ]
-    if dtype == torch.float32:  # ieee dots on CUDA cores: narrower tiles
-        return [
-            {"BLOCK_D": 32, "num_warps": 4, "num_stages": 2},
-            {"BLOCK_D": 64, "num_warps": 8, "num_stages": 2},
-        ]
-    return [
-        {"BLOCK_D": 64, "num_warps": 4, "num_stages": stages},
-        {"BLOCK_D": 128, "num_warps": 8, "num_stages": 2},
-        {"BLOCK_D": 32, "num_warps": 4, "num_stages": stages},
-    ]
+def configs(kind: str, dtype: torch.dtype, block_t: int, arch: int) -> list[dict[str, int]]:
+    """Candidates of a ``kind`` ("fwd" / "bwd") launch: each streams [T, BLOCK_D] chunks past [T, T] fp32 tiles."""
+    key = (kind, "fp32" if dtype == torch.float32 else "half", block_t, 90 if arch >= 90 else 80)
+    return [{"BLOCK_D": bd, "num_warps": w, "num_stages": st} for bd, w, st in _TILES[key]]
 
 
-def candidates(dtype: torch.dtype, block_t: int, device: torch.device | None) -> list[dict[str, int]]:
-    """The configs a launch on ``device`` chooses from: the interpreter's one, or the architecture's list."""
-    return [dict(INTERPRETER_CONFIG)] if _interpreting() else configs(dtype, block_t, _arch(device))
+def candidates(kind: str, dtype: torch.dtype, block_t: int, device: torch.device | None) -> list[dict[str, int]]:
+    """The configs a ``kind`` launch on ``device`` chooses from: the interpreter's one, or the architecture's list."""
+    return [dict(INTERPRETER_CONFIG)] if _interpreting() else configs(kind, dtype, block_t, _arch(device))
 
 
 def _bucket(q: torch.Tensor, v: torch.Tensor, n_head: int, score: int, causal: bool, dropout_p: float) -> tuple:
@@ -459,7 +473,7 @@ def forward(
         config = FWD_TUNER.choose(
             q.device,
             _bucket(q, v, n_head, score, causal, dropout_p),
-            candidates(q.dtype, bt, q.device),
+            candidates("fwd", q.dtype, bt, q.device),
             lambda c: forward(q, k, v, n_head, score=score, causal=causal, scale=scale, dropout_p=dropout_p,
                               seed=seed, config=c),
         )  # fmt: skip
@@ -514,7 +528,7 @@ def backward(
         config = BWD_TUNER.choose(
             q.device,
             _bucket(q, v, n_head, score, causal, dropout_p),
-            candidates(q.dtype, bt, q.device),
+            candidates("bwd", q.dtype, bt, q.device),
             lambda c: backward(do, q, k, v, sn, st, n_head, score=score, causal=causal, scale=scale,
                                dropout_p=dropout_p, seed=seed, config=c),
         )  # fmt: skip
@@ -549,32 +563,18 @@ _PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
 
 def _register() -> None:
     i32, f32 = "i32", "fp32"
-    # (dtype, T tile, every candidate?): each architecture's default with the production flags (cosine, with and
-    # without causal and dropout; plain scores) and the heaviest (standardised, causal, dropout); the other
-    # candidates with the heaviest flags. A kernel without a flag's constexpr is registered once per distinct rest.
-    cases = [(torch.bfloat16, 16, True), (torch.bfloat16, 64, True), (torch.float16, 64, False),
-             (torch.float32, 16, False), (torch.float32, 64, True)]  # fmt: skip
-    for dtype, bt, every in cases:
+    # Every candidate of every (dtype, T tile, architecture) with every score form, causal and dropout setting its
+    # kernel has, strictly; the quick gate compiles the first of each kernel for bf16 at T tiles 16 and 64 and
+    # fp32 at 64.
+    scores = (SCORE_DOT, SCORE_COSINE, SCORE_STANDARDIZE)
+    flags = {
+        "scores": [{"SCORE": sc} for sc in scores],
+        "pv": [{"SCORE": sc, "CAUSAL": ca, "DROPOUT": dr} for sc in scores for ca in (False, True) for dr in (False, True)],
+        "bwd_v": [{"CAUSAL": ca, "DROPOUT": dr} for ca in (False, True) for dr in (False, True)],
+        "bwd_qk": [{"SCORE": sc, "CAUSAL": ca, "DROPOUT": dr} for sc in scores for ca in (False, True) for dr in (False, True)],
+    }  # fmt: skip
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
         t = _PTR[dtype]
-        per_kernel: dict[str, list[dict]] = {"scores": [], "pv": [], "bwd_v": [], "bwd_qk": []}
-        defaults = [configs(dtype, bt, a)[0] for a in (80, 90)]
-        cands = [c for a in (80, 90) for c in configs(dtype, bt, a)]
-        for cfg in [c for i, c in enumerate(cands) if c not in cands[:i]]:
-            if cfg not in defaults and not every:
-                continue
-            flag_sets = [(SCORE_STANDARDIZE, True, True)]
-            if cfg in defaults:
-                flag_sets += [(SCORE_COSINE, False, False), (SCORE_COSINE, True, True), (SCORE_DOT, False, False)]
-            for score, causal, drop in flag_sets:
-                common = {"IEEE": dtype == torch.float32, "BLOCK_T": bt, **cfg}
-                for name, c in (
-                    ("scores", {**common, "SCORE": score}),
-                    ("pv", {**common, "SCORE": score, "CAUSAL": causal, "DROPOUT": drop}),
-                    ("bwd_v", {**common, "CAUSAL": causal, "DROPOUT": drop}),
-                    ("bwd_qk", {**common, "SCORE": score, "CAUSAL": causal, "DROPOUT": drop}),
-                ):
-                    if c not in per_kernel[name]:
-                        per_kernel[name].append(c)
         sigs = {
             "scores": {"q_ptr": t, "k_ptr": t, "sp_ptr": "*fp32", "stp_ptr": "*fp32",
                        **dict.fromkeys(("T", "frame_qk", "n_head", "D", "CHUNKS_PER_SPLIT"), i32)},
@@ -592,8 +592,21 @@ def _register() -> None:
                        "scale": f32, "p_drop": f32},
         }  # fmt: skip
         kernels = {"scores": _scores_kernel, "pv": _pv_kernel, "bwd_v": _bwd_v_kernel, "bwd_qk": _bwd_qk_kernel}
-        for name, fn in kernels.items():
-            _aot.register(fn, signatures=[sigs[name]], configs=per_kernel[name], name=f"temporal_{name}")
+        for bt in (16, 32, 64):
+            rep = (dtype == torch.bfloat16 and bt in (16, 64)) or (dtype == torch.float32 and bt == 64)
+            for arch in (80, 90):
+                for name, fn in kernels.items():
+                    kind = "fwd" if name in ("scores", "pv") else "bwd"
+                    common = {"IEEE": dtype == torch.float32, "BLOCK_T": bt}
+                    _aot.register(
+                        fn,
+                        signatures=[sigs[name]],
+                        configs=[{**common, **c, **f} for c in configs(kind, dtype, bt, arch) for f in flags[name]],
+                        name=f"temporal_{name}",
+                        archs=(arch,),
+                        strict=True,
+                        representative=rep,
+                    )
 
 
 _register()

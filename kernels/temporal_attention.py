@@ -567,7 +567,7 @@ def _register() -> None:
     # kernel has, strictly; the quick gate compiles the first of each kernel for bf16 at T tiles 16 and 64 and
     # fp32 at 64.
     scores = (SCORE_DOT, SCORE_COSINE, SCORE_STANDARDIZE)
-    flags = {
+    flags: dict[str, list[dict[str, int | bool]]] = {
         "scores": [{"SCORE": sc} for sc in scores],
         "pv": [{"SCORE": sc, "CAUSAL": ca, "DROPOUT": dr} for sc in scores for ca in (False, True) for dr in (False, True)],
         "bwd_v": [{"CAUSAL": ca, "DROPOUT": dr} for ca in (False, True) for dr in (False, True)],
@@ -597,7 +597,7 @@ def _register() -> None:
             for arch in (80, 90):
                 for name, fn in kernels.items():
                     kind = "fwd" if name in ("scores", "pv") else "bwd"
-                    common = {"IEEE": dtype == torch.float32, "BLOCK_T": bt}
+                    common: dict[str, int | bool] = {"IEEE": dtype == torch.float32, "BLOCK_T": bt}
                     _aot.register(
                         fn,
                         signatures=[sigs[name]],

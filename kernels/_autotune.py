@@ -92,6 +92,13 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def arch_class(device: torch.device | None) -> int:
+    """80 or 90: whose candidate lists a launch on ``device`` uses (sm_90 and newer: 90; without a GPU: 90)."""
+    if device is None or device.type != "cuda":
+        return 90
+    return 90 if torch.cuda.get_device_capability(device)[0] >= 9 else 80
+
+
 def _enabled() -> bool:
     return os.environ.get("FM_ENGINE_AUTOTUNE", "1").lower() not in ("0", "off", "false", "no")
 

@@ -416,12 +416,6 @@ INTERPRETER_CONFIG = {"BLOCK_M": _INTERP_TILE, "BLOCK_N": _INTERP_TILE, "num_war
 MERGE_BLOCK = 1024
 
 
-def _arch(device: torch.device | None) -> int:
-    if device is None or device.type != "cuda":
-        return 90
-    return 90 if torch.cuda.get_device_capability(device)[0] >= 9 else 80
-
-
 # Candidate tiles (BLOCK_M, BLOCK_N, warps, stages), the first the default, for each (operand class, head dim,
 # architecture, HAS_MASK, DROPOUT): the kernels hold their tiles in registers at the edge of the 255-register
 # budget, and the mask and dropout code moves that edge, so each flag combination has its own list. Each list is
@@ -586,11 +580,11 @@ def bwd_configs(
 
 
 def fwd_config(dtype: torch.dtype, d: int, device: torch.device | None = None) -> dict[str, int]:
-    return dict(INTERPRETER_CONFIG) if _interpreting() else fwd_configs(dtype, d, _arch(device))[0]
+    return dict(INTERPRETER_CONFIG) if _interpreting() else fwd_configs(dtype, d, _autotune.arch_class(device))[0]
 
 
 def bwd_config(dtype: torch.dtype, d: int, device: torch.device | None = None) -> dict[str, int]:
-    return dict(INTERPRETER_CONFIG) if _interpreting() else bwd_configs(dtype, d, _arch(device))[0]
+    return dict(INTERPRETER_CONFIG) if _interpreting() else bwd_configs(dtype, d, _autotune.arch_class(device))[0]
 
 
 def _combine_rows(d: int) -> int:
@@ -606,7 +600,7 @@ def candidates(
     """The configs a ``kind`` ("fwd" / "bwd") launch on ``device`` chooses from (interpreter: its one)."""
     if _interpreting():
         return [dict(INTERPRETER_CONFIG)]
-    return (fwd_configs if kind == "fwd" else bwd_configs)(dtype, d, _arch(device), has_mask, dropout)
+    return (fwd_configs if kind == "fwd" else bwd_configs)(dtype, d, _autotune.arch_class(device), has_mask, dropout)
 
 
 def _bucket(

@@ -408,12 +408,6 @@ def _interpreting() -> bool:
     return interpreting()
 
 
-def _arch(device: torch.device | None) -> int:
-    if device is None or device.type != "cuda":
-        return 90
-    return 90 if torch.cuda.get_device_capability(device)[0] >= 9 else 80
-
-
 def configs(kind: str, dtype: torch.dtype, block_t: int, arch: int) -> list[dict[str, int]]:
     """Candidates of a ``kind`` ("fwd" / "bwd") launch: each streams [T, BLOCK_D] chunks past [T, T] fp32 tiles."""
     key = (kind, "fp32" if dtype == torch.float32 else "half", block_t, 90 if arch >= 90 else 80)
@@ -422,7 +416,9 @@ def configs(kind: str, dtype: torch.dtype, block_t: int, arch: int) -> list[dict
 
 def candidates(kind: str, dtype: torch.dtype, block_t: int, device: torch.device | None) -> list[dict[str, int]]:
     """The configs a ``kind`` launch on ``device`` chooses from: the interpreter's one, or the architecture's list."""
-    return [dict(INTERPRETER_CONFIG)] if _interpreting() else configs(kind, dtype, block_t, _arch(device))
+    return (
+        [dict(INTERPRETER_CONFIG)] if _interpreting() else configs(kind, dtype, block_t, _autotune.arch_class(device))
+    )
 
 
 def _bucket(q: torch.Tensor, v: torch.Tensor, n_head: int, score: int, causal: bool, dropout_p: float) -> tuple:

@@ -956,12 +956,6 @@ def _interpreting() -> bool:
     return interpreting()
 
 
-def _arch(device: torch.device | None) -> int:
-    if device is None or device.type != "cuda":
-        return 90
-    return 90 if torch.cuda.get_device_capability(device)[0] >= 9 else 80
-
-
 def _sms(device: torch.device | None) -> int:
     if device is None or device.type != "cuda":
         return 132
@@ -1122,8 +1116,8 @@ def candidates(geo: dict, mode: int, kind: str, device: torch.device | None) -> 
         if _interpreting():
             return [dict(LONG_INTERPRETER_CONFIG)]
         d_max = max(16, triton.next_power_of_2(max(geo["D_QK"], geo["D_V"])))
-        return long_configs(d_max, _arch(device))
-    cands = [dict(PLANE_INTERPRETER_CONFIG)] if _interpreting() else plane_configs(kind, _arch(device))
+        return long_configs(d_max, _autotune.arch_class(device))
+    cands = [dict(PLANE_INTERPRETER_CONFIG)] if _interpreting() else plane_configs(kind, _autotune.arch_class(device))
     if plane_tile(geo, mode, cands[0]) is None:
         return []
     return [c for c in cands if plane_tile(geo, mode, c) is not None]

@@ -260,10 +260,19 @@ def test_tune_op_measures_and_auto_follows(tmp_path) -> None:
     r = subprocess.run([sys.executable, "-m", "fm_engine", "tune", "--op", "relu2_mlp", "--quick", "--no-progress"],
                        capture_output=True, text=True, env=env, check=False)  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "cpu triton-interpreter" in r.stdout and "auto -> reference  (was: no measurement)" in r.stdout
     table = json.loads((tmp_path / "tables" / "cpu-triton-interpreter.json").read_text())
     (key,) = [k for k in table["ops"]["relu2_mlp"] if ",grad=1|" in k]
-    assert set(table["ops"]["relu2_mlp"][key]["backends"]) == set(ops.get_op("relu2_mlp").backends)
+    measured = table["ops"]["relu2_mlp"][key]["backends"]
+    assert set(measured) == set(ops.get_op("relu2_mlp").backends)
+    # The choice follows the measurement: the fastest backend under MARGIN x the reference's time, else the
+    # reference. The all-interpreted Triton MLP always loses; the hybrid one (torch.mm products, interpreted
+    # element-wise passes) can win at this tiny size on a loaded machine, so the test derives the winner
+    # from the table rather than assuming it.
+    ms = {b: v[E.metric(True)] for b, v in measured.items()}
+    assert ms["triton"] > ms["reference"], ms
+    fast = [b for b in ms if b != "reference" and ms[b] < E.MARGIN * ms["reference"]]
+    expected = min(fast, key=ms.__getitem__) if fast else "reference"
+    assert "cpu triton-interpreter" in r.stdout and f"auto -> {expected}  (was: no measurement)" in r.stdout, r.stdout
     code = (
         "import torch, fm_engine\n"
         "x = torch.randn(64, 32, requires_grad=True)\n"
@@ -271,10 +280,9 @@ def test_tune_op_measures_and_auto_follows(tmp_path) -> None:
         "print(fm_engine.ops.explain('relu2_mlp', x, w1, w2))\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
-    assert "requested backend 'auto' -> reference" in r.stdout
-    assert (
-        "the reference" in r.stdout and "measured on cpu triton-interpreter" in r.stdout and "-> reference" in r.stdout
-    )
+    assert f"requested backend 'auto' -> {expected}" in r.stdout, r.stdout
+    assert "the reference" in r.stdout and "measured on cpu triton-interpreter" in r.stdout, r.stdout
+    assert f"-> {expected}" in r.stdout.splitlines()[-1], r.stdout
 
 
 @needs_interpreter

@@ -43,8 +43,43 @@ def stem_params(c: int, dim: int, patch: int, device: torch.device) -> list[torc
 SCALE = {torch.uint8: 1 / 255, torch.uint16: 1 / 65535, torch.int16: 1 / 32768, torch.float32: 1.0, torch.bfloat16: 1.0}
 
 
-def check(image: torch.Tensor, params: list[torch.Tensor], **kw: object) -> None:
+def smallest_pool_gap(image: torch.Tensor, weight: torch.Tensor, kw: dict) -> float:
+    """The smallest gap, over every channel and pooling bin of ``kw["pool_to"]``, between a bin's largest and
+    second-largest conv feature (fp64), relative to that channel's largest |feature| (inf where every bin holds
+    one token)."""
+    x = image.double() * kw.get("intensity_scale", 1.0) + kw.get("intensity_offset", 0.0)
+    feat = F.conv2d(x, weight.double(), stride=kw["patch"])  # the conv bias shifts a channel's bin alike
+    pool = kw["pool_to"]
+    gh, gw = feat.shape[-2:]
+    scale = feat.abs().amax(dim=(0, 2, 3)).clamp_min(1e-300)
+    gap = float("inf")
+    for i in range(pool[0]):
+        for j in range(pool[1]):
+            rows = slice((i * gh) // pool[0], -(-((i + 1) * gh) // pool[0]))
+            cols = slice((j * gw) // pool[1], -(-((j + 1) * gw) // pool[1]))
+            win = feat[:, :, rows, cols].flatten(2)
+            if win.shape[-1] > 1:
+                top = win.topk(2, dim=-1).values
+                gap = min(gap, float(((top[..., 0] - top[..., 1]) / scale[None, :]).min()))
+    return gap
+
+
+def check(image: torch.Tensor, params: list[torch.Tensor], separate_maxima: bool = True, **kw: object) -> None:
+    """Parity of the Triton stem with the reference, outputs and every parameter gradient. ``separate_maxima``:
+    False where a test makes exact ties on purpose (they route like PyTorch)."""
     kw.setdefault("intensity_scale", SCALE[image.dtype])
+    if separate_maxima and kw.get("pool_to") is not None:
+        # Max pooling routes a gradient to one token per bin: where two tokens' features tie to within the
+        # features' own fp32 rounding, the fp64 reference, the fp32 reference and the kernels may each route to
+        # a different one, and a weight gradient differs by a whole patch (seen once in hundreds of draws).
+        # The parity rule holds where the maximum is determined: redraw the weight's low-order part until every
+        # bin's maximum leads by 1e-5 of the channel's scale (its test construction is kept).
+        for _ in range(50):
+            if smallest_pool_gap(image, params[0], kw) > 1e-5:
+                break
+            params[0] = params[0] * (1 + 1e-3 * torch.randn_like(params[0]))
+        else:
+            raise AssertionError("could not draw conv weights whose pooled maxima are separated")
     with ops.trace() as calls:
         assert_parity(
             lambda *p: patch_embed(image, *p, backend="triton", **kw),
@@ -143,7 +178,7 @@ def test_max_pool_routes_ties_like_pytorch(device: torch.device) -> None:
     image = raw_image(1, 1, 20, 12, torch.uint8, device)
     params = stem_params(1, 16, 2, device)
     params[0][:8] = 0.0
-    check(image, params, patch=2, pool_to=(4, 4))
+    check(image, params, separate_maxima=False, patch=2, pool_to=(4, 4))
 
 
 def _dweight_config(split: int) -> triton.Config:

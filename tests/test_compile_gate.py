@@ -128,7 +128,7 @@ def test_gate_rejects_spilling_and_oversized_configs(tmp_path: Path) -> None:
     spill, smem, lenient = r.stdout.strip().splitlines()[-3:]
     assert spill.startswith("spills registers"), spill
     assert "shared memory" in smem, smem
-    assert lenient.startswith("(None, 'spills registers"), lenient  # non-strict (launcher-tuned) configs: reported, not failed
+    assert lenient.startswith("(None, 'spills registers"), lenient  # non-strict configs: reported, not failed
 
 
 NVCC = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").exists() else None)

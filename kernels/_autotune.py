@@ -545,11 +545,6 @@ class LaunchTuner(_Tuned):
         return dict(chosen)
 
 
-def launch_tuner(name: str, kernels: Sequence[Any]) -> LaunchTuner:
-    """A :class:`LaunchTuner` named ``name`` (unique: it keys the disk entries) over ``kernels``."""
-    return LaunchTuner(name, kernels)
-
-
 def autotune(
     *,
     name: str,

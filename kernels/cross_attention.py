@@ -579,14 +579,6 @@ def bwd_configs(
     return _tiles(_BWD_TILES, dtype, d, arch, has_mask, dropout)
 
 
-def fwd_config(dtype: torch.dtype, d: int, device: torch.device | None = None) -> dict[str, int]:
-    return dict(INTERPRETER_CONFIG) if _interpreting() else fwd_configs(dtype, d, _autotune.arch_class(device))[0]
-
-
-def bwd_config(dtype: torch.dtype, d: int, device: torch.device | None = None) -> dict[str, int]:
-    return dict(INTERPRETER_CONFIG) if _interpreting() else bwd_configs(dtype, d, _autotune.arch_class(device))[0]
-
-
 def _combine_rows(d: int) -> int:
     """Query rows per program of the split merge (4 warps; its own grid, independent of the forward's tile): a
     [rows, D] fp32 accumulator plus one partial in flight stays spill-free (at most 202 registers, sm_80 and
@@ -595,7 +587,7 @@ def _combine_rows(d: int) -> int:
 
 
 def candidates(
-    kind: str, dtype: torch.dtype, d: int, device: torch.device, has_mask: bool, dropout: bool
+    kind: str, dtype: torch.dtype, d: int, device: torch.device | None, has_mask: bool, dropout: bool
 ) -> list[dict[str, int]]:
     """The configs a ``kind`` ("fwd" / "bwd") launch on ``device`` chooses from (interpreter: its one)."""
     if _interpreting():
@@ -885,8 +877,8 @@ def backward(
     return dq, dk, dv
 
 
-FWD_TUNER = _autotune.launch_tuner("cross_attention_fwd", [_fwd_kernel, _combine_kernel])
-BWD_TUNER = _autotune.launch_tuner("cross_attention_bwd", [_delta_kernel, _bwd_kernel, _dq_merge_kernel])
+FWD_TUNER = _autotune.LaunchTuner("cross_attention_fwd", [_fwd_kernel, _combine_kernel])
+BWD_TUNER = _autotune.LaunchTuner("cross_attention_bwd", [_delta_kernel, _bwd_kernel, _dq_merge_kernel])
 
 # --- compile gate -------------------------------------------------------------------------------
 

@@ -549,8 +549,8 @@ def backward(
     return dq, dk, dv
 
 
-FWD_TUNER = _autotune.launch_tuner("temporal_attention_fwd", [_scores_kernel, _pv_kernel])
-BWD_TUNER = _autotune.launch_tuner("temporal_attention_bwd", [_bwd_v_kernel, _bwd_qk_kernel])
+FWD_TUNER = _autotune.LaunchTuner("temporal_attention_fwd", [_scores_kernel, _pv_kernel])
+BWD_TUNER = _autotune.LaunchTuner("temporal_attention_bwd", [_bwd_v_kernel, _bwd_qk_kernel])
 
 # --- compile gate -------------------------------------------------------------------------------------------
 

@@ -1290,8 +1290,8 @@ _KERNELS = {
     "fwd": [stcnnt_attn_fwd_kernel, long_fwd_kernel, plane_fwd_kernel],
     "bwd": [stcnnt_attn_bwd_kernel, long_bwd_dq_kernel, long_bwd_dkdv_kernel, plane_bwd_kernel],
 }
-FWD_TUNER = _autotune.launch_tuner("window_attention_fwd", _KERNELS["fwd"])
-BWD_TUNER = _autotune.launch_tuner("window_attention_bwd", _KERNELS["bwd"])
+FWD_TUNER = _autotune.LaunchTuner("window_attention_fwd", _KERNELS["fwd"])
+BWD_TUNER = _autotune.LaunchTuner("window_attention_bwd", _KERNELS["bwd"])
 
 # --- compile gate ----------------------------------------------------------------------------------
 

@@ -258,7 +258,7 @@ def test_names_are_unique() -> None:
 
 # --- LaunchTuner: launchers whose config decides their buffers (the attention kernels) --------------------
 
-LAUNCHER = _autotune.launch_tuner("test_launcher", [scale_kernel.fn])
+LAUNCHER = _autotune.LaunchTuner("test_launcher", [scale_kernel.fn])
 LAUNCH_CANDS = [{"BLOCK": 64, "num_warps": 4}, {"BLOCK": 128, "num_warps": 4}, {"BLOCK": 256, "num_warps": 8}]
 
 

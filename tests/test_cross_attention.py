@@ -24,7 +24,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 def key_tile(dtype: torch.dtype, d: int) -> int:
     """Keys per forward tile of the kernels here (16 in the interpreter)."""
-    return K.fwd_config(dtype, d)["BLOCK_N"]
+    return K.candidates("fwd", dtype, d, None, False, False)[0]["BLOCK_N"]
 
 
 def at_tile(n: int, tile: int) -> int:

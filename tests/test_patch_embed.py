@@ -68,6 +68,7 @@ def check(image: torch.Tensor, params: list[torch.Tensor], separate_maxima: bool
     """Parity of the Triton stem with the reference, outputs and every parameter gradient. ``separate_maxima``:
     False where a test makes exact ties on purpose (they route like PyTorch)."""
     kw.setdefault("intensity_scale", SCALE[image.dtype])
+    params = list(params)  # a redraw below must not change the caller's weights (a test compares runs around it)
     if separate_maxima and kw.get("pool_to") is not None:
         # Max pooling routes a gradient to one token per bin: where two tokens' features tie to within the
         # features' own fp32 rounding, the fp64 reference, the fp32 reference and the kernels may each route to

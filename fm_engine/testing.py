@@ -1,4 +1,5 @@
-"""Test support: the parity rule of KERNELS.md and the Triton interpreter patch.
+"""Test support: the parity rule of KERNELS.md, the Triton interpreter patch, and stand-in spill reports
+for the autotuner's register-spill check (:func:`reported_spills`).
 
 Parity rule (KERNELS.md, "Numerics and the parity rule"): compare the fast backend and the
 reference computed in the same low precision against a reference computed in fp64 on upcast
@@ -15,9 +16,11 @@ Non-finite values where the fp64 reference is finite always fail.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-from collections.abc import Callable, Sequence
+import types
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -279,3 +282,25 @@ def setup_interpreter_if_no_gpu() -> bool:
         patch_triton_interpreter()
         return True
     return False
+
+
+@contextlib.contextmanager
+def reported_spills(fn: Any, spills_of: Callable[[dict[str, Any]], int]) -> Iterator[list[int]]:
+    """Inside the block, launches ``fn[grid](...)`` of the JIT function ``fn`` run as usual but return a stand-in
+    for Triton's compiled kernel whose ``n_spills`` is ``spills_of(launch arguments by name)``, as a
+    ``CompiledKernel`` reports once it is loaded on a GPU. The interpreter compiles nothing and so reports no
+    spill: this lets CPU tests check that the autotuner (fm_engine.kernels._autotune) drops candidates that
+    spill. Yields the values reported, one per launch."""
+    real = fn.run
+    reported: list[int] = []
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        real(*args, **kwargs)
+        reported.append(int(spills_of({**dict(zip(fn.arg_names, args)), **kwargs})))
+        return types.SimpleNamespace(n_spills=reported[-1], n_regs=255)
+
+    fn.run = run  # fn[grid](...) calls fn.run
+    try:
+        yield reported
+    finally:
+        del fn.run

@@ -240,7 +240,8 @@ def interpreter_unusable_reason(triton_version: str | None = None, numpy_version
     Triton 3.6 and older call ``int()`` on 1-element arrays inside the interpreter, which new numpy refuses
     (``TypeError: only 0-dimensional arrays can be converted to Python scalars``, seen with numpy 2.4 and
     2.5), so every interpreted kernel fails; ARCHITECTURE.md pins numpy < 2.3 for Triton 3.6's interpreter.
-    Newer Triton (3.9 is known to work) converts explicitly. The versions default to the installed ones.
+    Newer Triton converts explicitly (3.8 with numpy 2.4, CI's newest leg, and 3.9 are known to work). The versions
+    default to the installed ones.
     """
     if triton_version is None or numpy_version is None:
         try:

@@ -1,4 +1,5 @@
-"""Test support: the parity rule of KERNELS.md and the Triton interpreter patch.
+"""Test support: the parity rule of KERNELS.md, the Triton interpreter patch, and stand-in spill reports
+for the autotuner's register-spill check (:func:`reported_spills`).
 
 Parity rule (KERNELS.md, "Numerics and the parity rule"): compare the fast backend and the
 reference computed in the same low precision against a reference computed in fp64 on upcast
@@ -15,9 +16,11 @@ Non-finite values where the fp64 reference is finite always fail.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-from collections.abc import Callable, Sequence
+import types
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -237,7 +240,8 @@ def interpreter_unusable_reason(triton_version: str | None = None, numpy_version
     Triton 3.6 and older call ``int()`` on 1-element arrays inside the interpreter, which new numpy refuses
     (``TypeError: only 0-dimensional arrays can be converted to Python scalars``, seen with numpy 2.4 and
     2.5), so every interpreted kernel fails; ARCHITECTURE.md pins numpy < 2.3 for Triton 3.6's interpreter.
-    Newer Triton (3.9 is known to work) converts explicitly. The versions default to the installed ones.
+    Newer Triton converts explicitly (3.8 with numpy 2.4, CI's newest leg, and 3.9 are known to work). The versions
+    default to the installed ones.
     """
     if triton_version is None or numpy_version is None:
         try:
@@ -279,3 +283,25 @@ def setup_interpreter_if_no_gpu() -> bool:
         patch_triton_interpreter()
         return True
     return False
+
+
+@contextlib.contextmanager
+def reported_spills(fn: Any, spills_of: Callable[[dict[str, Any]], int]) -> Iterator[list[int]]:
+    """Inside the block, launches ``fn[grid](...)`` of the JIT function ``fn`` run as usual but return a stand-in
+    for Triton's compiled kernel whose ``n_spills`` is ``spills_of(launch arguments by name)``, as a
+    ``CompiledKernel`` reports once it is loaded on a GPU. The interpreter compiles nothing and so reports no
+    spill: this lets CPU tests check that the autotuner (fm_engine.kernels._autotune) drops candidates that
+    spill. Yields the values reported, one per launch."""
+    real = fn.run
+    reported: list[int] = []
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        real(*args, **kwargs)
+        reported.append(int(spills_of({**dict(zip(fn.arg_names, args)), **kwargs})))
+        return types.SimpleNamespace(n_spills=reported[-1], n_regs=255)
+
+    fn.run = run  # fn[grid](...) calls fn.run
+    try:
+        yield reported
+    finally:
+        del fn.run

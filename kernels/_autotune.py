@@ -20,7 +20,9 @@ configs cannot be listed for the ahead-of-time compile gate. Here a kernel is wr
   arguments (e.g. a row block too large for a wide row); it may only read what the bucket holds.
 
 On a miss it times every config (``triton.testing.do_bench``, 5 ms warm-up, 25 ms of repetitions, median),
-skipping configs that fail to compile or run out of resources, launches the winner, and remembers it in
+skipping configs that fail to compile or run out of resources, and configs whose compiled kernels spill
+registers on the running Triton (read at their first launch, see :func:`spills`) whenever a candidate
+that does not spill runs; it launches the winner, and remembers it in
 memory and in ``fm_engine._device.cache_dir() / "autotune" / (slug(device class) + ".json")``, keyed by
 kernel name, a hash of the kernel source (with the jit functions it calls) and the config list, and the
 bucket; the file records the Triton version. A file from another Triton version, or one that does not
@@ -48,6 +50,14 @@ Counters (:func:`stats`, ``tuned.stats``): ``tunings`` (buckets timed), ``memory
 nothing is remembered). ``FM_ENGINE_AUTOTUNE=0`` pins every kernel to its first config (no timing).
 Tests drive the tuner on CPU with :meth:`Autotuned.override` (several configs plus a fake timer) and
 :func:`forget` (drop in-memory winners, as a new process would).
+
+Register spills: the compile gate (kernels/_aot.py) keeps every strict candidate spill-free on the pinned
+Triton only; another Triton release may allocate registers differently. So at the first timed launch of
+each candidate the tuner records the compiled kernels that the tuned JIT functions return (Triton loads a
+kernel onto the GPU at its first launch and then knows its ``n_spills``) and drops a candidate whose kernels
+spill, without timing it further. Only when every candidate that runs spills are those timed and the
+fastest taken, with a warning. Which candidates were dropped is kept per bucket (``tuned.spilled``) and in
+the disk entry (``"spilled"``). Under the interpreter nothing is compiled and nothing is dropped.
 """
 
 from __future__ import annotations
@@ -130,6 +140,81 @@ def _jit_source(fn: Any) -> str:
         return inspect.getsource(inner)
     except (OSError, TypeError):
         return getattr(inner, "__qualname__", repr(inner))
+
+
+def spills(kernel: Any) -> int | None:
+    """How much a compiled kernel spills: Triton's ``n_spills`` (local memory per thread in 4-byte words, read
+    from the driver when the kernel was loaded onto a GPU at its first launch); None when it is not known
+    (not loaded, or not a compiled kernel: the interpreter returns none)."""
+    n = getattr(kernel, "n_spills", None)
+    return None if n is None else int(n)
+
+
+_MISSING = object()
+_record_lock = threading.RLock()
+
+
+@contextlib.contextmanager
+def compiled_launches(fns: Sequence[Any]) -> Iterator[list[Any]]:
+    """Collect, inside the block, the compiled kernels that launches ``fn[grid](...)`` of the JIT functions
+    ``fns`` return (a ``CompiledKernel`` on a GPU; the interpreter returns nothing, so nothing is collected).
+
+    ``fn[grid](...)`` calls ``fn.run``, so each function gets an instance ``run`` that records what the real
+    one returns; it is removed when the block ends. One recording at a time per process (a lock); launches of
+    these functions from other threads inside the block are recorded too.
+    """
+    seen: list[Any] = []
+    with _record_lock:
+        patched: list[tuple[Any, Any]] = []
+        try:
+            for fn in fns:
+                inner = getattr(fn, "run", None)
+                if inner is None or any(fn is f for f, _ in patched):
+                    continue
+
+                def run(*args: Any, _inner: Callable[..., Any] = inner, **kwargs: Any) -> Any:
+                    kernel = _inner(*args, **kwargs)
+                    if kernel is not None:
+                        seen.append(kernel)
+                    return kernel
+
+                patched.append((fn, fn.__dict__.get("run", _MISSING)))
+                fn.run = run
+            yield seen
+        finally:
+            for fn, own in reversed(patched):
+                if own is _MISSING:
+                    del fn.run
+                else:
+                    fn.run = own
+
+
+class _Spills(Exception):
+    """Raised out of a candidate's first timed launch when its compiled kernels spill registers."""
+
+    def __init__(self, amount: int) -> None:
+        super().__init__(f"spills registers (n_spills {amount})")
+        self.amount = amount
+
+
+def _spill_checked(run: Callable[[], object], kernels: Sequence[Any]) -> Callable[[], object]:
+    """``run`` whose first call records the compiled kernels of ``kernels`` it launches and raises
+    :class:`_Spills` when one of them spills (later calls just run)."""
+    first = True
+
+    def checked() -> object:
+        nonlocal first
+        if not first:
+            return run()
+        first = False
+        with compiled_launches(kernels) as seen:
+            out = run()
+        amount = max((spills(k) or 0 for k in seen), default=0)
+        if amount > 0:
+            raise _Spills(amount)
+        return out
+
+    return checked
 
 
 # --- the disk table ---------------------------------------------------------------------------------
@@ -232,6 +317,9 @@ class _Tuned:
         self.name = name
         self.stats = {"tunings": 0, "memory_hits": 0, "disk_hits": 0, "untuned": 0}
         self.timings: dict[tuple[str, Bucket], list[tuple[dict[str, Any], float]]] = {}
+        # candidates dropped because their compiled kernels spill: (config, Triton's n_spills) per bucket
+        self.spilled: dict[tuple[str, Bucket], list[tuple[dict[str, Any], int]]] = {}
+        self._last_spilled: list[tuple[dict[str, Any], int]] = []
         self._memory: dict[tuple[str, str, Bucket], Any] = {}
         _TUNED.append(self)
 
@@ -264,39 +352,70 @@ class _Tuned:
             if capturing:  # nothing can be timed inside a CUDA graph: run the first config, remember nothing
                 self.stats["untuned"] += 1
                 return cands[0]
+            self._last_spilled = []
             config, results = tune()
             self.stats["tunings"] += 1
             self.timings[(dev, bucket)] = results
-            table.store(
-                entry,
-                {
-                    "config": encode(config),
-                    "ms": min(ms for _, ms in results),
-                    "timed": results,
-                    "tuned_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                },
-            )
+            value: dict[str, Any] = {
+                "config": encode(config),
+                "ms": min(ms for _, ms in results),
+                "timed": results,
+                "tuned_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            }
+            if self._last_spilled:
+                self.spilled[(dev, bucket)] = self._last_spilled
+                value["spilled"] = self._last_spilled
+            table.store(entry, value)
         with _lock:
             self._memory[mem_key] = config
         return config
 
     def _time_each(
-        self, cands: Sequence[Any], encode: Callable[[Any], dict[str, Any]], timer: Timer, run: Callable[[Any], None]
+        self,
+        cands: Sequence[Any],
+        encode: Callable[[Any], dict[str, Any]],
+        timer: Timer,
+        run: Callable[[Any], None],
+        kernels: Sequence[Any] = (),
     ) -> tuple[Any, list[tuple[dict[str, Any], float]]]:
         """Time ``run(c)`` for every candidate; the fastest and every (config, ms). Candidates that fail (do
-        not compile, or run out of resources on this GPU) are skipped; none running is an error."""
+        not compile, or run out of resources on this GPU) are skipped; none running is an error. A candidate
+        whose first launch compiles a kernel of ``kernels`` that spills registers is dropped untimed; only
+        when every candidate that runs spills are they timed (and the fastest taken, with a warning)."""
         results: list[tuple[dict[str, Any], float]] = []
         best: tuple[float, Any] | None = None
         errors = []
+        spilling: list[tuple[Any, int]] = []
         for c in cands:
             try:
-                ms = float(timer(functools.partial(run, c)))
+                ms = float(timer(_spill_checked(functools.partial(run, c), kernels)))
+            except _Spills as s:
+                spilling.append((c, s.amount))
+                continue
             except Exception as e:
                 errors.append(f"{encode(c)}: {type(e).__name__}: {str(e).strip().splitlines()[-1:]}")
                 continue
             results.append((encode(c), ms))
             if best is None or ms < best[0]:
                 best = (ms, c)
+        self._last_spilled = [(encode(c), n) for c, n in spilling]
+        if best is None and spilling:  # nothing spill-free runs: the fastest spilling candidate after all
+            for c, _ in spilling:
+                try:
+                    ms = float(timer(functools.partial(run, c)))
+                except Exception as e:
+                    errors.append(f"{encode(c)}: {type(e).__name__}: {str(e).strip().splitlines()[-1:]}")
+                    continue
+                results.append((encode(c), ms))
+                if best is None or ms < best[0]:
+                    best = (ms, c)
+            if best is not None:
+                warnings.warn(
+                    f"autotune {self.name}: every candidate that runs spills registers on Triton "
+                    f"{triton.__version__}; using the fastest, {encode(best[1])}",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
         if best is None:
             raise RuntimeError(f"autotune {self.name}: no config ran:\n" + "\n".join(errors))
         return best[1], results
@@ -464,7 +583,7 @@ class Autotuned(_Tuned):
             self._prepare(named, saved)
             self._launch(c, grid, named)
 
-        best = self._time_each(cands, config_dict, timer, once)
+        best = self._time_each(cands, config_dict, timer, once, [self.fn])
         self._prepare(named, saved)  # the timed runs changed the outputs (and any in-place inputs)
         return best
 
@@ -537,7 +656,7 @@ class LaunchTuner(_Tuned):
             run(dict(c))  # fresh outputs, dropped
 
         def tune() -> tuple[dict[str, Any], list[tuple[dict[str, Any], float]]]:
-            return self._time_each(cands, dict, timer or _default_timer, once)
+            return self._time_each(cands, dict, timer or _default_timer, once, self.kernels)
 
         chosen = self._select(
             _device.device_class(device), self.source_hash(cands), tuple(bucket), cands, dict, capturing, tune

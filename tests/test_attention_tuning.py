@@ -17,7 +17,7 @@ from fm_engine.kernels import temporal_attention as KT
 from fm_engine.kernels import window_attention as KW
 
 from fm_engine.ops import cross_attention, temporal_attention, window_attention
-from fm_engine.testing import assert_parity
+from fm_engine.testing import assert_parity, reported_spills
 
 
 class SecondWins:
@@ -109,3 +109,28 @@ def test_window_attention_is_tuned(kind: str, device: torch.device) -> None:
         [q, k, v],
         f"window_attention tuned ({kind})",
     )
+
+
+def test_cross_attention_backward_skips_a_spilling_candidate(device: torch.device) -> None:
+    """The second backward candidate would win, but its fused backward kernel spills (as a newer Triton may
+    compile it; a stand-in for the compiled kernel reports the spill): the tuner keeps the first, times only
+    that one, and the gradients still match the reference."""
+    q = torch.randn(2, 4, 20, 16, device=device)
+    k, v = (torch.randn(2, 2, 70, 16, device=device) for _ in range(2))
+    cands = [
+        {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1},
+        {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1},
+    ]
+    timer = SecondWins()
+    with (
+        KC.BWD_TUNER.override(cands, timer),
+        reported_spills(KC._bwd_kernel, lambda a: 8 * (a["BLOCK_N"] == 32)),
+    ):
+        assert_parity(
+            lambda q, k, v: cross_attention(q, k, v, kv_heads=2, backend="triton"),
+            lambda q, k, v: cross_attention(q, k, v, kv_heads=2, backend="reference"),
+            [q, k, v],
+            name="cross_attention, a spilling backward candidate",
+        )
+    assert timer.calls == 1 and list(KC.BWD_TUNER._memory.values()) == [cands[0]]
+    assert list(KC.BWD_TUNER.spilled.values()) == [[(cands[1], 8)]]

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 import warnings
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from fm_engine.kernels import _autotune
 from fm_engine.kernels._autotune import dtype, pow2
 
 from fm_engine import _device
+from fm_engine.testing import reported_spills
 
 ROOT = Path(__file__).resolve().parents[1]
 # the kernels run on the GPU where there is one, else in the interpreter (conftest sets TRITON_INTERPRET=1)
@@ -303,6 +305,83 @@ def test_launch_tuner_skips_failing_candidates(cache_dir: Path) -> None:
         assert LAUNCHER.choose(DEV, (5,), [], run) == LAUNCH_CANDS[1]
     with LAUNCHER.override(LAUNCH_CANDS[:2], FakeTimer([1.0])), pytest.raises(RuntimeError, match="no config ran"):
         LAUNCHER.choose(DEV, (6,), [], lambda c: run({"BLOCK": 64}))
+
+
+# --- register spills: candidates whose compiled kernels spill are not chosen ----------------------------------
+
+
+def test_spills_reads_the_compiled_kernels_report() -> None:
+    assert _autotune.spills(types.SimpleNamespace(n_spills=8, n_regs=255)) == 8
+    assert _autotune.spills(types.SimpleNamespace(n_spills=0, n_regs=40)) == 0
+    assert _autotune.spills(types.SimpleNamespace(n_regs=40)) is None  # not loaded yet: unknown
+    assert _autotune.spills(None) is None  # the interpreter's launches return nothing
+
+
+def test_spilling_configs_are_never_chosen(cache_dir: Path) -> None:
+    """BLOCK 64 would be fastest but spills on this (faked) Triton: dropped after its first launch, untimed."""
+    timer = FakeTimer([1.0, 2.0, 3.0])
+    with scale_kernel.override(CONFIGS, timer), reported_spills(scale_kernel.fn, lambda a: 6 * (a["BLOCK"] == 64)):
+        y, cfg = scale(x := torch.randn(1000, device=DEV))
+    assert cfg.kwargs["BLOCK"] == 128
+    assert timer.calls == 2  # the spilling config was launched once (compiled, checked) and never timed
+    torch.testing.assert_close(y, x * 3)
+    ((_, spilled),) = scale_kernel.spilled.items()
+    assert spilled == [(_autotune.config_dict(CONFIGS[0]), 6)]
+    (entry,) = json.loads(TABLE().read_text())["entries"].values()
+    assert entry["config"]["kwargs"] == {"BLOCK": 128} and entry["spilled"] == [[entry["spilled"][0][0], 6]]
+    assert entry["spilled"][0][0]["kwargs"] == {"BLOCK": 64}
+
+
+def test_when_every_config_spills_the_fastest_runs_with_a_warning(cache_dir: Path) -> None:
+    timer = FakeTimer([3.0, 1.0, 2.0])
+    with (
+        scale_kernel.override(CONFIGS, timer),
+        reported_spills(scale_kernel.fn, lambda a: a["BLOCK"] // 64) as reported,
+        pytest.warns(RuntimeWarning, match=r"test_scale: every candidate that runs spills registers on Triton"),
+    ):
+        y, cfg = scale(x := torch.randn(1000, device=DEV))
+    assert cfg.kwargs["BLOCK"] == 128 and timer.calls == 3
+    assert reported[:3] == [1, 2, 4]  # each first launch reported its spills before any was timed
+    torch.testing.assert_close(y, x * 3)
+
+
+def test_launch_tuner_never_chooses_a_spilling_candidate(cache_dir: Path) -> None:
+    """A launcher's candidates are checked through the compiled kernels of the tuner's JIT functions."""
+    timer = FakeTimer([3.0, 2.0, 1.0])  # the third candidate would win, but its kernel spills
+    x = torch.randn(1000, device=DEV)
+    y = torch.empty_like(x)
+
+    def run(c: dict) -> None:
+        scale_kernel.fn[(triton.cdiv(1000, c["BLOCK"]),)](x, y, 1000, BLOCK=c["BLOCK"], num_warps=c["num_warps"])
+
+    with LAUNCHER.override(LAUNCH_CANDS, timer), reported_spills(scale_kernel.fn, lambda a: 2 * (a["BLOCK"] == 256)):
+        assert LAUNCHER.choose(DEV, (7, "float32"), [], run) == LAUNCH_CANDS[1]
+    assert timer.calls == 2
+    assert LAUNCHER.spilled == {(_device.device_class(DEV), (7, "float32")): [(LAUNCH_CANDS[2], 2)]}
+    torch.testing.assert_close(y, x * 3)
+
+
+def test_compiled_launches_records_and_restores(cache_dir: Path) -> None:
+    """The recorder shadows ``fn.run`` only inside its block (nested blocks and a function listed twice too),
+    and records what each launch returns; on a GPU, Triton's own compiled kernel with its spill report."""
+    fn = scale_kernel.fn
+    x = torch.randn(64, device=DEV)
+    y = torch.empty_like(x)
+    with reported_spills(fn, lambda a: a["BLOCK"]) as reported:
+        own = vars(fn)["run"]
+        with _autotune.compiled_launches([fn, fn]) as outer:
+            with _autotune.compiled_launches([fn]) as inner:
+                fn[(2,)](x, y, 64, BLOCK=32)
+            fn[(1,)](x, y, 64, BLOCK=64)
+        assert vars(fn)["run"] is own  # the stand-in installed before the blocks is back
+    assert "run" not in vars(fn)
+    assert reported == [32, 64]
+    assert [k.n_spills for k in inner] == [32] and [k.n_spills for k in outer] == [32, 64]
+    torch.testing.assert_close(y, x * 3)
+    if torch.cuda.is_available():
+        with _autotune.compiled_launches([fn]) as real:
+            fn[(1,)](x, y, 64, BLOCK=64)
+        assert len(real) == 1 and _autotune.spills(real[0]) == 0
 
 
 @pytest.mark.gpu

@@ -104,7 +104,8 @@ def test_relu2_mlp_gemms_keep_a_wgmma_group_in_flight() -> None:
 
 def test_gate_rejects_spilling_and_oversized_configs(tmp_path: Path) -> None:
     """A 256x256 fp32 accumulator on one warp cannot live in registers; a 3-stage 256x256x128 fp32 tile does
-    not fit in shared memory: the gate fails both (a spill only notes it for configs registered non-strict)."""
+    not fit in shared memory: on the pinned Triton the gate fails both; a spill is only a note for configs
+    registered non-strict, and for every config under another Triton (which the running one decides)."""
     (tmp_path / "spill_probe.py").write_text(
         "import triton\nimport triton.language as tl\n\n\n@triton.jit\n"
         "def big_dot(a_ptr, c_ptr, BM: tl.constexpr, BK: tl.constexpr):\n"
@@ -120,15 +121,34 @@ def test_gate_rejects_spilling_and_oversized_configs(tmp_path: Path) -> None:
         "spill = _aot.AOTCase('spill', spill_probe.big_dot, sig, {'BM': 256, 'BK': 16}, 1, 1)\n"
         "smem = _aot.AOTCase('smem', spill_probe.big_dot, sig, {'BM': 256, 'BK': 128}, 8, 3)\n"
         "import dataclasses\n"
-        "print(_aot.check_case(spill, 90)[0]); print(_aot.check_case(smem, 80)[0])\n"
-        "print(_aot.check_case(dataclasses.replace(spill, strict=False), 90))\n"
+        "print(_aot.check_case(spill, 90, pinned=True)[0]); print(_aot.check_case(smem, 80, pinned=False)[0])\n"
+        "print(_aot.check_case(dataclasses.replace(spill, strict=False), 90, pinned=True))\n"
+        "print(_aot.check_case(spill, 90, pinned=False)); print(_aot.check_case(spill, 90))\n"
+        "print(_aot.pinned_toolchain())\n"
     )
     r = _run(code, str(tmp_path))
     assert r.returncode == 0, r.stderr[-3000:]
-    spill, smem, lenient = r.stdout.strip().splitlines()[-3:]
+    spill, smem, lenient, other_triton, here, pinned = r.stdout.strip().splitlines()[-6:]
     assert spill.startswith("spills registers"), spill
-    assert "shared memory" in smem, smem
+    assert "shared memory" in smem, smem  # a failure under any Triton
     assert lenient.startswith("(None, 'spills registers"), lenient  # non-strict configs: reported, not failed
+    assert other_triton.startswith("(None, 'spills registers"), other_triton  # another Triton: a note
+    assert here == (f"('{spill}', None)" if pinned == "True" else other_triton), (here, pinned)
+
+
+def test_spills_fail_on_the_pinned_triton_only() -> None:
+    """The gate is strict where its candidate lists were chosen: the Triton that CI pins (.ci/constraints.txt)
+    and the GPU machines run; with any other Triton installed its spills are notes."""
+    pins = (ROOT / ".ci" / "constraints.txt").read_text().splitlines()
+    (pin,) = [line.split("==")[1].strip() for line in pins if line.strip().startswith("triton==")]
+    r = _run(
+        "import triton; from fm_engine.kernels import _aot; print(_aot.PINNED_TRITON, triton.__version__);"
+        "print(_aot.pinned_toolchain())"
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    (pinned_here, running), (strict,) = (line.split() for line in r.stdout.strip().splitlines()[-2:])
+    assert pinned_here == pin, f"kernels/_aot.py pins Triton {pinned_here}, .ci/constraints.txt {pin}"
+    assert strict == str(running == pin)
 
 
 NVCC = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").exists() else None)

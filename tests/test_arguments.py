@@ -428,13 +428,17 @@ def _module_call(cid: str, kw: dict, backend: str | None, device) -> tuple[Any, 
 def _literal_module(cid: str, kw: dict, device) -> torch.Tensor:
     """Modules without fast backends, computed from their parameters by their documented definitions."""
     name = cid.split(".")[1]
-    m = _module(cid, {k: v for k, v in kw.items() if k != "x_hw"}, device)
+    init = inspect.signature(getattr(fnn, name).__init__).parameters
+    m = _module(cid, {k: v for k, v in kw.items() if k in init}, device)
     g = torch.Generator().manual_seed(9)
     if name == "LoRALinear":
         x = torch.randn(4, 6, generator=g).to(device)
         rank, alpha = m.lora_A.shape[0], kw.get("alpha", 16.0)
         return x @ m.base.weight.T + m.base.bias + (alpha / rank) * (x @ m.lora_A.T) @ m.lora_B.T
     x = torch.randn(1, 3, 2, 8, 8, generator=g).to(device)
+    convs = [c for c in m.modules() if isinstance(c, (nn.Conv2d, nn.Conv3d))]
+    # documented: ``bias`` puts a bias on every convolution (both, when separable), or on none
+    assert all((c.bias is not None) == kw.get("bias", True) for c in convs), convs
     if name == "Conv2DExt":
         frames = []
         for t in range(x.shape[1]):
@@ -448,6 +452,21 @@ def _literal_module(cid: str, kw: dict, device) -> torch.Tensor:
                 f = torch.nn.functional.conv2d(f, c.weight, c.bias, c.stride, c.padding)
             frames.append(f)
         return torch.stack(frames, dim=1)
+    if name in ("PatchEmbed2d", "AdaptiveStem2d"):
+        g = torch.Generator().manual_seed(9)  # the image of _module_call
+        image = (torch.rand(1, 1, 16, 24, generator=g) * 255).to(torch.uint8)
+        fwd = {k: kw[k] for k in ("intensity_scale", "intensity_offset") if k in kw}
+        fwd = {"intensity_scale": 1 / 255, **fwd}
+
+        def path(proj, norm, pos, pool_to):
+            params = [t.detach().double().cpu() for t in (proj.weight, proj.bias, norm.weight, norm.bias)]
+            params += [pos.weight.detach().double().cpu(), pos.bias.detach().double().cpu()]
+            return L.patch_embed(image, *params, patch=4, pool_to=pool_to, eps=norm.eps, **fwd).reshape(-1)
+
+        out = [path(m.proj, m.norm, m.pos, m.pool_to)]
+        if name == "AdaptiveStem2d":
+            out.append(path(m.kv_proj, m.kv_norm, m.kv_pos, None))
+        return torch.cat(out).to(device)
     c = m.conv3d  # Conv3DExt: a 3-D conv over (T, H, W), channels at dim 2
     return torch.nn.functional.conv3d(x.transpose(1, 2), c.weight, c.bias, c.stride, c.padding).transpose(1, 2)
 
@@ -582,6 +601,9 @@ def test_non_default_arguments_parity(cid: str, index: int, device, no_tf32) -> 
     torch.testing.assert_close(fast, ref, rtol=bound, atol=bound, msg=lambda m: f"{cid} {kw}: {m}")
     for i, (a, r) in enumerate(zip(fast_g, ref_g, strict=True)):
         torch.testing.assert_close(a, r, rtol=bound, atol=bound, msg=lambda m, i=i: f"{cid} {kw} grad {i}: {m}")
+    if cid in LITERAL_MODULES and "out_dtype" not in kw:  # the module itself against its documented definition
+        lit = _literal_module(cid, kw, device).double()
+        torch.testing.assert_close(ref, lit, rtol=1e-5, atol=1e-5, msg=lambda m: f"{cid} {kw} vs literal: {m}")
     for arg in checks:
         other, _, other_dtype = _run(cid, _reverted(cid, kw, arg), "reference", device)
         if isinstance(kw[arg], torch.dtype):  # an output dtype: the dtype is what moves
@@ -611,6 +633,7 @@ def test_every_case_is_checked_in_a_parity_run() -> None:
 
 
 NO_BACKEND = ("nn.Conv2DExt", "nn.Conv3DExt", "nn.LoRALinear")
+LITERAL_MODULES = ("nn.PatchEmbed2d", "nn.AdaptiveStem2d")  # modules with a fast backend also checked literally
 SINGLE = [
     (cid, arg)
     for cid, entries in MANIFEST.items()

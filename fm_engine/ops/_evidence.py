@@ -14,6 +14,9 @@ mask, dropout, head dim, grad required, ...) and *sizes* rounded up to powers of
          "backends": {"reference": {"fwd_ms": 0.49, "fwd_bwd_ms": 1.54}, "triton": {...}},
          "torch": "2.11.0+cu130", "triton": "3.6.0", "date": "2026-11-30", "source": "..."}}}}
 
+Every entry times the reference under each metric (``fwd_ms``, ``fwd_bwd_ms``) that one of its fast
+backends reports: a table with an entry that does not is corrupt (a fast time alone says nothing).
+
 Looked up in order: the user's table ``cache_dir()/tables/<slug>.json`` (written by ``fm-engine tune``),
 then the package's ``fm_engine/evidence/<slug>.json`` (from committed GPU runs); a user entry replaces
 the package entry of the same bucket. A corrupt file, a wrong format version, or a table whose
@@ -148,6 +151,21 @@ def table_path(origin: str, device_class_name: str) -> Path:
     return base / f"{_device.slug(device_class_name)}.json"
 
 
+def _reference_problem(backends: Mapping[str, Any]) -> str | None:
+    """Why an entry's times cannot be compared with the reference's (None: they can).
+
+    A fast backend's time means something only next to the reference's time under the same metric, so an
+    entry must time the reference under every metric any of its fast backends reports."""
+    ref = backends.get(REFERENCE)
+    if not isinstance(ref, dict):
+        return "has no reference time (every entry must time the reference)"
+    for m in ("fwd_ms", "fwd_bwd_ms"):
+        timed = sorted(b for b, t in backends.items() if b != REFERENCE and m in t)
+        if timed and m not in ref:
+            return f"has no reference time for {m} (measured for {', '.join(timed)})"
+    return None
+
+
 def _validate_ops(ops: Any) -> str | None:
     if not isinstance(ops, dict):
         return "'ops' is not an object"
@@ -165,6 +183,9 @@ def _validate_ops(ops: Any) -> str | None:
                     if m in t
                 ):
                     return f"ops[{op!r}][{key!r}] backend {b!r}: times must be positive numbers"
+            problem = _reference_problem(backends)
+            if problem:
+                return f"ops[{op!r}][{key!r}] {problem}"
             try:
                 Bucket.parse(key)
             except ValueError:

@@ -29,6 +29,7 @@ TABLE = {
     "vit-i1-p16-d512-a16_12": (1, 512, 16, 12, 8, 4, 64, (256, (16, 12), 4), (3072, 2304)),
     "vit-i1-p16-d512-a32_24": (1, 512, 16, 12, 8, 4, 64, (256, (32, 24), 4), (3072, 2304)),
     "vit-i1-p16-d768": (1, 768, 16, 24, 12, 6, 64, None, (512, 384)),
+    "vit-i1-p16-d768-a16_12": (1, 768, 16, 24, 12, 6, 64, (256, (16, 12), 6), (3072, 2304)),
     "vit-i1-p16-d768-a32_24": (1, 768, 16, 24, 12, 6, 64, (256, (32, 24), 6), (3072, 2304)),
     "vit-cifar10": (3, 384, 4, 12, 12, 12, 32, None, (32, 32)),
     "vit-cifar10-adaptive": (3, 384, 4, 12, 12, 12, 32, (64, (4, 4), 4), (32, 32)),
@@ -70,7 +71,7 @@ def test_registry_names_and_specs():
         with torch.device("meta"):
             model = fm_engine.create_model(name)
         assert isinstance(model, AViT if avit else ViT)
-        assert model.dim == dim  # the d768 AViT is built at 768 (fixed)
+        assert model.dim == dim  # the d768 AViTs are built at 768 (fixed)
         n = sum(p.numel() for p in model.parameters())
         assert n == expected_params(in_ch, dim, patch, depth, heads, kv_heads, head_dim, avit), name
         if avit:
@@ -297,3 +298,115 @@ def test_reduced_sizes_keep_grids_divisible():
             grid = model.mask_grid(img.shape[2:])
             assert all(g % 4 == 0 for g in grid), (name, grid)
             assert math.prod(grid) > 0
+
+
+# --- the AViT's context keys/values (MODELS.md 1.5 step 4) ------------------------------------------------
+
+
+def _kv_inside_cells(token_index, grid, kv_grid) -> list[list[int]]:
+    """Per example, the key/value positions whose nearest-resized cell is kept, written out token by token."""
+    (gh, gw), (hk, wk) = grid, kv_grid
+    out = []
+    for row in token_index.tolist():
+        cells = set(row)
+        out.append([r * wk + c for r in range(hk) for c in range(wk) if (r * gh // hk) * gw + c * gw // wk in cells])
+    return out
+
+
+@pytest.mark.parametrize(
+    "grid, kv_grid", [((4, 4), (8, 8)), ((4, 3), (12, 6)), ((4, 4), (9, 11)), ((3, 5), (7, 13)), ((2, 2), (2, 2))]
+)
+def test_context_kv_index_is_a_nearest_resize_of_the_cells(grid, kv_grid):
+    from fm_engine.models.mitub.avit import context_kv_index, max_context_kv
+
+    g = torch.Generator().manual_seed(sum(kv_grid))
+    n, k = grid[0] * grid[1], max(grid[0] * grid[1] // 3, 1)
+    idx = torch.stack([torch.randperm(n, generator=g)[:k].sort().values for _ in range(4)])
+    index, padding = context_kv_index(idx, grid, kv_grid)
+    want = _kv_inside_cells(idx, grid, kv_grid)
+    multiple = kv_grid[0] % grid[0] == 0 and kv_grid[1] % grid[1] == 0
+    if multiple:  # exact counts: no padding, the same K * sh * sw tokens in every example
+        assert padding is None
+        assert index.shape == (4, k * (kv_grid[0] // grid[0]) * (kv_grid[1] // grid[1]))
+        for b in range(4):
+            assert sorted(index[b].tolist()) == want[b]
+    else:  # ragged counts: padded to the static bound, padding at the end
+        assert padding is not None and index.shape == padding.shape == (4, max_context_kv(grid, kv_grid, k))
+        assert len({len(w) for w in want}) > 1, "the draw should give ragged counts"
+        for b in range(4):
+            assert index[b][~padding[b]].tolist() == want[b]  # increasing order
+            assert padding[b].tolist() == [False] * len(want[b]) + [True] * (index.shape[1] - len(want[b]))
+        # the static bound: the tokens of the k largest cells
+        sizes = sorted((len(_kv_inside_cells(torch.tensor([[c]]), grid, kv_grid)[0]) for c in range(n)), reverse=True)
+        assert max_context_kv(grid, kv_grid, k) == sum(sizes[:k])
+
+
+def _avit_ls1(target_grid=(4, 4)):
+    model = fm_engine.create_model(
+        "vit-i1-p16-d512-a16_12", **TINY_AVIT, patch=8, target_grid=target_grid, dropout=0.0, attn_dropout=0.0
+    ).eval()
+    with torch.no_grad():  # LayerScale 1: the decoder layers change the output by O(1)
+        for blk in model.high_res_blocks:
+            for ls in (blk.ls1, blk.ls2, blk.ls3):
+                ls.gamma.fill_(1.0)
+    return model
+
+
+def test_avit_context_padding_is_never_attended():
+    """9x11 key/value tokens over a 4x4 grid: each example of the padded batch equals that example run alone on
+    exactly its own keys/values; attending to the (zero) padding would change it."""
+    from fm_engine.models.mitub.avit import context_kv_index
+
+    model = _avit_ls1()
+    img = torch.rand(3, 1, 72, 88)
+    idx = torch.tensor([[0, 1, 4, 5], [10, 11, 14, 15], [0, 5, 10, 15]])
+    with torch.no_grad():
+        out = model(img, token_index=idx)
+        q, kv = model.embed(img)
+        sub, padding = model.context_kv(kv, idx, (9, 11))
+        assert padding is not None and padding.any() and len(set(padding.sum(1).tolist())) > 1
+        assert torch.equal(out, model.encode(q, sub, idx, padding))  # encode attends exactly to what it is given
+        index, _ = context_kv_index(idx, (4, 4), (9, 11))
+        for b in range(3):
+            own = index[b][~padding[b]]
+            alone = model.encode(q[b : b + 1], kv[b : b + 1, own], idx[b : b + 1])
+            torch.testing.assert_close(out[b : b + 1], alone, rtol=1e-5, atol=1e-5)
+        attended = model.encode(q, sub, idx)  # the original: zero padding attended to
+        assert not torch.allclose(attended, out, rtol=1e-3, atol=1e-3)
+
+
+def test_avit_context_keys_values_on_a_multiple_grid():
+    """8x8 key/value tokens over 4x4 cells: every example attends to 4 tokens per kept cell, no padding."""
+    model = _avit_ls1()
+    img = torch.rand(2, 1, 64, 64)
+    idx = torch.tensor([[0, 6, 9], [3, 4, 15]])
+    with torch.no_grad():
+        q, kv = model.embed(img)
+        sub, padding = model.context_kv(kv, idx, (8, 8))
+        assert padding is None and sub.shape == (2, 12, 32)
+        for b in range(2):
+            want = _kv_inside_cells(idx[b : b + 1], (4, 4), (8, 8))[0]
+            assert sorted(sub[b].tolist()) == sorted(kv[b, want].tolist())
+        out = model(img, token_index=idx)
+        assert torch.equal(out, model.encode(q, sub, idx))
+        # every key/value a caller passes is attended to: the complete grid gives another result
+        assert not torch.allclose(model.encode(q, kv, idx), out, rtol=1e-3, atol=1e-3)
+    assert model(img).shape == (2, 16, 64)  # without token_index: every query, every key/value
+
+
+def test_avit_context_bad_arguments():
+    model = _avit_ls1()
+    img = torch.rand(2, 1, 64, 64)
+    q, kv = model.embed(img)
+    with pytest.raises(ValueError, match="token_index: the cells of one example must be distinct"):
+        model(img, token_index=torch.tensor([[0, 0, 1], [2, 3, 4]]))
+    with pytest.raises(ValueError, match="kv_padding_mask"):
+        model.encode(q, kv, None, torch.zeros(2, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="kv_padding_mask"):
+        model.encode(q, kv, None, torch.zeros(2, 64))
+    with pytest.raises(ValueError, match="kv: expected"):
+        model.encode(q, kv[:1])
+    with pytest.raises(ValueError, match="kv: expected"):
+        model.context_kv(kv, torch.tensor([[0], [1]]), (8, 7))
+    with pytest.raises(ValueError, match="token_index"):
+        model.context_kv(kv, torch.tensor([[0], [16]]), (8, 8))

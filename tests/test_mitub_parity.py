@@ -80,3 +80,56 @@ def test_model_parity_fast_vs_reference(kind, dtype, monkeypatch, device, no_tf3
     names = [n for n, _ in fast_model.named_parameters()]
     for n, gf, gl, gh in zip(names, fast_grads, ref_grads, hi_grads, strict=True):
         assert_parity_tensor(f"{kind} grad {n}", gf, gl, gh, dtype)
+
+
+@pytest.mark.parametrize("size", [(64, 48), (80, 64)], ids=["multiple", "padded"])
+def test_avit_context_pass_parity_fast_vs_reference(size, monkeypatch, device, no_tf32):
+    """The M-JEPA context pass (``token_index``: queries and keys/values restricted to the kept cells) on the
+    Triton backend vs the reference, forward and every parameter gradient. ``multiple``: 4x3 key/value tokens
+    over the 2x3 grid, gathered without padding; ``padded``: 5x4 over 2x3, the examples keep 13 and 7 tokens,
+    padded to 13 behind a key-padding mask that the Triton cross-attention takes."""
+    name, over = MODELS["avit"]
+    model = fm_engine.create_model(name, **over).eval()
+    with torch.no_grad():
+        for blk in model.high_res_blocks:
+            for ls in (blk.ls1, blk.ls2, blk.ls3):
+                ls.gamma.uniform_(0.5, 1.0)
+    fast_model = model.to(device)
+    fast_model.stem.backend = "reference"  # the stem's parity is the test above; this one is about the body
+    hi_model = copy.deepcopy(model).double()
+    img = torch.randint(0, 65535, (2, 1, *size), dtype=torch.int32).to(torch.uint16).to(device)
+    idx = torch.tensor([[0, 1, 3], [2, 4, 5]], device=device)
+    cot = torch.randn(2, 3, 64, dtype=torch.float64, device=device)
+
+    def run(m, backend):
+        params = list(m.parameters())
+        with use_backend(backend):
+            out = m(img, 1 / 65535, token_index=idx)
+            grads = torch.autograd.grad(out, params, cot.to(out.dtype))
+        return out.detach(), grads
+
+    masks: list[torch.Tensor | None] = []
+    orig_call = Op.__call__
+
+    def spy(self, *args, backend=None, **kwargs):
+        if self.name == "cross_attention" and args[1].shape[2] != args[0].shape[2]:  # the decoder's cross-attention
+            masks.append(kwargs.get("key_padding_mask"))
+        return orig_call(self, *args, backend=backend, **kwargs)
+
+    with monkeypatch.context() as mp, ops.trace() as calls:
+        mp.setattr(Op, "__call__", spy)
+        fast_out, fast_grads = run(fast_model, "triton")
+    assert {op for op, _ in calls} >= {"cross_attention", "relu2_mlp"}
+    assert all(backend == "triton" for op, backend in calls if op != "patch_embed"), calls
+    assert len(masks) == over["high_res_depth"]
+    for m in masks:
+        if size == (64, 48):
+            assert m is None
+        else:
+            assert m is not None and m.sum(1).tolist() == [0, 6]
+    ref_out, ref_grads = run(fast_model, "reference")
+    hi_out, hi_grads = run(hi_model, "reference")
+    assert_parity_tensor("avit context output", fast_out, ref_out, hi_out, torch.float32)
+    names = [n for n, _ in fast_model.named_parameters()]
+    for n, gf, gl, gh in zip(names, fast_grads, ref_grads, hi_grads, strict=True):
+        assert_parity_tensor(f"avit context grad {n}", gf, gl, gh, torch.float32)

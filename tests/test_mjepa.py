@@ -269,3 +269,101 @@ def test_contrastive_loss_gathers_across_ranks():
         got_loss, got_grad = result[r]
         assert abs(got_loss - want.item()) < 1e-6
         torch.testing.assert_close(got_grad, local.grad)
+
+
+# --- the context pass sees nothing outside the context cells (MODELS.md 1.5 step 4) -----------------------
+
+
+def _leak_objective(kind: str) -> MJEPA:
+    """A tiny encoder whose every layer matters: LayerScale 1 (1e-5 would hide the decoder layers), no dropout."""
+    if kind == "vit":
+        enc = fm_engine.create_model("vit-i1-p16-d512", **TINY, patch=8, dropout=0.0, attn_dropout=0.0)
+    else:
+        enc = fm_engine.create_model(
+            "vit-i1-p16-d512-a16_12", **TINY, patch=8, kv_dim=32, high_res_depth=2, target_grid=(4, 4),
+            dropout=0.0, attn_dropout=0.0,
+        )  # fmt: skip
+        with torch.no_grad():
+            for blk in enc.high_res_blocks:
+                for ls in (blk.ls1, blk.ls2, blk.ls3):
+                    ls.gamma.fill_(1.0)
+    return MJEPA(enc, predictor_depth=1, context_coarsen=2, target_coarsen=1).eval()
+
+
+def _axis_owner(g: int, n: int) -> tuple[list[range], list[range]]:
+    """For each of ``g`` cells over ``n`` tokens on one axis: its adaptive-pool bin and its nearest-resize cell."""
+    bins = [range(i * n // g, -(-(i + 1) * n // g)) for i in range(g)]
+    owner = [r * g // n for r in range(n)]
+    cells = [range(owner.index(i), len(owner) - owner[::-1].index(i)) for i in range(g)]
+    return bins, cells
+
+
+def _protected_pixels(context_mask: torch.Tensor, grid, token_grid, patch: int) -> torch.Tensor:
+    """[B, 1, H, W] bool: pixels inside a kept cell's pooling bin or its key/value cell (written out per cell)."""
+    (gh, gw), (th, tw) = grid, token_grid
+    hb, hc = _axis_owner(gh, th)
+    wb, wc = _axis_owner(gw, tw)
+    out = torch.zeros(context_mask.shape[0], 1, th * patch, tw * patch, dtype=torch.bool)
+    for b, row in enumerate(context_mask.view(-1, gh, gw)):
+        for i, j in row.nonzero().tolist():
+            for rows, cols in ((hb[i], wb[j]), (hc[i], wc[j])):
+                out[b, 0, rows.start * patch : rows.stop * patch, cols.start * patch : cols.stop * patch] = True
+    return out
+
+
+def _context_outputs(obj: MJEPA, img: torch.Tensor, masks) -> torch.Tensor:
+    """The online encoder's output in M-JEPA's context pass (captured with a hook on the encoder)."""
+    seen: list[torch.Tensor] = []
+    hook = obj.encoder.register_forward_hook(lambda _m, _a, out: seen.append(out.detach().clone()))
+    try:
+        with torch.no_grad():
+            obj(img, intensity_scale=1 / 65535, masks=masks)
+    finally:
+        hook.remove()
+    assert len(seen) == 1  # the EMA encoder is a separate module: only the context pass runs this one
+    return seen[0]
+
+
+@pytest.mark.parametrize(
+    "kind, size",
+    [("vit", (64, 48)), ("avit", (64, 64)), ("avit", (72, 88))],
+    ids=["vit", "avit-multiple", "avit-padded"],
+)
+def test_context_pass_does_not_see_outside_the_context_cells(kind, size):
+    """Pixels outside the kept context cells change a lot; the context encoder's output stays bit-for-bit.
+
+    ``avit-multiple``: 8x8 key/value tokens over a 4x4 target grid (exact counts); ``avit-padded``: 9x11 over
+    4x4, where examples keep different numbers of key/value tokens (padding + key-padding mask) and the
+    adaptive-pool bins of neighbouring cells overlap, so the pixels of the kept cells' bins stay too."""
+    torch.manual_seed(0)
+    obj = _leak_objective(kind)
+    enc = obj.encoder
+    img = torch.randint(0, 65536, (3, 1, *size), dtype=torch.int32)
+    masks = obj.masks(img, generator=torch.Generator().manual_seed(0))
+    grid = enc.mask_grid(size)
+    token_grid = (size[0] // 8, size[1] // 8)
+    keep = _protected_pixels(masks[0], grid, token_grid, 8)
+    assert 0 < keep.float().mean() < 0.75
+    other = torch.where(keep, img, (img + 30000) % 65536)  # every pixel outside changes by a large amount
+    ctx_index = mask_to_index(masks[0])
+    if kind == "avit" and size == (72, 88):  # the padding path is what this case is about
+        from fm_engine.models.mitub.avit import context_kv_index, kv_cells
+
+        index, padding = context_kv_index(ctx_index, grid, token_grid)
+        assert padding is not None and len(set((~padding).sum(1).tolist())) > 1
+        # some padding slot points at a key/value token outside its example's context: only the padding
+        # (zero-filled and masked) keeps it out
+        outside = ~torch.gather(masks[0], 1, kv_cells(grid, token_grid)[index])
+        assert (outside & padding).any()
+
+    a = _context_outputs(obj, img.to(torch.uint16), masks)
+    b = _context_outputs(obj, other.to(torch.uint16), masks)
+    assert torch.equal(a, b)
+    with torch.no_grad():  # the perturbation is visible to an encoder that looks at the whole image
+        full_a = enc(img.to(torch.uint16), 1 / 65535)
+        full_b = enc(other.to(torch.uint16), 1 / 65535)
+        assert (full_a - full_b).norm() > 0.05 * full_a.norm()
+        if kind == "avit":  # and to the context queries through complete keys/values (the original leak)
+            q, kv = enc.embed(other.to(torch.uint16), 1 / 65535)
+            leaky = enc.encode(q, kv, ctx_index)
+            assert (leaky - b).norm() > 0.01 * b.norm()

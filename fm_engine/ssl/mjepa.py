@@ -16,11 +16,12 @@ so that every example keeps the same number of tokens.
 
 Static shapes: with the masks drawn here, every tensor shape of a step is known from the config (the
 kept counts follow from the ratios; the predictor input is padded to the largest possible union of
-context and target, ``min(N, Kc + Kt)``). No step reads a value back from the device, and a compiled or
-autotuned step never meets a new shape: a predictor padded to each batch's own union length made every
-step launch the fused kernels at a new size (Triton re-tuned and re-compiled them each step), made
-``torch.compile`` recompile, and synchronised the host twice. Masks passed in by the caller still work
-(their counts are then read back once).
+context and target, ``min(N, Kc + Kt)``; the AViT's context keys/values follow from the kept cells and
+the grids, see :func:`fm_engine.models.mitub.avit.context_kv_index`). No step reads a value back from
+the device, and a compiled or autotuned step never meets a new shape: a predictor padded to each
+batch's own union length made every step launch the fused kernels at a new size (Triton re-tuned and
+re-compiled them each step), made ``torch.compile`` recompile, and synchronised the host twice. Masks
+passed in by the caller still work (their counts are then read back once).
 """
 
 from __future__ import annotations
@@ -146,7 +147,10 @@ class MJEPA(nn.Module):
       (``ema = m * ema + (1 - m) * online``, m = ``ema_momentum``; deterministic, so identical on every
       DDP rank given identical online weights).
     * target: the EMA encoder on the full image, no grad, after its final norm, at target positions.
-    * context: the online encoder on the context tokens only.
+    * context: the online encoder on the context tokens only: ``encoder(images, ..., token_index=context)``.
+      The AViT restricts both of its inputs there: the pooled queries to the context cells and the
+      high-resolution keys/values to the tokens inside those cells (MODELS.md 1.5 step 4; see
+      :meth:`fm_engine.models.mitub.AViT.forward`), so nothing outside the context reaches it.
     * predictor: ``predictor_depth`` fresh encoder layers of the backbone width over context ∪ target
       positions. Target positions carry the learned ``query_token`` (trunc-normal std 1) plus the
       predictor's own position ``predictor_pos`` (Linear on [-1, 1] grid coordinates); context-only

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -29,6 +30,13 @@ class AViT(nn.Module):
     then ``high_res_depth`` decoder layers (self-attention, cross-attention to the high-resolution
     tokens, ReLU² MLP; LayerScale ``layer_scale`` = 1e-5 on each branch), then the output norm.
     Attention dropout acts in training only (**fixed**).
+
+    M-JEPA context (``forward(image, token_index=idx)``, MODELS.md 1.5 step 4): the queries are kept at
+    the cells ``idx`` and the decoder layers cross-attend only to the high-resolution keys/values inside
+    those cells (a nearest resize of the cell mask to the key/value grid), so no region outside the
+    context reaches the output at any resolution. The original restricted the keys/values the same way
+    but padded ragged counts with zeros that were attended to (**fixed**: exact counts without padding
+    when the key/value grid is a multiple of the target grid, else padding behind a key-padding mask).
     """
 
     def __init__(
@@ -104,16 +112,58 @@ class AViT(nn.Module):
         self.token_grid(image.shape[-2:])
         return self.stem(image, intensity_scale, intensity_offset)
 
-    def encode(self, queries: torch.Tensor, kv: torch.Tensor, token_index: torch.Tensor | None = None) -> torch.Tensor:
-        """Encoder + decoder layers + output norm; ``token_index`` [B, K] keeps a subset of the queries
-        (the high-resolution keys/values stay complete) -> [B, K, dim]."""
+    def encode(
+        self,
+        queries: torch.Tensor,
+        kv: torch.Tensor,
+        token_index: torch.Tensor | None = None,
+        kv_padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Encoder + decoder layers + output norm on stem outputs.
+
+        queries: [B, Gh*Gw, dim]; kv: [B, Nk, kv_dim], attended exactly as given (the full
+        high-resolution grid, or keys/values the caller gathered, e.g. with :meth:`context_kv`);
+        ``token_index`` [B, K] keeps a subset of the queries; ``kv_padding_mask`` [B, Nk] bool, True =
+        padding (never attended). -> [B, K, dim] ([B, Gh*Gw, dim] without ``token_index``).
+        """
         check_token_index(token_index, queries.shape[0], queries.shape[1])
+        if kv.dim() != 3 or kv.shape[0] != queries.shape[0]:
+            raise ValueError(f"kv: expected [B={queries.shape[0]}, Nk, kv_dim], got shape {tuple(kv.shape)}")
+        if kv_padding_mask is not None and (
+            kv_padding_mask.dtype != torch.bool or tuple(kv_padding_mask.shape) != tuple(kv.shape[:2])
+        ):
+            raise ValueError(
+                f"kv_padding_mask: expected a bool tensor of shape {tuple(kv.shape[:2])}, "
+                f"got {kv_padding_mask.dtype} {tuple(kv_padding_mask.shape)}"
+            )
         x = queries if token_index is None else gather_tokens(queries, token_index)
         for block in self.blocks:
             x = block(x)
         for block in self.high_res_blocks:
-            x = block(x, kv)
+            x = block(x, kv, kv_padding_mask)
         return self.norm(x)
+
+    def context_kv(
+        self, kv: torch.Tensor, token_index: torch.Tensor, kv_grid: Sequence[int]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The high-resolution keys/values inside the cells of ``token_index`` (see :func:`context_kv_index`).
+
+        kv: [B, Hk*Wk, kv_dim] on ``kv_grid`` (Hk, Wk); token_index: [B, K] distinct cells of the target
+        grid -> (kv [B, M, kv_dim], padding [B, M] bool or None). Padding slots hold zeros.
+        """
+        if kv.dim() != 3 or kv.shape[1] != math.prod(kv_grid):
+            raise ValueError(
+                f"kv: expected [B, {math.prod(kv_grid)}, kv_dim] for kv_grid {tuple(kv_grid)}, got {tuple(kv.shape)}"
+            )
+        check_token_index(token_index, kv.shape[0], math.prod(self.target_grid))
+        on_host = token_index.device.type == "cpu" and not torch.compiler.is_compiling()
+        if on_host and token_index.shape[1] > 1 and bool((token_index.sort(dim=1).values.diff(dim=1) == 0).any()):
+            raise ValueError("token_index: the cells of one example must be distinct")
+        index, padding = context_kv_index(token_index, self.target_grid, kv_grid)
+        sub = gather_tokens(kv, index)
+        if padding is not None:
+            sub = sub.masked_fill(padding[..., None], 0.0)
+        return sub, padding
 
     def forward(
         self,
@@ -122,9 +172,84 @@ class AViT(nn.Module):
         intensity_offset: float = 0.0,
         token_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """image -> [B, Gh*Gw, dim] (or [B, K, dim] for ``token_index``), after the final norm."""
+        """image [B, C, H, W] -> [B, Gh*Gw, dim] after the final norm.
+
+        With ``token_index`` [B, K] (distinct cells of the target grid, the M-JEPA context) both inputs
+        of the body are restricted to those cells: the queries to ``token_index`` and the
+        high-resolution keys/values to the tokens inside those cells (:meth:`context_kv`), so nothing of
+        the image outside the kept cells reaches the output except through the overlap of adaptive-pool
+        bins when the grids are not multiples -> [B, K, dim].
+        """
         q, kv = self.embed(image, intensity_scale, intensity_offset)
-        return self.encode(q, kv, token_index)
+        if token_index is None:
+            return self.encode(q, kv)
+        kv_grid = (image.shape[-2] // self.patch, image.shape[-1] // self.patch)
+        kv, padding = self.context_kv(kv, token_index, kv_grid)
+        return self.encode(q, kv, token_index, padding)
+
+
+def kv_cells(grid: Sequence[int], kv_grid: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
+    """Target-grid cell of every key/value token -> [Hk*Wk] int64, row-major over ``kv_grid``.
+
+    Token (r, c) of the key/value grid (Hk, Wk) lies in cell (floor(r*Gh/Hk), floor(c*Gw/Wk)) of the
+    target grid (Gh, Gw): a nearest resize of a target-grid mask to the key/value grid.
+    """
+    (gh, gw), (hk, wk) = grid, kv_grid
+    rows = torch.arange(hk, device=device) * gh // hk
+    cols = torch.arange(wk, device=device) * gw // wk
+    return (rows[:, None] * gw + cols[None, :]).reshape(-1)
+
+
+def _axis_counts(g: int, n: int) -> list[int]:
+    """How many of ``n`` key/value rows fall in each of the ``g`` cells of one axis."""
+    counts = [0] * g
+    for r in range(n):
+        counts[r * g // n] += 1
+    return counts
+
+
+def max_context_kv(grid: Sequence[int], kv_grid: Sequence[int], cells: int) -> int:
+    """The most key/value tokens ``cells`` distinct target-grid cells can hold (a static bound)."""
+    rows, cols = _axis_counts(grid[0], kv_grid[0]), _axis_counts(grid[1], kv_grid[1])
+    sizes = sorted((a * b for a in rows for b in cols), reverse=True)
+    return sum(sizes[: min(cells, len(sizes))])
+
+
+def context_kv_index(
+    token_index: torch.Tensor, grid: Sequence[int], kv_grid: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Positions of the key/value tokens inside the target-grid cells ``token_index``.
+
+    token_index: [B, K] distinct cells of ``grid`` (Gh, Gw); ``kv_grid`` (Hk, Wk) >= grid. A key/value
+    token belongs to the cell :func:`kv_cells` gives. Returns (index [B, M] into the row-major key/value
+    grid, padding [B, M] bool, True = padding, or None):
+
+    * ``kv_grid`` an integer multiple of ``grid`` (every registry size: 192x144 over 32x24): each cell
+      holds sh*sw = (Hk/Gh)*(Wk/Gw) tokens, so M = K*sh*sw for every example and there is no padding;
+      the tokens come cell by cell (in ``token_index`` order), row-major inside a cell.
+    * otherwise cells hold different numbers of tokens and the count differs from example to example:
+      M = :func:`max_context_kv` (the most any K cells can hold, known from the shapes alone, so no
+      value is read back from the device and the shape is static); each row lists its tokens in
+      increasing order, then padding slots (index 0, padding True) that a key-padding mask keeps out of
+      attention (**fixed**: the original padded with zeros that were attended to).
+    """
+    (gh, gw), (hk, wk) = (int(g) for g in grid), (int(g) for g in kv_grid)
+    if hk < gh or wk < gw:
+        raise ValueError(f"kv_grid: {(hk, wk)} is smaller than the target grid {(gh, gw)}")
+    b, k = token_index.shape
+    dev = token_index.device
+    if hk % gh == 0 and wk % gw == 0:
+        sh, sw = hk // gh, wk // gw
+        rows = (token_index // gw)[..., None] * sh + torch.arange(sh, device=dev)  # [B, K, sh]
+        cols = (token_index % gw)[..., None] * sw + torch.arange(sw, device=dev)  # [B, K, sw]
+        return (rows[..., :, None] * wk + cols[..., None, :]).reshape(b, k * sh * sw), None
+    kept = torch.zeros(b, gh * gw, dtype=torch.bool, device=dev).scatter_(1, token_index, True)
+    keep = kept[:, kv_cells((gh, gw), (hk, wk), dev)]  # [B, Hk*Wk]
+    m = max_context_kv((gh, gw), (hk, wk), k)
+    # a stable sort of (not kept) puts the kept positions first, in increasing order
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :m]
+    padding = torch.arange(m, device=dev)[None] >= keep.sum(dim=1, keepdim=True)
+    return order.masked_fill(padding, 0), padding
 
 
 class Conversion(NamedTuple):

@@ -38,6 +38,14 @@ CONFIGS: dict[str, tuple[type[nn.Module], dict[str, Any], tuple[int, int], tuple
         "mammography AViT, dim 512, pooled to 32x24",
     ),
     "vit-i1-p16-d768": (ViT, _VIT_768, (512, 384), (64, 64), "mammography ViT, dim 768"),
+    # the original code built this one at dim 512 too (**fixed**: dim 768, matching its ViT)
+    "vit-i1-p16-d768-a16_12": (
+        AViT,
+        dict(**_VIT_768, kv_dim=256, target_grid=(16, 12), high_res_depth=6),
+        (3072, 2304),
+        (256, 192),
+        "mammography AViT, dim 768, pooled to 16x12",
+    ),
     # the original code built this one at dim 512 (**fixed**: dim 768, matching its ViT)
     "vit-i1-p16-d768-a32_24": (
         AViT,

@@ -67,7 +67,8 @@ class DecoderLayer(nn.Module):
     """AViT decoder layer: self-attention, cross-attention to high-resolution tokens, MLP.
 
     ``x = x + ls1 * selfattn(norm1(x)); x = x + ls2 * crossattn(norm2(x), kv); x = x + ls3 * mlp(norm3(x))``.
-    x: [B, N, dim]; kv: [B, Nk, kv_dim] (already normalised by the stem, so not normalised here) ->
+    x: [B, N, dim]; kv: [B, Nk, kv_dim] (already normalised by the stem, so not normalised here);
+    ``kv_padding_mask``: [B, Nk] bool, True = padding (never attended by the cross-attention) ->
     [B, N, dim]. Each LayerScale starts at ``layer_scale`` (1e-5), so a fresh layer is almost the identity.
     """
 
@@ -97,9 +98,9 @@ class DecoderLayer(nn.Module):
         self.ls2 = LayerScale(dim, layer_scale)
         self.ls3 = LayerScale(dim, layer_scale)
 
-    def forward(self, x: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv: torch.Tensor, kv_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.ls1(self.self_attn(self.norm1(x)))
-        x = x + self.ls2(self.cross_attn(self.norm2(x), kv))
+        x = x + self.ls2(self.cross_attn(self.norm2(x), kv, key_padding_mask=kv_padding_mask))
         return x + self.ls3(self.mlp(self.norm3(x)))
 
 

@@ -29,6 +29,9 @@ Two depths:
   cases. Compilations are cached by Triton (``~/.triton/cache``, keyed by source, options and target), so
   a rerun after a change recompiles only the kernels whose source changed.
 
+``--report`` writes the kernel report instead (kernels/_report.py): the launches of the ops' benchmark cases with
+their runtime specialisation, compiled and checked against the report's rules.
+
 Also here: :func:`runtime_configs`, the config list for a kernel still on ``@triton.autotune`` (every config
 on a GPU, only the interpreter config under ``TRITON_INTERPRET=1``).
 """

@@ -34,6 +34,9 @@ Two depths:
   cases. Compilations are cached by Triton (``~/.triton/cache``, keyed by source, options and target), so
   a rerun after a change recompiles only the kernels whose source changed.
 
+``--report`` writes the kernel report instead (kernels/_report.py): the launches of the ops' benchmark cases with
+their runtime specialisation, compiled and checked against the report's rules.
+
 Also here: :func:`runtime_configs`, the config list for a kernel still on ``@triton.autotune`` (every config
 on a GPU, only the interpreter config under ``TRITON_INTERPRET=1``).
 """
@@ -189,6 +192,55 @@ def register(
                     sig_s = {a: ("constexpr" if a in spec else t) for a, t in full_sig.items()}
                     for al in alignments:
                         _CASES.append(AOTCase(label, fn, sig_s, {**cfg, **spec}, nw, ns, al, rep, arch, strict))
+
+
+# --- what the kernel report needs from the kernel modules (kernels/_report.py) -------------------------
+
+# SMs of the GPUs each architecture's figures are for: H100 / H200 (sm_90), A100 (sm_80).
+SMS = {80: 108, 90: 132}
+_TARGET_SMS: list[int] = []  # set while the kernel report records launches for a GPU it does not have
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelNotes:
+    """What the kernel report cannot read from the compiled code: whether a kernel is persistent (a
+    grid-stride loop over its work, so ``programs < sms`` is by design), and the reason for an exemption
+    from a report rule (keys: ``"spill"``, ``"tensor_cores"``, ``"wave"``, ``"atomic"``)."""
+
+    persistent: bool = False
+    reasons: tuple[tuple[str, str], ...] = ()
+
+
+_NOTES: dict[str, KernelNotes] = {}
+
+
+def note(kernel: Any, *, persistent: bool = False, **reasons: str) -> None:
+    """Declare facts of ``kernel`` for the kernel report (see :class:`KernelNotes`); ``reasons`` maps a rule
+    to why this kernel is exempt from it, e.g. ``note(k, wave="one program per image row by design")``.
+    Recorded under the interpreter too (the report reads it in a process of its own)."""
+    unknown = set(reasons) - {"spill", "tensor_cores", "wave", "atomic"}
+    if unknown:
+        raise ValueError(f"kernel report note: unknown rules {sorted(unknown)}")
+    fn = _unwrap(kernel) if not interpreting() else getattr(kernel, "fn", kernel)
+    inner = getattr(fn, "fn", fn)
+    _NOTES[f"{inner.__module__}.{inner.__name__}"] = KernelNotes(persistent, tuple(sorted(reasons.items())))
+
+
+def notes_of(fn: Any) -> KernelNotes:
+    inner = getattr(fn, "fn", fn)
+    return _NOTES.get(f"{inner.__module__}.{inner.__name__}", KernelNotes())
+
+
+def sm_count(device: Any) -> int | None:
+    """SMs a launcher sizes its grid for: the GPU's; while the kernel report records launches of CPU
+    tensors, those of the GPU it reports on; None on a CPU otherwise (the interpreter's small grids)."""
+    if _TARGET_SMS:
+        return _TARGET_SMS[-1]
+    if device is not None and getattr(device, "type", None) == "cuda":
+        import torch
+
+        return int(torch.cuda.get_device_properties(device).multi_processor_count)
+    return None
 
 
 def interpreting() -> bool:
@@ -351,9 +403,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shards", type=int, default=1)
     p.add_argument("--match", default="", help="only cases whose id contains this text")
     p.add_argument("--list", action="store_true", help="print the cases instead of compiling them")
+    p.add_argument(
+        "--report",
+        action="store_true",
+        help="write the kernel report of the ops' benchmark cases (kernels/_report.py) to --out and apply its rules",
+    )
+    p.add_argument("--out", default="benchmarks", help="with --report: folder of kernel_report.json / .md")
+    p.add_argument(
+        "--check", action="store_true", help="with --report: fail when the report in --out is out of date (no write)"
+    )
     a = p.parse_args(argv)
     if interpreting():
         raise SystemExit("the compile gate must run without TRITON_INTERPRET=1")
+    if a.report:
+        from fm_engine.kernels import _report
+
+        return _report.main(a)
     archs = a.arch or list(ARCHS)
     if a.jobs > 1:
         fwd = [f"--arch={x}" for x in archs] + (["--all"] if a.all else []) + (["--list"] if a.list else [])

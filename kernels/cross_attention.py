@@ -9,34 +9,21 @@ per query tile gives 6 x 8 = 48 programs for 132 SMs, each walking 27,648 keys; 
 into S ranges gives 48 * S programs, each writing its normalised partial output and base-2
 log-sum-exp in fp32, which ``_combine_kernel`` merges exactly (online rescaling over the splits).
 
-Backward: ``_delta_kernel`` computes delta = rowsum(dO * o); then one fused kernel, ``_bwd_kernel``, with
-grid (key splits S, B * Hkv). A program owns a contiguous range of key tiles of one KV head; for each key tile
-it keeps K, V and the dK, dV accumulators on chip and streams every query tile of the head group's Hq / Hkv
-query heads past them, computing S = QK^T, P, dP = dO V^T and dS once per (query tile, key tile) and from
-them all three gradients: dV += P^T dO, dK += dS^T Q, and dQ_tile = dS K, which it adds into its split's
-fp32 dQ partial [S, B*Hq, Nq, D]. Only that program writes that partial (it zeroes it, then reduces into it
-in program order), so the sums are the same in every run; ``_dq_merge_kernel`` adds
-the S partials in split order, scales and rounds once (deterministic, no atomics across programs).
+Backward, in the FlashAttention-2 shape: ``_delta_kernel`` computes delta = rowsum(dO * o); then two kernels,
+each writing its own outputs only (no read-modify-write, no atomics, the same sums in every run):
 
-FLOP / byte model of the backward (per batch, bf16, s = 2 bytes; the AViT shape in brackets: Hq 8, Hkv 4,
-Nq 768, Nk 27,648, D 64; BLOCK_N = 128 keys resident):
-  matmul FLOP   = 10 * Hq * Nq * Nk * D  (S recomputed, dP, dV, dK, dQ)            [108.7 GFLOP]
-                  the previous two-kernel design (dK/dV pass, then a key-split dQ pass) recomputed S and dP
-                  in both passes: 14 * Hq * Nq * Nk * D                             [152.2 GFLOP, +40 %]
-  DRAM bytes    = s * Hkv * Nk * D * 4 (read K, V; write dK, dV)                   [57 MB]
-                + s * Hq * Nq * D * 3 (Q, dO read; dQ written), each key-split program re-reads Q and dO
-                  of its head group, which stay in L2 (2 * 2 * Nq * D * s = 393 KB per KV head)
-                + 4 * S * Hq * Nq * D * 2 (dQ partials written and read once)      [~52 MB at S*B*Hkv = 132]
-  L2 reductions = 4 * Hq * Nq * D * Nk / BLOCK_N (one fp32 [Nq, D] per key tile per query head) [340 MB]
-With Nk / Nq = 36 the kernel is compute-bound: at the bf16 tensor-core rate the 108.7 GFLOP need ~0.14 ms
-on an H100/H200 (790 TFLOP/s measured), while the ~110 MB of DRAM traffic need ~0.03 ms and the reductions
-arrive at ~1.3 TB/s even at 400 TFLOP/s, within L2's reduction bandwidth. Against the old design the new one
-removes 40 % of the matmul work, the second pass over K and V, and the separate dQ kernel's launch; what it
-adds (the partial buffer, ~52 MB written and read) costs about 0.03 ms at DRAM speed. Why this should beat
-SDPA's cuDNN backward (0.30 ms measured at B 1 on the H200, about 360 TFLOP/s on the 10x count) is that
-estimate only: it has not been measured, and the KV-head grouping (both query heads of a KV head in one
-program, so K and V are read once for both) is the one structural advantage over an SDPA call on expanded
-heads.
+* ``_bwd_dkdv_kernel``, grid (key tiles, B * Hkv): one pass over the key blocks. A program keeps one key tile's
+  K, V and dK, dV accumulators on chip and streams every query tile of the head group's Hq / Hkv query heads
+  past them (one flat loop, software-pipelined): S^T = K Q^T, P^T, dP^T = V dO^T, dV += P^T dO,
+  dK += dS^T Q. At the AViT shape (Nk 27,648, 128-key tiles, Hkv 4) that is 864 programs at B 1.
+* ``_bwd_dq_kernel``, grid (query tiles, B * Hq, key splits): one pass over the query blocks. A program keeps a
+  query tile's Q, dO and dQ accumulator on chip and streams its split's key tiles: S = Q K^T, P, dP = dO V^T,
+  dQ += dS K. The keys are split (:func:`bwd_splits`, as the forward) so that B 1 (6 x 8 query tiles of 128)
+  still fills the GPU; each split writes an fp32 partial that ``_dq_merge_kernel`` adds in split order.
+
+FLOP of the backward: 14 * Hq * Nq * Nk * D per batch (S and dP are computed in both kernels; a fused kernel
+needs 10, but adds dQ into memory from every key tile inside its innermost loop, which serialises it).
+Nothing here was timed on a GPU yet.
 
 Skipped work with a key-padding mask: the forward trims each split's key range to its first and last
 non-padding key (ragged sequences are padded at the end), and the fused backward skips the query loop of
@@ -277,118 +264,122 @@ def _delta_kernel(
 
 
 @triton.jit
-def _bwd_kernel(
-    q_ptr,
-    k_ptr,
-    v_ptr,
-    do_ptr,
-    lse_ptr,
-    delta_ptr,
-    dk_ptr,
-    dv_ptr,
-    dqp_ptr,
-    kpm_ptr,
-    sq_b,
-    sq_h,
-    sq_m,
-    sk_b,
-    sk_h,
-    sk_n,
-    sv_b,
-    sv_h,
-    sv_n,
-    sd_b,
-    sd_h,
-    sd_m,
-    skpm_b,
-    HKV,
-    NQ,
-    NK,
-    GROUP,
-    BLOCKS_PER_SPLIT,
-    scale,
-    scale_log2,
-    seed,
-    p_drop,
-    D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    IEEE: tl.constexpr,
-    HAS_MASK: tl.constexpr,
+def _bwd_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, kpm_ptr,
+    sq_b, sq_h, sq_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sd_b, sd_h, sd_m, skpm_b,
+    HKV, NQ, NK, GROUP, scale, scale_log2, seed, p_drop,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, HAS_MASK: tl.constexpr,
     DROPOUT: tl.constexpr,
-):
-    """dK, dV (final) and this split's dQ partial (unscaled fp32, [S, B*Hq, NQ, D]) of one KV head."""
-    pid_s = tl.program_id(0)
+):  # fmt: skip
+    """dK, dV of one key tile of one KV head: grid (key tiles, B * Hkv).
+
+    K and V of the tile and the dK, dV accumulators stay on chip while every query tile of the head group's
+    GROUP query heads streams past (one flat loop, so Triton pipelines its loads); per step S^T = K Q^T,
+    P^T, dP^T = V dO^T, dV += P^T dO, dS^T = P^T (dP^T - delta), dK += dS^T Q. Only this program writes its
+    rows of dK and dV: no atomics, the same sums in every run."""
+    pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // HKV
     hk = pid_bh % HKV
     n_hq = HKV * GROUP
     offs_d = tl.arange(0, D)
     inv_keep = 1.0 / (1.0 - p_drop)
-    # This program alone writes its split's partial: it zeroes it, then adds each key tile's dQ into it with
-    # reductions issued in program order (separated by barriers), so the fp32 sums are the same in every run.
-    # Zeroing here rather than with a memset keeps the lines in L2 for the reductions that follow.
-    dqp_split = dqp_ptr + pid_s.to(tl.int64) * tl.num_programs(1) * GROUP * NQ * D
-    for g in range(0, GROUP):
-        for start_m in range(0, NQ, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            dq_ptrs = dqp_split + ((b * n_hq + hk * GROUP + g) * NQ + offs_m[:, None]) * D + offs_d[None, :]
-            tl.store(dq_ptrs, tl.zeros([BLOCK_M, D], tl.float32), mask=(offs_m < NQ)[:, None])
-    tl.debug_barrier()  # the zeros land before any reduction (a reduction may come from another thread)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_seq = offs_n < NK
+    col_ok = _key_ok(kpm_ptr, b * skpm_b, offs_n, NK, HAS_MASK)
+    k = tl.load(
+        k_ptr + b * sk_b + hk * sk_h + offs_n[:, None] * sk_n + offs_d[None, :], mask=col_ok[:, None], other=0.0
+    )
+    v = tl.load(
+        v_ptr + b * sv_b + hk * sv_h + offs_n[:, None] * sv_n + offs_d[None, :], mask=col_ok[:, None], other=0.0
+    )
+    dk = tl.zeros([BLOCK_N, D], tl.float32)
+    dv = tl.zeros([BLOCK_N, D], tl.float32)
+    n_m = tl.cdiv(NQ, BLOCK_M)
+    # a tile of padding keys only gets dK = dV = 0: its query loop is skipped
+    steps = tl.where(tl.max(col_ok.to(tl.int32), 0) > 0, GROUP * n_m, 0)
+    for it in range(0, steps):
+        h = hk * GROUP + it // n_m
+        offs_m = (it % n_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < NQ
+        row_base = (b * n_hq + h) * NQ
+        q = tl.load(
+            q_ptr + b * sq_b + h * sq_h + offs_m[:, None] * sq_m + offs_d[None, :], mask=row_ok[:, None], other=0.0
+        )
+        do = tl.load(
+            do_ptr + b * sd_b + h * sd_h + offs_m[:, None] * sd_m + offs_d[None, :], mask=row_ok[:, None], other=0.0
+        )
+        lse = _lse_for_backward(tl.load(lse_ptr + row_base + offs_m, mask=row_ok, other=0.0))
+        delta = tl.load(delta_ptr + row_base + offs_m, mask=row_ok, other=0.0)
+        st = _dot(k, tl.trans(q), IEEE) * scale_log2  # S^T [BLOCK_N, BLOCK_M]
+        pt = tl.where(row_ok[None, :] & col_ok[:, None], tl.exp2(st - lse[None, :]), 0.0)
+        dpt = _dot(v, tl.trans(do), IEEE)
+        if DROPOUT:  # dV = P_d^T dO, dP = (dO V^T) * mult; delta = rowsum(dO * O) already sees the mask
+            mult = tl.trans(_dropout_mult(seed, row_base + offs_m, pid_n * BLOCK_N, NK, p_drop, inv_keep, BLOCK_N))
+            dv += _dot((pt * mult).to(do.dtype), do, IEEE)
+            dpt = dpt * mult
+        else:
+            dv += _dot(pt.to(do.dtype), do, IEEE)
+        dk += _dot((pt * (dpt - delta[None, :])).to(q.dtype), q, IEEE)
+    out = (pid_bh * NK + offs_n[:, None]) * D + offs_d[None, :]
+    tl.store(dk_ptr + out, (dk * scale).to(dk_ptr.dtype.element_ty), mask=in_seq[:, None])
+    tl.store(dv_ptr + out, dv.to(dv_ptr.dtype.element_ty), mask=in_seq[:, None])
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dqp_ptr, kpm_ptr,
+    sq_b, sq_h, sq_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sd_b, sd_h, sd_m, skpm_b,
+    H, NQ, NK, GROUP, BLOCKS_PER_SPLIT, scale, scale_log2, seed, p_drop,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
+    HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
+):  # fmt: skip
+    """dQ of one query tile of one query head over one key split: grid (query tiles, B * Hq, key splits).
+
+    Q, dO and the dQ accumulator stay on chip while the split's key tiles stream past; per step S = Q K^T,
+    P, dP = dO V^T, dS = P (dP - delta), dQ += dS K. With SPLIT the unscaled fp32 sum goes to the split's
+    partial [S, B*Hq, NQ, D] (``_dq_merge_kernel`` adds the partials in split order), else dQ is stored."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    pid_s = tl.program_id(2)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    row_ok = offs_m < NQ
+    inv_keep = 1.0 / (1.0 - p_drop)
+    rows = pid_bh * NQ + offs_m
+    q = tl.load(q_ptr + b * sq_b + h * sq_h + offs_m[:, None] * sq_m + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(
+        do_ptr + b * sd_b + h * sd_h + offs_m[:, None] * sd_m + offs_d[None, :], mask=row_ok[:, None], other=0.0
+    )
+    lse = _lse_for_backward(tl.load(lse_ptr + rows, mask=row_ok, other=0.0))
+    delta = tl.load(delta_ptr + rows, mask=row_ok, other=0.0)
+    k_base = k_ptr + b * sk_b + hk * sk_h
+    v_base = v_ptr + b * sv_b + hk * sv_h
+    dq = tl.zeros([BLOCK_M, D], tl.float32)
     kb_start = pid_s * BLOCKS_PER_SPLIT
     kb_end = tl.minimum(kb_start + BLOCKS_PER_SPLIT, tl.cdiv(NK, BLOCK_N))
-    for kb in range(kb_start, kb_end):
+    kb_lo, kb_hi = _live_tiles(kpm_ptr, b * skpm_b, kb_start, kb_end, NK, BLOCK_N, HAS_MASK)
+    for kb in range(kb_lo, kb_hi):
         offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-        in_seq = offs_n < NK
         col_ok = _key_ok(kpm_ptr, b * skpm_b, offs_n, NK, HAS_MASK)
-        # a tile of padding keys only gets dK = dV = 0 and adds nothing to dQ: its query loop is skipped
-        nq_walk = tl.where(tl.max(col_ok.to(tl.int32), 0) > 0, NQ, 0)
-        k = tl.load(
-            k_ptr + b * sk_b + hk * sk_h + offs_n[:, None] * sk_n + offs_d[None, :], mask=col_ok[:, None], other=0.0
-        )
-        v = tl.load(
-            v_ptr + b * sv_b + hk * sv_h + offs_n[:, None] * sv_n + offs_d[None, :], mask=col_ok[:, None], other=0.0
-        )
-        dk = tl.zeros([BLOCK_N, D], tl.float32)
-        dv = tl.zeros([BLOCK_N, D], tl.float32)
-        for g in range(0, GROUP):
-            h = hk * GROUP + g
-            q_base = q_ptr + b * sq_b + h * sq_h
-            do_base = do_ptr + b * sd_b + h * sd_h
-            row_base = (b * n_hq + h) * NQ
-            for start_m in range(0, nq_walk, BLOCK_M):
-                offs_m = start_m + tl.arange(0, BLOCK_M)
-                row_ok = offs_m < NQ
-                q = tl.load(q_base + offs_m[:, None] * sq_m + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-                do = tl.load(do_base + offs_m[:, None] * sd_m + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-                lse = _lse_for_backward(tl.load(lse_ptr + row_base + offs_m, mask=row_ok, other=0.0))
-                delta = tl.load(delta_ptr + row_base + offs_m, mask=row_ok, other=0.0)
-                st = _dot(k, tl.trans(q), IEEE) * scale_log2  # S^T [BLOCK_N, BLOCK_M]
-                pt = tl.where(row_ok[None, :] & col_ok[:, None], tl.exp2(st - lse[None, :]), 0.0)
-                dpt = _dot(v, tl.trans(do), IEEE)
-                if DROPOUT:  # dV = P_d^T dO, dP = (dO V^T) * mult; delta = rowsum(dO * O) already sees the mask
-                    mult = tl.trans(_dropout_mult(seed, row_base + offs_m, kb * BLOCK_N, NK, p_drop, inv_keep, BLOCK_N))
-                    dv += _dot((pt * mult).to(do.dtype), do, IEEE)
-                    dpt = dpt * mult
-                else:
-                    dv += _dot(pt.to(do.dtype), do, IEEE)
-                dst = (pt * (dpt - delta[None, :])).to(q.dtype)
-                dk += _dot(dst, q, IEEE)
-                dq = _dot(tl.trans(dst), k, IEEE)  # [BLOCK_M, D]
-                dq_ptrs = dqp_split + ((b * n_hq + h) * NQ + offs_m[:, None]) * D + offs_d[None, :]
-                # a plain store on the first tile instead of the zeroing would need a branch here, which
-                # Triton 3.6's software pipeliner rejects for sm_90
-                tl.atomic_add(dq_ptrs, dq, mask=row_ok[:, None], sem="relaxed")
-        tl.store(
-            dk_ptr + (pid_bh * NK + offs_n[:, None]) * D + offs_d[None, :],
-            (dk * scale).to(dk_ptr.dtype.element_ty),
-            mask=in_seq[:, None],
-        )
-        tl.store(
-            dv_ptr + (pid_bh * NK + offs_n[:, None]) * D + offs_d[None, :],
-            dv.to(dv_ptr.dtype.element_ty),
-            mask=in_seq[:, None],
-        )
+        kt = tl.load(k_base + offs_n[None, :] * sk_n + offs_d[:, None], mask=col_ok[None, :], other=0.0)
+        vt = tl.load(v_base + offs_n[None, :] * sv_n + offs_d[:, None], mask=col_ok[None, :], other=0.0)
+        s = _dot(q, kt, IEEE) * scale_log2
+        p = tl.where(row_ok[:, None] & col_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
+        dp = _dot(do, vt, IEEE)
+        if DROPOUT:
+            dp = dp * _dropout_mult(seed, rows, kb * BLOCK_N, NK, p_drop, inv_keep, BLOCK_N)
+        ds = (p * (dp - delta[:, None])).to(q.dtype)
+        dq += _dot(ds, tl.trans(kt), IEEE)
+    if SPLIT:
+        part = (pid_s.to(tl.int64) * tl.num_programs(1) + pid_bh) * NQ
+        tl.store(dqp_ptr + (part + offs_m[:, None]) * D + offs_d[None, :], dq, mask=row_ok[:, None])
+    else:
+        tl.store(dq_ptr + (rows[:, None] * D + offs_d[None, :]), (dq * scale).to(dq_ptr.dtype.element_ty),
+                 mask=row_ok[:, None])  # fmt: skip
 
 
 @triton.jit
@@ -413,6 +404,14 @@ def _dq_merge_kernel(dqp_ptr, dq_ptr, N, NSPLIT, scale, BLOCK: tl.constexpr):
 
 _INTERP_TILE = 16  # tl.dot's minimum; small tiles make partial tiles and many splits cheap to reach in tests
 INTERPRETER_CONFIG = {"BLOCK_M": _INTERP_TILE, "BLOCK_N": _INTERP_TILE, "num_warps": 4, "num_stages": 1}
+BWD_INTERPRETER_CONFIG = {
+    **INTERPRETER_CONFIG,
+    "DQ_M": _INTERP_TILE,
+    "DQ_N": _INTERP_TILE,
+    "dq_warps": 4,
+    "dq_stages": 1,
+}
+DELTA_ROWS = 32  # query rows per program of the delta kernel: 24 x 8 programs at the AViT shape, B 1
 MERGE_BLOCK = 1024
 
 
@@ -490,71 +489,144 @@ _FWD_TILES: dict[tuple[str, int, int, bool, bool], tuple[tuple[int, int, int, in
     ("fp32", 128, 90, True, False): ((64, 32, 8, 2), (32, 32, 4, 2), (16, 32, 4, 2)),
     ("fp32", 128, 90, True, True): ((64, 32, 8, 2), (32, 32, 4, 2), (16, 32, 4, 2)),
 }
-_BWD_TILES: dict[tuple[str, int, int, bool, bool], tuple[tuple[int, int, int, int], ...]] = {
-    ("half", 16, 80, False, False): ((64, 128, 8, 1), (64, 128, 8, 2), (32, 128, 4, 1)),
-    ("half", 16, 80, False, True): ((64, 128, 8, 1), (64, 128, 8, 2), (32, 128, 4, 1)),
-    ("half", 16, 80, True, False): ((64, 128, 8, 1), (64, 128, 8, 2), (32, 128, 4, 1)),
-    ("half", 16, 80, True, True): ((64, 128, 8, 1), (64, 128, 8, 2), (32, 128, 4, 1)),
-    ("half", 16, 90, False, False): ((64, 128, 8, 1), (64, 128, 8, 2), (32, 128, 4, 1)),
-    ("half", 16, 90, False, True): ((64, 128, 8, 1), (64, 128, 8, 2), (32, 128, 4, 1)),
-    ("half", 16, 90, True, False): ((64, 128, 8, 1), (64, 128, 8, 2), (32, 128, 4, 1)),
-    ("half", 16, 90, True, True): ((64, 128, 8, 1), (64, 128, 8, 2), (32, 128, 4, 1)),
-    ("half", 32, 80, False, False): ((64, 128, 8, 1), (64, 128, 8, 2), (32, 128, 8, 1)),
-    ("half", 32, 80, False, True): ((32, 128, 8, 1), (32, 128, 8, 2), (32, 64, 4, 1)),
-    ("half", 32, 80, True, False): ((32, 128, 8, 1), (32, 128, 8, 2), (64, 64, 8, 1)),
-    ("half", 32, 80, True, True): ((32, 128, 8, 1), (32, 128, 8, 2), (32, 64, 4, 1)),
-    ("half", 32, 90, False, False): ((64, 128, 8, 1), (64, 128, 8, 2), (32, 128, 4, 1)),
-    ("half", 32, 90, False, True): ((32, 128, 8, 1), (32, 128, 8, 2), (64, 64, 8, 1)),
-    ("half", 32, 90, True, False): ((64, 128, 8, 1), (64, 128, 8, 2), (32, 128, 4, 1)),
-    ("half", 32, 90, True, True): ((32, 128, 8, 1), (32, 128, 8, 2), (64, 64, 8, 1)),
-    ("half", 64, 80, False, False): ((32, 64, 8, 1), (32, 64, 8, 2), (16, 64, 8, 1)),
-    ("half", 64, 80, False, True): ((32, 64, 8, 1), (32, 64, 8, 2), (16, 64, 8, 1)),
-    ("half", 64, 80, True, False): ((32, 64, 8, 1), (32, 64, 8, 2), (16, 64, 8, 1)),
-    ("half", 64, 80, True, True): ((16, 64, 8, 1), (16, 64, 8, 2), (32, 32, 8, 1)),
-    ("half", 64, 90, False, False): ((64, 128, 8, 1), (32, 128, 8, 1), (32, 128, 8, 2)),
-    ("half", 64, 90, False, True): ((32, 128, 8, 1), (32, 64, 8, 1), (32, 64, 8, 2)),
-    ("half", 64, 90, True, False): ((32, 128, 8, 1), (32, 128, 8, 2), (64, 64, 8, 2)),
-    ("half", 64, 90, True, True): ((32, 128, 8, 1), (32, 64, 8, 1), (32, 64, 8, 2)),
-    ("half", 128, 80, False, False): ((32, 32, 8, 1), (32, 32, 8, 2), (16, 32, 4, 1)),
-    ("half", 128, 80, False, True): ((32, 32, 8, 1), (32, 32, 8, 2), (16, 32, 8, 1)),
-    ("half", 128, 80, True, False): ((32, 32, 8, 1), (16, 32, 8, 1), (16, 32, 8, 2)),
-    ("half", 128, 80, True, True): ((32, 16, 8, 1), (16, 16, 8, 1), (16, 16, 4, 1)),
-    ("half", 128, 90, False, False): ((32, 32, 8, 1), (32, 32, 8, 2), (16, 32, 4, 1)),
-    ("half", 128, 90, False, True): ((32, 32, 8, 1), (32, 32, 8, 2), (16, 32, 4, 1)),
-    ("half", 128, 90, True, False): ((32, 32, 8, 1), (32, 32, 8, 2), (16, 32, 4, 1)),
-    ("half", 128, 90, True, True): ((32, 32, 8, 1), (32, 32, 8, 2), (16, 32, 8, 1)),
-    ("fp32", 16, 80, False, False): ((32, 32, 4, 2), (16, 64, 4, 2), (16, 64, 8, 2)),
-    ("fp32", 16, 80, False, True): ((32, 32, 4, 2), (32, 32, 8, 2), (16, 64, 4, 2)),
-    ("fp32", 16, 80, True, False): ((32, 32, 4, 2), (16, 64, 4, 2), (16, 64, 8, 2)),
-    ("fp32", 16, 80, True, True): ((32, 32, 8, 2), (16, 64, 4, 2), (16, 64, 8, 2)),
-    ("fp32", 16, 90, False, False): ((32, 32, 8, 2), (16, 64, 8, 2), (16, 32, 4, 2)),
-    ("fp32", 16, 90, False, True): ((32, 32, 4, 2), (32, 32, 8, 2), (16, 64, 4, 2)),
-    ("fp32", 16, 90, True, False): ((32, 32, 4, 2), (16, 64, 4, 2), (16, 64, 8, 2)),
-    ("fp32", 16, 90, True, True): ((32, 32, 4, 2), (32, 32, 8, 2), (16, 64, 4, 2)),
-    ("fp32", 32, 80, False, False): ((32, 32, 8, 2), (16, 64, 4, 2), (32, 16, 4, 2)),
-    ("fp32", 32, 80, False, True): ((16, 64, 4, 2), (32, 16, 4, 2), (32, 16, 8, 2)),
-    ("fp32", 32, 80, True, False): ((32, 32, 4, 2), (32, 32, 8, 2), (16, 64, 4, 2)),
-    ("fp32", 32, 80, True, True): ((16, 32, 4, 2), (16, 16, 4, 2), (32, 64, 8, 2)),
-    ("fp32", 32, 90, False, False): ((32, 32, 4, 2), (16, 64, 4, 2), (16, 32, 8, 2)),
-    ("fp32", 32, 90, False, True): ((32, 32, 4, 2), (32, 32, 8, 2), (16, 64, 4, 2)),
-    ("fp32", 32, 90, True, False): ((32, 32, 4, 2), (16, 64, 4, 2), (16, 32, 4, 2)),
-    ("fp32", 32, 90, True, True): ((32, 32, 4, 2), (32, 32, 8, 2), (16, 64, 4, 2)),
-    ("fp32", 64, 80, False, False): ((32, 32, 8, 2), (16, 64, 8, 2), (16, 32, 8, 2)),
-    ("fp32", 64, 80, False, True): ((32, 32, 8, 2), (16, 64, 8, 2), (32, 16, 8, 2)),
-    ("fp32", 64, 80, True, False): ((32, 32, 8, 2), (16, 64, 8, 2), (16, 32, 8, 2)),
-    ("fp32", 64, 80, True, True): ((16, 64, 8, 2), (32, 16, 8, 2), (16, 16, 4, 2)),
-    ("fp32", 64, 90, False, False): ((32, 32, 8, 2), (16, 64, 8, 2), (16, 32, 8, 2)),
-    ("fp32", 64, 90, False, True): ((32, 32, 8, 2), (16, 64, 8, 2), (16, 32, 8, 2)),
-    ("fp32", 64, 90, True, False): ((32, 32, 8, 2), (16, 64, 8, 2), (16, 32, 4, 2)),
-    ("fp32", 64, 90, True, True): ((32, 32, 8, 2), (16, 64, 8, 2), (16, 32, 4, 2)),
-    ("fp32", 128, 80, False, False): ((16, 32, 8, 2), (32, 16, 8, 2), (16, 16, 4, 2)),
-    ("fp32", 128, 80, False, True): ((16, 32, 8, 2), (16, 16, 4, 2), (16, 16, 8, 2)),
-    ("fp32", 128, 80, True, False): ((16, 32, 8, 2), (32, 16, 8, 2), (16, 16, 4, 2)),
-    ("fp32", 128, 80, True, True): ((16, 32, 8, 2), (16, 16, 4, 2), (16, 16, 8, 2)),
-    ("fp32", 128, 90, False, False): ((16, 64, 8, 2), (16, 32, 8, 2), (32, 16, 8, 2)),
-    ("fp32", 128, 90, False, True): ((16, 32, 8, 2), (32, 16, 8, 2), (16, 16, 4, 2)),
-    ("fp32", 128, 90, True, False): ((16, 64, 8, 2), (16, 32, 8, 2), (32, 16, 8, 2)),
-    ("fp32", 128, 90, True, True): ((16, 32, 8, 2), (32, 16, 8, 2), (16, 16, 4, 2)),
+# Backward tiles (BLOCK_M queries, BLOCK_N keys, warps, stages) per (operand class, head dim, architecture,
+# HAS_MASK, DROPOUT), the first the default. dK / dV kernel: 64-128 keys resident (the tile's rows: wgmma on
+# sm_90), queries streamed; dQ kernel: 64-128 queries resident, 32-64 keys streamed. 8 warps and 2 stages
+# keep the dots pipelined within the register budget; the compile gate checks every entry for spills. sm_80
+# (mma.sync, accumulators in registers) has one candidate: 64x128 dK / dV tiles spill 8-456 B there and a
+# 64x64 dQ tile 8-152 B (the kernel report at the AViT shape). fp32 (ieee dots) has one candidate, 8 warps, or 4 where 8
+# keep an 8-byte stack frame (dK / dV masked on sm_80, dQ with dropout on sm_90; 4 warps spill elsewhere).
+_DKDV_TILES: dict[tuple[str, int, int, bool, bool], tuple[tuple[int, int, int, int], ...]] = {
+    ("half", 16, 80, False, False): ((32, 128, 8, 2),),
+    ("half", 16, 80, False, True): ((32, 128, 8, 2),),
+    ("half", 16, 80, True, False): ((32, 128, 8, 2),),
+    ("half", 16, 80, True, True): ((32, 128, 8, 2),),
+    ("half", 16, 90, False, False): ((64, 128, 8, 2), (32, 128, 8, 2)),
+    ("half", 16, 90, False, True): ((64, 128, 8, 2), (32, 128, 8, 2)),
+    ("half", 16, 90, True, False): ((64, 128, 8, 2), (32, 128, 8, 2)),
+    ("half", 16, 90, True, True): ((64, 128, 8, 2), (32, 128, 8, 2)),
+    ("half", 32, 80, False, False): ((32, 128, 8, 2),),
+    ("half", 32, 80, False, True): ((32, 128, 8, 2),),
+    ("half", 32, 80, True, False): ((32, 128, 8, 2),),
+    ("half", 32, 80, True, True): ((32, 128, 8, 2),),
+    ("half", 32, 90, False, False): ((64, 128, 8, 2), (32, 128, 8, 2)),
+    ("half", 32, 90, False, True): ((64, 128, 8, 2), (32, 128, 8, 2)),
+    ("half", 32, 90, True, False): ((64, 128, 8, 2), (32, 128, 8, 2)),
+    ("half", 32, 90, True, True): ((64, 128, 8, 2), (32, 128, 8, 2)),
+    ("half", 64, 80, False, False): ((32, 128, 8, 2),),
+    ("half", 64, 80, False, True): ((32, 128, 8, 2),),
+    ("half", 64, 80, True, False): ((32, 128, 8, 2),),
+    ("half", 64, 80, True, True): ((32, 128, 8, 2),),
+    ("half", 64, 90, False, False): ((64, 128, 8, 2), (32, 128, 8, 2)),
+    ("half", 64, 90, False, True): ((64, 128, 8, 2), (32, 128, 8, 2)),
+    ("half", 64, 90, True, False): ((64, 128, 8, 2), (32, 128, 8, 2)),
+    ("half", 64, 90, True, True): ((64, 128, 8, 2), (32, 128, 8, 2)),
+    ("half", 128, 80, False, False): ((32, 64, 8, 1),),
+    ("half", 128, 80, False, True): ((32, 64, 8, 1),),
+    ("half", 128, 80, True, False): ((32, 64, 8, 1),),
+    ("half", 128, 80, True, True): ((32, 64, 8, 1),),
+    ("half", 128, 90, False, False): ((32, 64, 8, 2), (16, 64, 8, 2)),
+    ("half", 128, 90, False, True): ((32, 64, 8, 2), (16, 64, 8, 2)),
+    ("half", 128, 90, True, False): ((32, 64, 8, 2), (16, 64, 8, 2)),
+    ("half", 128, 90, True, True): ((32, 64, 8, 2), (16, 64, 8, 2)),
+    ("fp32", 16, 80, False, False): ((32, 32, 8, 2),),
+    ("fp32", 16, 80, False, True): ((32, 32, 8, 2),),
+    ("fp32", 16, 80, True, False): ((32, 32, 4, 2),),
+    ("fp32", 16, 80, True, True): ((32, 32, 8, 2),),
+    ("fp32", 16, 90, False, False): ((32, 32, 8, 2),),
+    ("fp32", 16, 90, False, True): ((32, 32, 8, 2),),
+    ("fp32", 16, 90, True, False): ((32, 32, 8, 2),),
+    ("fp32", 16, 90, True, True): ((32, 32, 8, 2),),
+    ("fp32", 32, 80, False, False): ((32, 32, 8, 2),),
+    ("fp32", 32, 80, False, True): ((32, 32, 8, 2),),
+    ("fp32", 32, 80, True, False): ((32, 32, 4, 2),),
+    ("fp32", 32, 80, True, True): ((32, 32, 8, 2),),
+    ("fp32", 32, 90, False, False): ((32, 32, 8, 2),),
+    ("fp32", 32, 90, False, True): ((32, 32, 8, 2),),
+    ("fp32", 32, 90, True, False): ((32, 32, 8, 2),),
+    ("fp32", 32, 90, True, True): ((32, 32, 8, 2),),
+    ("fp32", 64, 80, False, False): ((32, 32, 8, 2),),
+    ("fp32", 64, 80, False, True): ((32, 32, 8, 2),),
+    ("fp32", 64, 80, True, False): ((32, 32, 4, 2),),
+    ("fp32", 64, 80, True, True): ((32, 32, 8, 2),),
+    ("fp32", 64, 90, False, False): ((32, 32, 8, 2),),
+    ("fp32", 64, 90, False, True): ((32, 32, 8, 2),),
+    ("fp32", 64, 90, True, False): ((32, 32, 8, 2),),
+    ("fp32", 64, 90, True, True): ((32, 32, 8, 2),),
+    ("fp32", 128, 80, False, False): ((16, 32, 8, 2),),
+    ("fp32", 128, 80, False, True): ((16, 32, 8, 2),),
+    ("fp32", 128, 80, True, False): ((16, 32, 8, 2),),
+    ("fp32", 128, 80, True, True): ((16, 32, 8, 2),),
+    ("fp32", 128, 90, False, False): ((16, 32, 8, 2),),
+    ("fp32", 128, 90, False, True): ((16, 32, 8, 2),),
+    ("fp32", 128, 90, True, False): ((16, 32, 8, 2),),
+    ("fp32", 128, 90, True, True): ((16, 32, 8, 2),),
+}
+_DQ_TILES: dict[tuple[str, int, int, bool, bool], tuple[tuple[int, int, int, int], ...]] = {
+    ("half", 16, 80, False, False): ((128, 32, 8, 2),),
+    ("half", 16, 80, False, True): ((128, 32, 8, 2),),
+    ("half", 16, 80, True, False): ((128, 32, 8, 2),),
+    ("half", 16, 80, True, True): ((128, 32, 8, 2),),
+    ("half", 16, 90, False, False): ((128, 32, 8, 2), (64, 64, 8, 2)),
+    ("half", 16, 90, False, True): ((128, 32, 8, 2), (64, 64, 8, 2)),
+    ("half", 16, 90, True, False): ((128, 32, 8, 2), (64, 64, 8, 2)),
+    ("half", 16, 90, True, True): ((128, 32, 8, 2), (64, 64, 8, 2)),
+    ("half", 32, 80, False, False): ((128, 32, 8, 2),),
+    ("half", 32, 80, False, True): ((128, 32, 8, 2),),
+    ("half", 32, 80, True, False): ((128, 32, 8, 2),),
+    ("half", 32, 80, True, True): ((128, 32, 8, 2),),
+    ("half", 32, 90, False, False): ((128, 32, 8, 2), (64, 64, 8, 2)),
+    ("half", 32, 90, False, True): ((128, 32, 8, 2), (64, 64, 8, 2)),
+    ("half", 32, 90, True, False): ((128, 32, 8, 2), (64, 64, 8, 2)),
+    ("half", 32, 90, True, True): ((128, 32, 8, 2), (64, 64, 8, 2)),
+    ("half", 64, 80, False, False): ((128, 32, 8, 2),),
+    ("half", 64, 80, False, True): ((128, 32, 8, 2),),
+    ("half", 64, 80, True, False): ((128, 32, 8, 2),),
+    ("half", 64, 80, True, True): ((128, 32, 8, 2),),
+    ("half", 64, 90, False, False): ((128, 32, 8, 2), (64, 64, 8, 2)),
+    ("half", 64, 90, False, True): ((128, 32, 8, 2), (64, 64, 8, 2)),
+    ("half", 64, 90, True, False): ((128, 32, 8, 2), (64, 64, 8, 2)),
+    ("half", 64, 90, True, True): ((128, 32, 8, 2), (64, 64, 8, 2)),
+    ("half", 128, 80, False, False): ((64, 32, 8, 1),),
+    ("half", 128, 80, False, True): ((64, 32, 8, 1),),
+    ("half", 128, 80, True, False): ((64, 32, 8, 1),),
+    ("half", 128, 80, True, True): ((64, 32, 8, 1),),
+    ("half", 128, 90, False, False): ((64, 32, 8, 2), (32, 32, 8, 2)),
+    ("half", 128, 90, False, True): ((64, 32, 8, 2), (32, 32, 8, 2)),
+    ("half", 128, 90, True, False): ((64, 32, 8, 2), (32, 32, 8, 2)),
+    ("half", 128, 90, True, True): ((64, 32, 8, 2), (32, 32, 8, 2)),
+    ("fp32", 16, 80, False, False): ((32, 32, 8, 2),),
+    ("fp32", 16, 80, False, True): ((32, 32, 8, 2),),
+    ("fp32", 16, 80, True, False): ((32, 32, 8, 2),),
+    ("fp32", 16, 80, True, True): ((32, 32, 8, 2),),
+    ("fp32", 16, 90, False, False): ((32, 32, 8, 2),),
+    ("fp32", 16, 90, False, True): ((32, 32, 4, 2),),
+    ("fp32", 16, 90, True, False): ((32, 32, 8, 2),),
+    ("fp32", 16, 90, True, True): ((32, 32, 8, 2),),
+    ("fp32", 32, 80, False, False): ((32, 32, 8, 2),),
+    ("fp32", 32, 80, False, True): ((32, 32, 8, 2),),
+    ("fp32", 32, 80, True, False): ((32, 32, 8, 2),),
+    ("fp32", 32, 80, True, True): ((32, 32, 8, 2),),
+    ("fp32", 32, 90, False, False): ((32, 32, 8, 2),),
+    ("fp32", 32, 90, False, True): ((32, 32, 4, 2),),
+    ("fp32", 32, 90, True, False): ((32, 32, 8, 2),),
+    ("fp32", 32, 90, True, True): ((32, 32, 8, 2),),
+    ("fp32", 64, 80, False, False): ((32, 32, 8, 2),),
+    ("fp32", 64, 80, False, True): ((32, 32, 8, 2),),
+    ("fp32", 64, 80, True, False): ((32, 32, 8, 2),),
+    ("fp32", 64, 80, True, True): ((32, 32, 8, 2),),
+    ("fp32", 64, 90, False, False): ((32, 32, 8, 2),),
+    ("fp32", 64, 90, False, True): ((32, 32, 4, 2),),
+    ("fp32", 64, 90, True, False): ((32, 32, 8, 2),),
+    ("fp32", 64, 90, True, True): ((32, 32, 8, 2),),
+    ("fp32", 128, 80, False, False): ((16, 32, 8, 2),),
+    ("fp32", 128, 80, False, True): ((16, 32, 8, 2),),
+    ("fp32", 128, 80, True, False): ((16, 32, 8, 2),),
+    ("fp32", 128, 80, True, True): ((16, 32, 8, 2),),
+    ("fp32", 128, 90, False, False): ((16, 32, 8, 2),),
+    ("fp32", 128, 90, False, True): ((16, 32, 8, 2),),
+    ("fp32", 128, 90, True, False): ((16, 32, 8, 2),),
+    ("fp32", 128, 90, True, True): ((16, 32, 8, 2),),
 }
 
 
@@ -575,8 +647,26 @@ def fwd_configs(
 def bwd_configs(
     dtype: torch.dtype, d: int, arch: int, has_mask: bool = False, dropout: bool = False
 ) -> list[dict[str, int]]:
-    """Fused backward candidates (BLOCK_N keys resident, BLOCK_M queries streamed); the first is the default."""
-    return _tiles(_BWD_TILES, dtype, d, arch, has_mask, dropout)
+    """Backward candidates, the first the default: the dK / dV kernel's tile (BLOCK_N keys resident, BLOCK_M
+    queries streamed; ``num_warps``, ``num_stages``) with the dQ kernel's (DQ_M queries resident, DQ_N keys
+    streamed; ``dq_warps``, ``dq_stages``), paired in preference order."""
+    key = ("fp32" if dtype == torch.float32 else "half", d, 90 if arch >= 90 else 80, bool(has_mask), bool(dropout))
+    if key not in _DKDV_TILES:
+        raise ValueError(f"cross-attention kernels: no configs for head dim {d} (expected one of {HEAD_DIMS})")
+    kv, dq = _DKDV_TILES[key], _DQ_TILES[key]
+    return [
+        {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": st,
+         "DQ_M": qm, "DQ_N": qn, "dq_warps": qw, "dq_stages": qs}
+        for (m, n, w, st), (qm, qn, qw, qs) in zip(kv, dq[: len(kv)] + dq[-1:] * (len(kv) - len(dq)))
+    ]  # fmt: skip
+
+
+def _dkdv_config(c: dict[str, int]) -> dict[str, int]:
+    return {k: c[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")}
+
+
+def _dq_config(c: dict[str, int]) -> dict[str, int]:
+    return {"BLOCK_M": c["DQ_M"], "BLOCK_N": c["DQ_N"], "num_warps": c["dq_warps"], "num_stages": c["dq_stages"]}
 
 
 def _combine_rows(d: int) -> int:
@@ -591,7 +681,7 @@ def candidates(
 ) -> list[dict[str, int]]:
     """The configs a ``kind`` ("fwd" / "bwd") launch on ``device`` chooses from (interpreter: its one)."""
     if _interpreting():
-        return [dict(INTERPRETER_CONFIG)]
+        return [dict(INTERPRETER_CONFIG if kind == "fwd" else BWD_INTERPRETER_CONFIG)]
     return (fwd_configs if kind == "fwd" else bwd_configs)(dtype, d, _autotune.arch_class(device), has_mask, dropout)
 
 
@@ -606,39 +696,25 @@ def _bucket(
             splits)  # fmt: skip
 
 
-def _sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def num_splits(programs: int, n_kblocks: int, device: torch.device) -> int:
-    """Forward key splits so that ``programs * splits`` fills the GPU about four times over, each split
-    keeping at least 4 key tiles (below that the partial write + merge costs more than it spreads)."""
+    """Key splits so that ``programs * splits`` fills the GPU about four times over, each split keeping at
+    least 4 key tiles (below that the partial write + merge costs more than it spreads): the forward's, and
+    the dQ kernel's through :func:`bwd_splits`."""
     if n_kblocks <= 1:
         return 1
-    if device.type != "cuda":
+    sms = _aot.sm_count(device)
+    if sms is None:
         return min(3, n_kblocks)  # interpreter: exercise the merge on every multi-tile test
-    sms = _sms(device)
     if programs >= 2 * sms:
         return 1
     return max(1, min(triton.cdiv(4 * sms, programs), n_kblocks // 4, 64))
 
 
-def bwd_splits(kv_programs: int, n_kblocks: int, device: torch.device) -> int:
-    """Backward key splits: one program per (split, batch, KV head), as many as keep every SM busy with the
-    fewest key tiles per program (the makespan), and the fewest splits among equals (each split costs a dQ
-    partial of B*Hq*Nq*D fp32, written and merged once)."""
-    if n_kblocks <= 1:
-        return 1
-    if device.type != "cuda":
-        return min(3, n_kblocks)  # interpreter: exercise the partial merge on every multi-tile test
-    sms = _sms(device)
-    best, best_cost = 1, None
-    for s in range(1, min(n_kblocks, 128) + 1):
-        waves = triton.cdiv(s * kv_programs, sms)
-        cost = waves * triton.cdiv(n_kblocks, s)
-        if best_cost is None or cost < best_cost:
-            best, best_cost = s, cost
-    return best
+def bwd_splits(programs: int, n_kblocks: int, device: torch.device) -> int:
+    """Key splits of the dQ kernel (``programs`` = query tiles x B x Hq): as for the forward. Each split costs a
+    dQ partial of B*Hq*Nq*D fp32, written and merged once; the dK / dV kernel needs none (a program per key
+    tile)."""
+    return num_splits(programs, n_kblocks, device)
 
 
 def _split_plan(n_kblocks: int, splits: int) -> tuple[int, int]:
@@ -801,84 +877,48 @@ def backward(
                 do, q, k, v, o, lse, kv_heads, scale, key_padding_mask, splits, dropout_p, seed, config=c
             ),
         )
-    cfg = config
-    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     delta = _alloc.empty(b, hq, nq, dtype=torch.float32, device=q.device)
-    dbm = INTERPRETER_CONFIG["BLOCK_M"] if _interpreting() else 64
+    dbm = INTERPRETER_CONFIG["BLOCK_M"] if _interpreting() else DELTA_ROWS
     _delta_kernel[(triton.cdiv(nq, dbm), b * hq)](
-        o,
-        do,
-        delta,
-        o.stride(0),
-        o.stride(1),
-        o.stride(2),
-        do.stride(0),
-        do.stride(1),
-        do.stride(2),
-        hq,
-        nq,
-        D=d,
-        BLOCK_M=dbm,
-        num_warps=4,
-        num_stages=1,
-    )
-    n_kb = triton.cdiv(nk, bn)
-    if splits is None:
-        splits = bwd_splits(b * kv_heads, n_kb, q.device)
-    splits, per = _split_plan(n_kb, splits)
+        o, do, delta, *o.stride()[:3], *do.stride()[:3], hq, nq, D=d, BLOCK_M=dbm, num_warps=4, num_stages=1,
+    )  # fmt: skip
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], skpm_b)
+    flags = {"D": d, "IEEE": q.dtype == torch.float32, "HAS_MASK": has_mask, "DROPOUT": dropout_p > 0}
+    # dK, dV: a program per key tile of each (batch, KV head); no split, nothing to merge
+    kv = _dkdv_config(config)
     dk = _alloc.empty(b, kv_heads, nk, d, dtype=q.dtype, device=q.device)
     dv = _alloc.empty(b, kv_heads, nk, d, dtype=q.dtype, device=q.device)
-    dqp = _alloc.empty(splits, b * hq, nq, d, dtype=torch.float32, device=q.device)  # every element written
-    _bwd_kernel[(splits, b * kv_heads)](
-        q,
-        k,
-        v,
-        do,
-        lse,
-        delta,
-        dk,
-        dv,
-        dqp,
-        kpm,
-        q.stride(0),
-        q.stride(1),
-        q.stride(2),
-        k.stride(0),
-        k.stride(1),
-        k.stride(2),
-        v.stride(0),
-        v.stride(1),
-        v.stride(2),
-        do.stride(0),
-        do.stride(1),
-        do.stride(2),
-        skpm_b,
-        kv_heads,
-        nq,
-        nk,
-        group,
-        per,
-        scale,
-        scale * LOG2E,
-        seed,
-        float(dropout_p),
-        D=d,
-        BLOCK_M=bm,
-        BLOCK_N=bn,
-        IEEE=q.dtype == torch.float32,
-        HAS_MASK=has_mask,
-        DROPOUT=dropout_p > 0,
-        num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
-    )
+    _bwd_dkdv_kernel[(triton.cdiv(nk, kv["BLOCK_N"]), b * kv_heads)](
+        q, k, v, do, lse, delta, dk, dv, kpm, *strides, kv_heads, nq, nk, group, scale, scale * LOG2E, seed,
+        float(dropout_p), **flags, BLOCK_M=kv["BLOCK_M"], BLOCK_N=kv["BLOCK_N"], num_warps=kv["num_warps"],
+        num_stages=kv["num_stages"],
+    )  # fmt: skip
+    # dQ: a program per query tile of each (batch, query head) and key split
+    qc = _dq_config(config)
+    grid_m = triton.cdiv(nq, qc["BLOCK_M"])
+    n_kb = triton.cdiv(nk, qc["BLOCK_N"])
+    if splits is None:
+        splits = bwd_splits(grid_m * b * hq, n_kb, q.device)
+    splits, per = _split_plan(n_kb, splits)
     dq = _alloc.empty(b, hq, nq, d, dtype=q.dtype, device=q.device)
-    n = dq.numel()
-    _dq_merge_kernel[(triton.cdiv(n, MERGE_BLOCK),)](dqp, dq, n, splits, scale, BLOCK=MERGE_BLOCK, num_warps=4)
+    split = splits > 1
+    # every element of the partials is written; without a split the launch signature keeps an fp32 tensor
+    dqp = _alloc.empty(splits, b * hq, nq, d, dtype=torch.float32, device=q.device) if split else delta
+    _bwd_dq_kernel[(grid_m, b * hq, splits)](
+        q, k, v, do, lse, delta, dq, dqp, kpm, *strides, hq, nq, nk, group, per, scale, scale * LOG2E, seed,
+        float(dropout_p), **flags, SPLIT=split, BLOCK_M=qc["BLOCK_M"], BLOCK_N=qc["BLOCK_N"],
+        num_warps=qc["num_warps"], num_stages=qc["num_stages"],
+    )  # fmt: skip
+    if split:
+        n = dq.numel()
+        _dq_merge_kernel[(triton.cdiv(n, MERGE_BLOCK),)](dqp, dq, n, splits, scale, BLOCK=MERGE_BLOCK, num_warps=4)
     return dq, dk, dv
 
 
 FWD_TUNER = _autotune.LaunchTuner("cross_attention_fwd", [_fwd_kernel, _combine_kernel])
-BWD_TUNER = _autotune.LaunchTuner("cross_attention_bwd", [_delta_kernel, _bwd_kernel, _dq_merge_kernel])
+BWD_TUNER = _autotune.LaunchTuner(
+    "cross_attention_bwd", [_delta_kernel, _bwd_dkdv_kernel, _bwd_dq_kernel, _dq_merge_kernel]
+)
 
 # --- compile gate -------------------------------------------------------------------------------
 
@@ -898,10 +938,12 @@ def _register() -> None:
         fwd_sig.update({"lse_ptr": "*fp32", "op_ptr": "*fp32", "lsep_ptr": "*fp32", "kpm_ptr": "*u8"})
         fwd_sig.update({n: i32 for n in (*_STRIDES, "so_b", "so_h", "so_m", "skpm_b", "H", "NQ", "NK", "GROUP")})
         fwd_sig.update({"BLOCKS_PER_SPLIT": i32, "scale_log2": "fp32", "seed": i32, "p_drop": "fp32"})
-        bsig = {n: t for n in ("q_ptr", "k_ptr", "v_ptr", "do_ptr", "dk_ptr", "dv_ptr")}
-        bsig.update({"lse_ptr": "*fp32", "delta_ptr": "*fp32", "dqp_ptr": "*fp32", "kpm_ptr": "*u8"})
-        bsig.update({n: i32 for n in (*_STRIDES, "sd_b", "sd_h", "sd_m", "skpm_b", "HKV", "NQ", "NK", "GROUP")})
-        bsig.update({"BLOCKS_PER_SPLIT": i32, "scale": "fp32", "scale_log2": "fp32", "seed": i32, "p_drop": "fp32"})
+        common = {n: t for n in ("q_ptr", "k_ptr", "v_ptr", "do_ptr")}
+        common.update({"lse_ptr": "*fp32", "delta_ptr": "*fp32", "kpm_ptr": "*u8"})
+        common.update({n: i32 for n in (*_STRIDES, "sd_b", "sd_h", "sd_m", "skpm_b", "NQ", "NK", "GROUP")})
+        common.update({"scale": "fp32", "scale_log2": "fp32", "seed": i32, "p_drop": "fp32"})
+        kvsig = {**common, "dk_ptr": t, "dv_ptr": t, "HKV": i32}
+        dqsig = {**common, "dq_ptr": t, "dqp_ptr": "*fp32", "H": i32, "BLOCKS_PER_SPLIT": i32}
         for d in HEAD_DIMS:
             rep = d == 64 and dtype != torch.float16
             for arch in (80, 90):
@@ -918,15 +960,34 @@ def _register() -> None:
                             strict=True,
                             representative=rep,
                         )
-                        _aot.register(
-                            _bwd_kernel,
-                            signatures=[bsig],
-                            configs=[{**c, **flags} for c in bwd_configs(dtype, d, arch, mask, drop)],
-                            name="cross_attention_bwd",
-                            archs=(arch,),
-                            strict=True,
-                            representative=rep,
-                        )
+                        bwd = bwd_configs(dtype, d, arch, mask, drop)
+                        # the backward tiles sit at the edge of the register budget: strictly with the alignment a
+                        # launch of contiguous tensors gets at run time (what the kernel report also checks), and
+                        # without alignment hints (odd sizes or strides) with spills reported, not failing
+                        for generic, strict in ((False, True), (True, False)):
+                            spec = None if generic else [{}]
+                            _aot.register(
+                                _bwd_dkdv_kernel,
+                                signatures=[kvsig],
+                                configs=[{**_dkdv_config(c), **flags} for c in bwd],
+                                name="cross_attention_bwd_dkdv",
+                                archs=(arch,),
+                                strict=strict,
+                                representative=rep,
+                                generic=generic,
+                                specializations=spec,
+                            )
+                            _aot.register(
+                                _bwd_dq_kernel,
+                                signatures=[dqsig],
+                                configs=[{**_dq_config(c), **flags, "SPLIT": sp} for c in bwd for sp in (True, False)],
+                                name="cross_attention_bwd_dq",
+                                archs=(arch,),
+                                strict=strict,
+                                representative=rep,
+                                generic=generic,
+                                specializations=spec,
+                            )
             _aot.register(
                 _combine_kernel,
                 signatures=[
@@ -953,7 +1014,7 @@ def _register() -> None:
                         **{n: i32 for n in ("so_b", "so_h", "so_m", "sd_b", "sd_h", "sd_m", "H", "NQ")},
                     }
                 ],
-                configs=[{"D": d, "BLOCK_M": 64, "num_warps": 4, "num_stages": 1}],
+                configs=[{"D": d, "BLOCK_M": DELTA_ROWS, "num_warps": 4, "num_stages": 1}],
                 name="cross_attention_delta",
                 strict=True,
                 representative=rep,

@@ -169,9 +169,12 @@ def _cfg(t: int, d: int, k: int, warps: int, stages: int) -> triton.Config:
     return triton.Config({"BLOCK_T": t, "BLOCK_D": d, "BLOCK_K": k}, num_warps=warps, num_stages=stages)
 
 
-_POOL_SAFE = [_cfg(128, 64, 16, 8, 1), _cfg(128, 64, 16, 8, 2), _cfg(64, 64, 16, 4, 1), _cfg(64, 32, 32, 4, 1)]
+# The pooled launches have lists of their own (the pool-safe tiles), so their first config, the one that runs
+# untuned (FM_ENGINE_AUTOTUNE=0, CUDA-graph capture), is pool-safe too; it is the small 64x32 tile, which
+# fills 132 SMs at batch 1 (768 pooled tokens x 512 channels: 192 programs).
+_POOL_SAFE = [_cfg(64, 32, 32, 4, 1), _cfg(128, 64, 16, 8, 1), _cfg(128, 64, 16, 8, 2), _cfg(64, 64, 16, 4, 1)]
 CONV_CONFIGS = [_cfg(128, 128, 16, 8, 1), _cfg(64, 128, 32, 8, 1), _cfg(128, 64, 32, 8, 1), *_POOL_SAFE]
-_POOL_SAFE_UNALIGNED = [_cfg(64, 64, 16, 8, 1), _cfg(64, 32, 16, 8, 1), _cfg(32, 64, 16, 4, 1), _cfg(32, 32, 16, 4, 1)]
+_POOL_SAFE_UNALIGNED = [_cfg(32, 64, 16, 4, 1), _cfg(64, 64, 16, 8, 1), _cfg(64, 32, 16, 8, 1), _cfg(32, 32, 16, 4, 1)]
 CONV_CONFIGS_UNALIGNED = [
     _cfg(128, 64, 16, 8, 1),
     _cfg(64, 64, 32, 8, 1),
@@ -179,16 +182,11 @@ CONV_CONFIGS_UNALIGNED = [
     *_POOL_SAFE_UNALIGNED,
 ]
 CONV_INTERPRETER = _cfg(16, 16, 16, 4, 1)
-_POOL_SAFE_IDS = {id(c) for c in _POOL_SAFE + _POOL_SAFE_UNALIGNED}
 
 
 def _conv_key(a: dict) -> tuple:
     tokens = a["TH"] * a["TW"]
     return (pow2(tokens), pow2(a["D"]), a["K"], a["P"], bool(a["POOL"]), a["KH_MAX"] * a["KW_MAX"], dtype(a["img_ptr"]))
-
-
-def _conv_prune(c: triton.Config, a: dict) -> bool:
-    return not a["POOL"] or id(c) in _POOL_SAFE_IDS
 
 
 @triton.jit
@@ -241,15 +239,20 @@ def _conv_kernel(
         tl.store(arg_ptr + idx, arg, mask=mask)
 
 
-CONV = {
-    aligned: _autotune.autotune(
-        name="patch_embed_conv" + ("" if aligned else "_unaligned"),
-        configs=CONV_CONFIGS if aligned else CONV_CONFIGS_UNALIGNED,
+_CONV_LISTS = {
+    (True, False): CONV_CONFIGS,
+    (False, False): CONV_CONFIGS_UNALIGNED,
+    (True, True): _POOL_SAFE,
+    (False, True): _POOL_SAFE_UNALIGNED,
+}
+CONV = {  # (16-aligned image, pooled) -> the tuned conv
+    (aligned, pool): _autotune.autotune(
+        name="patch_embed_conv" + ("" if aligned else "_unaligned") + ("_pooled" if pool else ""),
+        configs=configs,
         interpreter_config=CONV_INTERPRETER,
         key=_conv_key,
-        prune=_conv_prune,
     )(_conv_kernel)
-    for aligned in (True, False)
+    for (aligned, pool), configs in _CONV_LISTS.items()
 }
 
 
@@ -265,7 +268,7 @@ ROW_CONFIGS = [
     triton.Config({"BLOCK_R": 2}, num_warps=4, num_stages=1),
     triton.Config({"BLOCK_R": 8}, num_warps=4, num_stages=1),
     triton.Config({"BLOCK_R": 8}, num_warps=8, num_stages=1),
-    triton.Config({"BLOCK_R": 16}, num_warps=8, num_stages=1),
+    # not 16 rows on 8 warps: it spills 8 B at dim 256 on sm_90 with the runtime alignment (kernel report)
 ]
 ROW_INTERPRETER = triton.Config({"BLOCK_R": 4}, num_warps=4, num_stages=1)
 _ROW_ELEMS_MAX = 8192  # elements of a row block: 32-64 fp32 values per thread and tensor at 4-8 warps
@@ -462,8 +465,8 @@ def _dw(kk: int, d: int, t: int, warps: int) -> triton.Config:
 
 
 DWEIGHT_CONFIGS = _with_split(
-    [_dw(64, 128, 32, 8), _dw(128, 64, 32, 8), _dw(128, 128, 32, 8), _dw(64, 64, 32, 8)], (16, 8, 32)
-)
+    [_dw(64, 128, 32, 8), _dw(128, 64, 32, 8), _dw(128, 128, 32, 8), _dw(64, 64, 32, 8)], (32, 16, 8)
+)  # split 32 first: the untuned first config fills 132 SMs at dim 256 (4 x 2 tiles x 32 = 256 programs)
 DWEIGHT_INTERPRETER = triton.Config(
     {"BLOCK_K": 16, "BLOCK_D": 16, "BLOCK_T": 16, "SPLIT": 3}, num_warps=4, num_stages=1
 )
@@ -577,7 +580,7 @@ def forward(
     kh = max_bin(gh, th) if pool else 1
     kw = max_bin(gw, tw) if pool else 1
     grid = lambda meta: (triton.cdiv(nt, meta["BLOCK_T"]), triton.cdiv(d, meta["BLOCK_D"]), b)
-    CONV[_image_aligned(image, d, k)][grid](
+    CONV[_image_aligned(image, d, k), bool(pool)][grid](
         image, w_hi, w_lo, bias.contiguous(), feat, arg if pool else feat, *image.stride(),
         gh, gw, th, tw, kh, kw, d, k, float(intensity_scale), float(intensity_offset),
         P=patch, POOL=pool,
@@ -590,8 +593,9 @@ def forward(
 
 def _programs(n_blocks: int, device: torch.device) -> int:
     """Programs for a grid-stride kernel: a few per SM on a GPU; 3 in the interpreter (crosses programs)."""
-    if device.type == "cuda":
-        return max(1, min(n_blocks, 4 * torch.cuda.get_device_properties(device).multi_processor_count))
+    sms = _aot.sm_count(device)
+    if sms is not None:
+        return max(1, min(n_blocks, 4 * sms))
     return max(1, min(n_blocks, 3))
 
 
@@ -691,9 +695,11 @@ def _register() -> None:
         names = ("s_ib", "s_ic", "s_ih", "s_iw", "GH", "GW", "TH", "TW", "KH_MAX", "KW_MAX", "D", "K")
         sig.update({n: i32 for n in names})
         cx = {"P": 16, "POOL": pool}
-        for aligned, kern in CONV.items():
+        for (aligned, pooled), kern in CONV.items():
+            if pooled != pool:
+                continue
             _aot.register(
-                kern, signatures=[sig], constexprs=cx, prune_args=cx, name=f"{kern.name}[POOL{int(pool)}]",
+                kern, signatures=[sig], constexprs=cx, name=f"{kern.name}[POOL{int(pool)}]",
                 specializations=_UNIT_IMAGE, generic=False, alignments=(aligned,),
             )  # fmt: skip
     for out_dt, dim in ((torch.bfloat16, 512), (torch.bfloat16, 256), (torch.float32, 768)):
@@ -722,6 +728,9 @@ def _register() -> None:
             _dweight_kernel, signatures=[sig], constexprs={"P": 16},
             specializations=_UNIT_IMAGE, generic=False, alignments=(True, False),
         )  # fmt: skip
+
+    # grid-stride over the row blocks with a few programs per SM (_programs): persistent
+    _aot.note(_norm_bwd_kernel, persistent=True)
 
 
 _register()

@@ -436,10 +436,11 @@ def block_t(T: int) -> int:
 def splits(programs: int, d: int, block_d: int, device: torch.device) -> tuple[int, int]:
     """(splits, chunks per split) of a head dim of d: enough programs for about 4 per SM."""
     chunks = triton.cdiv(d, block_d)
-    if device.type != "cuda":
+    sms = _aot.sm_count(device)
+    if sms is None:
         want = 3  # interpreter: exercise the reductions on every multi-chunk test
     else:
-        want = triton.cdiv(4 * torch.cuda.get_device_properties(device).multi_processor_count, programs)
+        want = triton.cdiv(4 * sms, programs)
     per = triton.cdiv(chunks, max(1, min(want, chunks)))
     return triton.cdiv(chunks, per), per
 

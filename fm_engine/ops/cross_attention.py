@@ -6,8 +6,8 @@ uses KV head h // (Hq // Hkv)); key_padding_mask: [B, Nk] bool, True = padding (
 Returns [B, Hq, Nq, D]. Self-attention is the case k, v computed from the same tokens as q.
 
 Backends: reference (SDPA on repeated KV heads) and triton (kernels/cross_attention.py: key-split
-forward with an exact log-sum-exp merge; one fused backward pass computing dK, dV and per-split fp32 dQ
-partials, merged in a fixed order, so gradients are deterministic).
+forward with an exact log-sum-exp merge; a backward in two passes, dK / dV over key blocks and dQ over
+query blocks with key-split fp32 partials merged in a fixed order, so gradients are deterministic).
 The Triton backend takes fp16 / bf16 (tensor-core dots, fp32 accumulation) and fp32 (ieee dots),
 head dims 16, 32, 64, 128, and key_padding_mask (padding keys get score -inf before the softmax and
 dK = dV = 0; a query whose keys are all padding gets output 0 and zero gradients, as the reference's

@@ -51,6 +51,10 @@ def mm(a, b, IEEE: tl.constexpr, DT: tl.constexpr):
     """a @ b (2-D, or 3-D batched over the first dim) with fp32 accumulation: exact IEEE fp32 products for fp32
     inputs (the fp32 parity rule), else tensor cores on operands rounded to the input dtype DT (as
     FlashAttention rounds P): wgmma on sm_90 for 2-D tiles of >= 64 rows, mma.sync otherwise."""
+    if len(a.shape) == 3 and a.shape[0] == 1:  # one batch: a 2-D product (wgmma on sm_90 at 64 rows)
+        a2 = tl.reshape(a, [a.shape[1], a.shape[2]])
+        b2 = tl.reshape(b, [b.shape[1], b.shape[2]])
+        return tl.reshape(mm(a2, b2, IEEE, DT), [1, a.shape[1], b.shape[2]])
     if IEEE:
         return tl.dot(a, b, input_precision="ieee")
     else:

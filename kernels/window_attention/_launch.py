@@ -69,13 +69,14 @@ def _launch_args(geo: dict, mode: int, hpp: int) -> list:
 
 
 # Channel-plane kernels: one function per kernel with the candidate configs (the first is the default; the
-# same on sm_80 and sm_90: nothing is pipelined through shared memory) and the interpreter's. GB groups, RYB
-# pixel rows and RXB pixel columns of the patch form a sub-block, shrunk (GB first, then RYB, RXB) until its
-# [heads, N, N] score tile holds at most ``budget`` elements; GBI group blocks per program; warps = tile
-# elements / (32 * ept), 4..16. Register counts from the compile gate's cubins (sm_90, cosine scores), not
-# timings: a [16 heads, 16, 16] forward tile at 8 warps takes 80 registers, a [1, 64, 64] one (global, 64
-# windows) 205 at 4 warps but 91 at 16; backward keeps P, the scores, A and dA live, and needs about 4
-# elements per thread to stay under 128 registers (216 at 8 per thread).
+# same on sm_80 and sm_90) and the interpreter's. GB groups, RYB pixel rows and RXB pixel columns of the patch
+# form a sub-block of heads, shrunk (GB first, then RYB, RXB) until its [heads, NP, max(NP, DP)] tiles hold at
+# most ``budget`` elements; GBI group blocks per program; warps = tile elements / (32 * ept), 4..8 (at 16 warps a
+# thread gets at most 128 registers: the 64-token backward spilled there). A sub-block of one head runs 2-D
+# products (wgmma on sm_90 at 64 tokens), several heads batched 3-D ones (mma.sync). Register counts from
+# sm_90 cubins at the production shape (hc 4, bf16, cosine): local (16 tokens) forward 108..198, backward
+# 120..214; global (64 tokens) forward 128..223, backward 200 (255 with standardised scores, bias and dropout),
+# no spills.
 PLANE_INTERPRETER_CONFIG = {"GB": 2, "RYB": 1, "RXB": 2, "GBI": 2, "budget": 4096, "ept": 16}
 
 
@@ -111,6 +112,8 @@ def plane_tile(geo: dict, mode: int, cfg: dict[str, int]) -> dict[str, int] | No
     dp = pow2_at_least(hc)
     gb, ryb, rxb = min(cfg["GB"], np2(n_gx)), min(cfg["RYB"], np2(geo["ph"])), min(cfg["RXB"], np2(geo["pw"]))
     npad = t1p * txp
+    if npad >= 64:  # one head per sub-block: 2-D products (wgmma on sm_90); batched ones spilled here
+        gb = ryb = rxb = 1
     per_head = npad * max(npad, dp)  # the larger of a score tile [NP, NP] and a head tile [NP, DP]
     while gb * ryb * rxb * per_head > cfg["budget"] and gb * ryb * rxb > 1:
         if gb > 1:
@@ -140,7 +143,7 @@ def plane_tile(geo: dict, mode: int, cfg: dict[str, int]) -> dict[str, int] | No
         "n_rych": triton.cdiv(geo["ph"], ryb),
         "n_rxch": triton.cdiv(geo["pw"], rxb),
         "programs": n_gouter * (C // hc) * n_band * b_t,
-        "num_warps": max(4, min(16, triton.next_power_of_2(gb * ryb * rxb * per_head // (32 * cfg["ept"])))),
+        "num_warps": max(4, min(8, triton.next_power_of_2(gb * ryb * rxb * per_head // (32 * cfg["ept"])))),
     }
 
 
@@ -187,7 +190,13 @@ def candidates(geo: dict, mode: int, kind: str, device: torch.device | None) -> 
     cands = [dict(PLANE_INTERPRETER_CONFIG)] if _interpreting() else plane_configs(kind, _autotune.arch_class(device))
     if plane_tile(geo, mode, cands[0]) is None:
         return []
-    return [c for c in cands if plane_tile(geo, mode, c) is not None]
+    out, seen = [], []
+    for c in cands:  # distinct tiles only (a geometry may shrink two configs to the same one)
+        t = plane_tile(geo, mode, c)
+        if t is not None and t not in seen:
+            out.append(c)
+            seen.append(t)
+    return out
 
 
 _GEO_BUCKET = ("N", "C", "D_QK", "D_V", "ph", "pw", "phq", "pwq", "nPh", "nPw", "nWw", "n_head")

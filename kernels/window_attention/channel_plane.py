@@ -113,9 +113,8 @@ def _plane_dropout(seed, item, grp, head, tok, n_groups, n_head, N, p, inv_keep,
 
 @triton.jit
 def _plane_scores(q_ptr, k_ptr, off, ok, HC, scale, eps, n_ok, SCORE: tl.constexpr):
-    """P [heads, NP, NP] of a sub-block, the normalised unscaled scores Sn, per (head, token) the reciprocal
-    norms rq, rk and sums of squares (cosine), and the q, k tiles as scored before normalisation (fp32;
-    centred for standardised scores)."""
+    """P [heads, NP, NP] of a sub-block, per (head, token) the reciprocal norms rq, rk and sums of squares
+    (cosine), and the q, k tiles as scored before normalisation (fp32; centred for standardised scores)."""
     DT: tl.constexpr = q_ptr.dtype.element_ty
     IEEE: tl.constexpr = DT == tl.float32
     qx = tl.load(q_ptr + off, mask=ok, other=0.0)
@@ -144,7 +143,7 @@ def _plane_scores(q_ptr, k_ptr, off, ok, HC, scale, eps, n_ok, SCORE: tl.constex
     mx = tl.max(logits, 2)
     p = tl.exp(logits - mx[:, :, None])
     p = p / tl.sum(p, 2)[:, :, None]
-    return p, sn, rq, rk, ssq, ssk, qf, kf
+    return p, rq, rk, ssq, ssk, qf, kf
 
 
 @triton.jit
@@ -171,7 +170,7 @@ def plane_fwd_kernel(
             RXP,
         )  # fmt: skip
         off, ok = _plane_tile(base, cg, HC, HW, hoff, a_ok, toff, n_ok, DP)
-        p, _, _, _, _, _, _, _ = _plane_scores(q_ptr, k_ptr, off, ok, HC, scale, eps, n_ok, SCORE)
+        p, _, _, _, _, _, _ = _plane_scores(q_ptr, k_ptr, off, ok, HC, scale, eps, n_ok, SCORE)
         if HAS_BIAS:  # added after the softmax, as the reference does
             b_off = head[:, None, None] * N * N + tok[None, :, None] * N + tok[None, None, :]
             b_ok = a_ok[:, None, None] & n_ok[None, :, None] & n_ok[None, None, :]
@@ -206,7 +205,10 @@ def plane_bwd_kernel(
             RXP,
         )  # fmt: skip
         off, ok = _plane_tile(base, cg, HC, HW, hoff, a_ok, toff, n_ok, DP)
-        p, sn, rq, rk, ssq, ssk, qf, kf = _plane_scores(q_ptr, k_ptr, off, ok, HC, scale, eps, n_ok, SCORE)
+        p, rq, rk, ssq, ssk, qf, kf = _plane_scores(q_ptr, k_ptr, off, ok, HC, scale, eps, n_ok, SCORE)
+        v = tl.load(v_ptr + off, mask=ok, other=0.0)
+        do = tl.load(do_ptr + off, mask=ok, other=0.0)
+        da = mm(do, trans3(v), IEEE, DT)
         ad = p
         if HAS_BIAS:
             b_off = head[:, None, None] * N * N + tok[None, :, None] * N + tok[None, None, :]
@@ -215,26 +217,23 @@ def plane_bwd_kernel(
         if DROPOUT:  # the forward's mask, regenerated: A_d = A * mult, dA = dA_d * mult
             mult = _plane_dropout(seed, item, grp, head, tok, n_groups, n_head, N, p_drop, inv_keep, NP, TX_EXACT)
             ad = ad * mult
-        v = tl.load(v_ptr + off, mask=ok, other=0.0)
-        do = tl.load(do_ptr + off, mask=ok, other=0.0)
-        da = mm(do, trans3(v), IEEE, DT)
-        tl.store(dv_ptr + off, mm(trans3(ad), do, IEEE, DT).to(dv_ptr.dtype.element_ty), mask=ok)
-        if DROPOUT:
             da = da * mult
-        # softmax backward on the full rows, scale folded in; then through the score form as in general.py
+        tl.store(dv_ptr + off, mm(trans3(ad), do, IEEE, DT).to(dv_ptr.dtype.element_ty), mask=ok)
+        # softmax backward on the full rows, scale folded in; then through the score form as in general.py,
+        # with r_q = rowsum(dS * Sn) = sum_e qh * (dS kh) (Sn = qh kh^T), so no Sn tile stays live
         ds = p * (da - tl.sum(p * da, 2)[:, :, None]) * scale
         qh = qf * rq[:, :, None]
         kh = kf * rk[:, :, None]
         gq = mm(ds, kh, IEEE, DT)
         gk = mm(trans3(ds), qh, IEEE, DT)
         if SCORE == 1:
-            r_q = tl.where(tl.sqrt(ssq) > 1e-12, tl.sum(ds * sn, 2), 0.0)
-            r_k = tl.where(tl.sqrt(ssk) > 1e-12, tl.sum(ds * sn, 1), 0.0)
+            r_q = tl.where(tl.sqrt(ssq) > 1e-12, tl.sum(qh * gq, 2), 0.0)
+            r_k = tl.where(tl.sqrt(ssk) > 1e-12, tl.sum(kh * gk, 2), 0.0)
             gq = (gq - qh * r_q[:, :, None]) * rq[:, :, None]
             gk = (gk - kh * r_k[:, :, None]) * rk[:, :, None]
         elif SCORE == 2:
-            r_q = tl.sum(ds * sn, 2) / (HC - 1)
-            r_k = tl.sum(ds * sn, 1) / (HC - 1)
+            r_q = tl.sum(qh * gq, 2) / (HC - 1)
+            r_k = tl.sum(kh * gk, 2) / (HC - 1)
             gq = (gq - qh * r_q[:, :, None]) * rq[:, :, None]
             gk = (gk - kh * r_k[:, :, None]) * rk[:, :, None]
         tl.store(dq_ptr + off, gq.to(dq_ptr.dtype.element_ty), mask=ok)

@@ -47,6 +47,22 @@ def el_off(h, d, D, RUN, MODE: tl.constexpr, C, Hx, Wx, pwx):
 
 
 @triton.jit
+def tile_off(base, tok, h, d, D, RUN, MODE: tl.constexpr, C, Hx, Wx, pwx, VEC: tl.constexpr):
+    """Offsets [tokens, len(d)] of elements d of head h of the tokens at ``tok`` (frame offset ``base``).
+
+    VEC > 1 (a power of two dividing both the pixels per head RUN and the patch width pwx): elements come in
+    aligned runs of VEC neighbouring pixels (the pixel-fastest order of :func:`el_off`), and every offset of a
+    run's first element is a multiple of VEC (the frame size, the row width, the token offsets and the run
+    starts all are), which the hints pass on to the compiler so that a run loads as one vector."""
+    if VEC > 1:
+        e = (d // VEC) * VEC
+        off = base + tok[:, None] + (el_off(h, e, D, RUN, MODE, C, Hx, Wx, pwx) + d % VEC)[None, :]
+        return tl.max_contiguous(tl.multiple_of(off, [1, VEC]), [1, VEC])
+    else:
+        return base + tok[:, None] + el_off(h, d, D, RUN, MODE, C, Hx, Wx, pwx)[None, :]
+
+
+@triton.jit
 def mm(a, b, IEEE: tl.constexpr, DT: tl.constexpr):
     """a @ b (2-D, or 3-D batched over the first dim) with fp32 accumulation: exact IEEE fp32 products for fp32
     inputs (the fp32 parity rule), else tensor cores on operands rounded to the input dtype DT (as
@@ -78,6 +94,16 @@ def dropout_tile(seed, rows, k0, N, p, inv_keep, BLOCK_N: tl.constexpr):
 def run_of(d: int, c: int) -> int:
     """Pixels per head when a head is whole pixels (d a multiple of C), else 0."""
     return d // c if d % c == 0 else 0
+
+
+def run_vector(d: int, c: int, pw: int, elem_bytes: int, block_d: int) -> int:
+    """VEC of :func:`tile_off`: the largest power of two dividing both the pixels per head and the patch width,
+    at most 16 bytes and one head-dim chunk (1 when heads are not whole pixels)."""
+    run = run_of(d, c)
+    vec = 1
+    while run and run % (2 * vec) == 0 and pw % (2 * vec) == 0 and 2 * vec * elem_bytes <= 16 and 2 * vec <= block_d:
+        vec *= 2
+    return vec
 
 
 def pow2_at_least(n: int, floor: int = 16) -> int:

@@ -39,7 +39,7 @@ def _signature(kernel: str, dt: str) -> dict[str, str]:
 def register_gate(mode: int, cases: list[tuple[str, dict]]) -> None:
     """Register (dtype, constexpr config) launch cases of both kernels for ``mode``."""
     for dt, cfg in cases:
-        full = {"MODE": mode, "SCORE": 0, "HAS_BIAS": False, "DROPOUT": False, **cfg}
+        full = {"MODE": mode, "SCORE": 0, "HAS_BIAS": False, "DROPOUT": False, "VEC_QK": 1, "VEC_V": 1, **cfg}
         full["num_warps"] = _warps(full["BLOCK_N"])
         for kernel, fn in (("fwd", stcnnt_attn_fwd_kernel), ("bwd", stcnnt_attn_bwd_kernel)):
             _aot.register(
@@ -57,6 +57,21 @@ register_gate(
         ("bf16", {"BLOCK_N": 16, "BLOCK_D": 16, "SCORE": SCORE_COSINE}),
         ("fp16", {"BLOCK_N": 16, "BLOCK_D": 16, "HAS_BIAS": True}),
         ("fp32", {"BLOCK_N": 16, "BLOCK_D": 64, "SCORE": SCORE_STANDARDIZE, "HAS_BIAS": True}),
+        # the parser default: heads of 8 whole pixels of 16-pixel patches load as 16-byte runs
+        ("bf16", {"BLOCK_N": 16, "BLOCK_D": 64, "HAS_BIAS": True, "VEC_QK": 8, "VEC_V": 8}),
+        ("fp32", {"BLOCK_N": 16, "BLOCK_D": 64, "HAS_BIAS": True, "VEC_QK": 4, "VEC_V": 4}),
+        (
+            "bf16",
+            {
+                "BLOCK_N": 64,
+                "BLOCK_D": 64,
+                "SCORE": SCORE_STANDARDIZE,
+                "HAS_BIAS": True,
+                "DROPOUT": True,
+                "VEC_QK": 2,
+                "VEC_V": 8,
+            },
+        ),
     ],
 )
 register_gate(MODE_GLOBAL, [("bf16", {"BLOCK_N": 64, "BLOCK_D": 16, "HAS_BIAS": True})])
@@ -173,13 +188,14 @@ _BIAS_INTS = ("C", "H", "W", "N", "n_groups", "nWw", "nPh", "nPw", "ph", "pw", "
 
 
 def _register_bias_grad(dt: str, mode: int, n: int, d_v: int, dropout: bool) -> None:
-    t = bias_grad_plan({"N": n, "n_head": 32, "programs": 32 * 64, "D_V": d_v})
+    geo = {"N": n, "n_head": 32, "programs": 32 * 64, "D_V": d_v, "C": 32, "pw": 16}
+    t = bias_grad_plan(geo, 4 if dt == "fp32" else 2)
     sig = {"v_ptr": _DT[dt], "do_ptr": _DT[dt], "part_ptr": "*fp32", **dict.fromkeys(_BIAS_INTS, "i32")}
     sig["p_drop"] = "fp32"
     _aot.register(
         bias_grad_kernel,
         signatures=[sig],
-        configs=[{"MODE": mode, "DROPOUT": dropout, **{k: t[k] for k in ("BLOCK", "BLOCK_D", "num_warps")}}],
+        configs=[{"MODE": mode, "DROPOUT": dropout, **{k: t[k] for k in ("BLOCK", "BLOCK_D", "VEC", "num_warps")}}],
         name=f"stcnnt_bias_grad[mode{mode}]",
         strict=True,
     )

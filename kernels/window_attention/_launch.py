@@ -9,7 +9,7 @@ from fm_engine.kernels import _autotune
 
 from fm_engine import _alloc
 
-from ._common import MODE_LOCAL, pow2_at_least, run_of
+from ._common import MODE_LOCAL, pow2_at_least, run_of, run_vector
 from .bias_grad import bias_grad_kernel
 from .channel_plane import plane_bwd_kernel, plane_fwd_kernel
 from .general import stcnnt_attn_bwd_kernel, stcnnt_attn_fwd_kernel
@@ -54,6 +54,14 @@ def heads_per_program(geo: dict, mode: int, device: torch.device | None = None) 
 
 
 _INTS = ("C", "Hq", "Wq", "H", "W", "N", "n_groups", "nWw", "nPh", "nPw", "phq", "pwq", "ph", "pw", "n_head")
+
+
+def vectors(geo: dict, elem_bytes: int, block_d: int) -> dict[str, int]:
+    """VEC_QK / VEC_V of the general kernels (aligned runs of pixels a head's elements load in)."""
+    return {
+        "VEC_QK": run_vector(geo["D_QK"], geo["C"], geo["pwq"], elem_bytes, block_d),
+        "VEC_V": run_vector(geo["D_V"], geo["C"], geo["pw"], elem_bytes, block_d),
+    }
 
 
 def _launch_args(geo: dict, mode: int, hpp: int) -> list:
@@ -288,7 +296,8 @@ def forward(
     block_n, block_d = blocks(geo["N"], max(geo["D_QK"], geo["D_V"]))
     stcnnt_attn_fwd_kernel[(geo["programs"] // hpp,)](
         q, k, v, o, bias if bias is not None else q, *_launch_args(geo, mode, hpp), float(scale), eps, seed,
-        float(dropout_p), **flags, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=_warps(block_n),
+        float(dropout_p), **flags, BLOCK_N=block_n, BLOCK_D=block_d, **vectors(geo, q.element_size(), block_d),
+        num_warps=_warps(block_n),
     )  # fmt: skip
     return o, lse
 
@@ -360,7 +369,8 @@ def backward(
             block_n, block_d = blocks(geo["N"], max(geo["D_QK"], geo["D_V"]))
             stcnnt_attn_bwd_kernel[(geo["programs"] // hpp,)](
                 *ptrs, *_launch_args(geo, mode, hpp), float(scale), eps, seed, float(dropout_p), **flags,
-                BLOCK_N=block_n, BLOCK_D=block_d, num_warps=_warps(block_n),
+                BLOCK_N=block_n, BLOCK_D=block_d, **vectors(geo, q.element_size(), block_d),
+                num_warps=_warps(block_n),
             )  # fmt: skip
     dbias = dbias32.to(bias.dtype) if dbias32 is not None and bias is not None else None
     return dq, dk, dv, dbias
@@ -372,7 +382,7 @@ def backward(
 BIAS_GRAD_PROGRAMS = 4 * 132
 
 
-def bias_grad_plan(geo: dict) -> dict[str, int]:
+def bias_grad_plan(geo: dict, elem_bytes: int = 2) -> dict[str, int]:
     """Tiles and chunks of the bias-gradient kernel for this geometry."""
     n, n_head = geo["N"], geo["n_head"]
     block = min(64, pow2_at_least(n))
@@ -381,7 +391,9 @@ def bias_grad_plan(geo: dict) -> dict[str, int]:
     tiles = n_head * n_tb * n_tb
     per_chunk = triton.cdiv(n_items, max(1, min(n_items, triton.cdiv(BIAS_GRAD_PROGRAMS, tiles))))
     chunks = triton.cdiv(n_items, per_chunk)
-    return {"BLOCK": block, "BLOCK_D": min(MAX_BLOCK_D, pow2_at_least(geo["D_V"])), "n_tb": n_tb,
+    block_d = min(MAX_BLOCK_D, pow2_at_least(geo["D_V"]))
+    vec = run_vector(geo["D_V"], geo["C"], geo["pw"], elem_bytes, block_d)
+    return {"BLOCK": block, "BLOCK_D": block_d, "VEC": vec, "n_tb": n_tb,
             "n_items": n_items, "per_chunk": per_chunk, "chunks": chunks, "programs": tiles * chunks,
             "num_warps": 4 if block <= 32 else 8}  # fmt: skip
 
@@ -389,13 +401,13 @@ def bias_grad_plan(geo: dict) -> dict[str, int]:
 def bias_grad(do: torch.Tensor, v: torch.Tensor, geo: dict, *, mode: int, dropout_p: float, seed: int) -> torch.Tensor:
     """The relative-position bias gradient [n_head, N, N] fp32 for the upstream gradient do and v (both
     [B, T, C, H, W], contiguous): per-program partials [chunks, n_head, N, N], summed over the chunks."""
-    t = bias_grad_plan(geo)
+    t = bias_grad_plan(geo, v.element_size())
     part = _alloc.empty(t["chunks"], geo["n_head"], geo["N"], geo["N"], dtype=torch.float32, device=v.device)
     bias_grad_kernel[(t["programs"],)](
         v, do, part, geo["C"], geo["H"], geo["W"], geo["N"], geo["n_groups"], geo["nWw"], geo["nPh"], geo["nPw"],
         geo["ph"], geo["pw"], geo["n_head"], geo["D_V"], run_of(geo["D_V"], geo["C"]), t["n_items"], t["per_chunk"],
         t["n_tb"], seed, float(dropout_p), MODE=mode, DROPOUT=dropout_p > 0, BLOCK=t["BLOCK"], BLOCK_D=t["BLOCK_D"],
-        num_warps=t["num_warps"],
+        VEC=t["VEC"], num_warps=t["num_warps"],
     )  # fmt: skip
     return part.sum(0)
 

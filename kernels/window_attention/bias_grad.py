@@ -15,14 +15,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import dropout_tile, el_off, mm, tok_off
+from ._common import dropout_tile, mm, tile_off, tok_off
 
 
 @triton.jit
 def bias_grad_kernel(
     v_ptr, do_ptr, part_ptr,
     C, H, W, N, n_groups, nWw, nPh, nPw, ph, pw, n_head, D_V, RUN_V, n_items, per_chunk, n_tb, seed, p_drop,
-    MODE: tl.constexpr, DROPOUT: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+    MODE: tl.constexpr, DROPOUT: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, VEC: tl.constexpr,
 ):  # fmt: skip
     """part[s, h, i, j] = sum over pairs r of chunk s (frame r // n_groups, group r % n_groups) of dA[h, i, j]."""
     DT: tl.constexpr = v_ptr.dtype.element_ty
@@ -51,9 +51,10 @@ def bias_grad_kernel(
         da = tl.zeros([BLOCK, BLOCK], tl.float32)
         for d0 in range(0, D_V, BLOCK_D):
             md = d0 + offs_d < D_V
-            el = el_off(h, d0 + offs_d, D_V, RUN_V, MODE, C, H, W, pw)[None, :]
-            do = tl.load(do_ptr + base + tok_m[:, None] + el, mask=mask_m[:, None] & md[None, :], other=0.0)
-            v = tl.load(v_ptr + base + tok_n[:, None] + el, mask=mask_n[:, None] & md[None, :], other=0.0)
+            off_m = tile_off(base, tok_m, h, d0 + offs_d, D_V, RUN_V, MODE, C, H, W, pw, VEC)
+            off_n = tile_off(base, tok_n, h, d0 + offs_d, D_V, RUN_V, MODE, C, H, W, pw, VEC)
+            do = tl.load(do_ptr + off_m, mask=mask_m[:, None] & md[None, :], other=0.0)
+            v = tl.load(v_ptr + off_n, mask=mask_n[:, None] & md[None, :], other=0.0)
             da += mm(do, tl.trans(v), IEEE, DT)
         if DROPOUT:
             rows = ((bt * n_groups + g) * n_head + h) * N + offs_m

@@ -26,13 +26,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import dropout_tile, el_off, mm, tok_off
+from ._common import dropout_tile, mm, tile_off, tok_off
 
 
 @triton.jit
 def _scores(
     q_ptr, k_ptr, base, g, h, offs_n, mask_n, C, Hq, Wq, nWw, nPh, nPw, phq, pwq, D, RUN, scale, eps,
-    MODE: tl.constexpr, SCORE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    MODE: tl.constexpr, SCORE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, VEC: tl.constexpr,
 ):  # fmt: skip
     """Recompute one group's probabilities P [BLOCK_N, BLOCK_N] and what backward needs of the score form:
     the unscaled normalised scores Sn and the per-token reciprocal norms / means of q and k."""
@@ -46,7 +46,7 @@ def _scores(
         # two passes over the head dim: centring first keeps the variance free of cancellation
         for d0 in range(0, D, BLOCK_D):
             md = d0 + offs_d < D
-            off = base + tok[:, None] + el_off(h, d0 + offs_d, D, RUN, MODE, C, Hq, Wq, pwq)[None, :]
+            off = tile_off(base, tok, h, d0 + offs_d, D, RUN, MODE, C, Hq, Wq, pwq, VEC)
             m2 = mask_n[:, None] & md[None, :]
             mean_q += tl.sum(tl.load(q_ptr + off, mask=m2, other=0.0).to(tl.float32), 1)
             mean_k += tl.sum(tl.load(k_ptr + off, mask=m2, other=0.0).to(tl.float32), 1)
@@ -57,7 +57,7 @@ def _scores(
     ss_k = tl.zeros([BLOCK_N], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         md = d0 + offs_d < D
-        off = base + tok[:, None] + el_off(h, d0 + offs_d, D, RUN, MODE, C, Hq, Wq, pwq)[None, :]
+        off = tile_off(base, tok, h, d0 + offs_d, D, RUN, MODE, C, Hq, Wq, pwq, VEC)
         m2 = mask_n[:, None] & md[None, :]
         qt = tl.load(q_ptr + off, mask=m2, other=0.0)
         kt = tl.load(k_ptr + off, mask=m2, other=0.0)
@@ -101,7 +101,7 @@ def stcnnt_attn_fwd_kernel(
     C, Hq, Wq, H, W, N, n_groups, nWw, nPh, nPw, phq, pwq, ph, pw, n_head, heads_per_prog, D_QK, D_V, RUN_QK,
     RUN_V, scale, eps, seed, p_drop,
     MODE: tl.constexpr, SCORE: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, VEC_QK: tl.constexpr, VEC_V: tl.constexpr,
 ):  # fmt: skip
     DT: tl.constexpr = v_ptr.dtype.element_ty
     IEEE: tl.constexpr = DT == tl.float32
@@ -115,7 +115,7 @@ def stcnnt_attn_fwd_kernel(
         mask_n = offs_n < N
         p, _, _, _, _, _, _, _ = _scores(
             q_ptr, k_ptr, bt * (C * Hq * Wq), g, h, offs_n, mask_n, C, Hq, Wq, nWw, nPh, nPw, phq, pwq, D_QK,
-            RUN_QK, scale, eps, MODE, SCORE, BLOCK_N, BLOCK_D,
+            RUN_QK, scale, eps, MODE, SCORE, BLOCK_N, BLOCK_D, VEC_QK,
         )  # fmt: skip
         mask_nn = mask_n[:, None] & mask_n[None, :]
         if HAS_BIAS:
@@ -129,7 +129,7 @@ def stcnnt_attn_fwd_kernel(
         offs_d = tl.arange(0, BLOCK_D)
         for d0 in range(0, D_V, BLOCK_D):
             md = d0 + offs_d < D_V
-            off = base + tok[:, None] + el_off(h, d0 + offs_d, D_V, RUN_V, MODE, C, H, W, pw)[None, :]
+            off = tile_off(base, tok, h, d0 + offs_d, D_V, RUN_V, MODE, C, H, W, pw, VEC_V)
             m2 = mask_n[:, None] & md[None, :]
             vt = tl.load(v_ptr + off, mask=m2, other=0.0)
             o = mm(p, vt, IEEE, DT)
@@ -142,7 +142,7 @@ def stcnnt_attn_bwd_kernel(
     C, Hq, Wq, H, W, N, n_groups, nWw, nPh, nPw, phq, pwq, ph, pw, n_head, heads_per_prog, D_QK, D_V, RUN_QK,
     RUN_V, scale, eps, seed, p_drop,
     MODE: tl.constexpr, SCORE: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, VEC_QK: tl.constexpr, VEC_V: tl.constexpr,
 ):  # fmt: skip
     DT: tl.constexpr = v_ptr.dtype.element_ty
     IEEE: tl.constexpr = DT == tl.float32
@@ -155,7 +155,7 @@ def stcnnt_attn_bwd_kernel(
         base_qk = bt * (C * Hq * Wq)
         p, sn, rq, rk, mean_q, mean_k, ss_q, ss_k = _scores(
             q_ptr, k_ptr, base_qk, g, h, offs_n, mask_n, C, Hq, Wq, nWw, nPh, nPw, phq, pwq, D_QK, RUN_QK, scale,
-            eps, MODE, SCORE, BLOCK_N, BLOCK_D,
+            eps, MODE, SCORE, BLOCK_N, BLOCK_D, VEC_QK,
         )  # fmt: skip
         mask_nn = mask_n[:, None] & mask_n[None, :]
         a = p
@@ -173,7 +173,7 @@ def stcnnt_attn_bwd_kernel(
         da = tl.zeros([BLOCK_N, BLOCK_N], dtype=tl.float32)
         for d0 in range(0, D_V, BLOCK_D):
             md = d0 + offs_d < D_V
-            off = base_v + tok_v[:, None] + el_off(h, d0 + offs_d, D_V, RUN_V, MODE, C, H, W, pw)[None, :]
+            off = tile_off(base_v, tok_v, h, d0 + offs_d, D_V, RUN_V, MODE, C, H, W, pw, VEC_V)
             m2 = mask_n[:, None] & md[None, :]
             vt = tl.load(v_ptr + off, mask=m2, other=0.0)
             dot = tl.load(do_ptr + off, mask=m2, other=0.0)
@@ -198,7 +198,7 @@ def stcnnt_attn_bwd_kernel(
         tok = tok_off(offs_n, g, MODE, C, Hq, Wq, nWw, nPh, nPw, phq, pwq)
         for d0 in range(0, D_QK, BLOCK_D):
             md = d0 + offs_d < D_QK
-            off = base_qk + tok[:, None] + el_off(h, d0 + offs_d, D_QK, RUN_QK, MODE, C, Hq, Wq, pwq)[None, :]
+            off = tile_off(base_qk, tok, h, d0 + offs_d, D_QK, RUN_QK, MODE, C, Hq, Wq, pwq, VEC_QK)
             m2 = mask_n[:, None] & md[None, :]
             qt = tl.load(q_ptr + off, mask=m2, other=0.0).to(tl.float32)
             kt = tl.load(k_ptr + off, mask=m2, other=0.0).to(tl.float32)

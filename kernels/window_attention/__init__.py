@@ -46,7 +46,10 @@ from .channel_plane import plane_bwd_kernel, plane_fwd_kernel
 from .general import stcnnt_attn_bwd_kernel, stcnnt_attn_fwd_kernel
 from .long_groups import long_bwd_dkdv_kernel, long_bwd_dq_kernel, long_fwd_kernel
 
+AOT_HELPERS = {"_scores", "_plane_scores"}  # jit helpers that take pointers (compiled inside the kernels)
+
 __all__ = [
+    "AOT_HELPERS",
     "BWD_TUNER", "FWD_TUNER", "LONG_INTERPRETER_CONFIG", "MAX_BLOCK_D", "MAX_LONG_HEAD", "MAX_TOKENS", "MODE_GLOBAL",
     "MODE_LOCAL", "PLANE_INTERPRETER_CONFIG", "SCORE_COSINE", "SCORE_DOT", "SCORE_STANDARDIZE", "backward",
     "bias_grad", "bias_grad_kernel", "bias_grad_plan", "blocks", "candidates", "forward", "heads_per_program",

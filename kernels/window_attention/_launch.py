@@ -16,6 +16,10 @@ from .general import stcnnt_attn_bwd_kernel, stcnnt_attn_fwd_kernel
 from .long_groups import long_bwd_dkdv_kernel, long_bwd_dq_kernel, long_fwd_kernel
 
 MAX_BLOCK_D = 64  # head-dim chunk of the general kernels
+# Software pipelining depth per kernel family, passed to every launch and registered with every compile-gate case,
+# so the gate compiles what runs. ptxas's register allocation depends on it: at 3 the fp32 bias-gradient kernel
+# spilled (parser-default shape), at 2 the fp32 general backward did.
+STAGES = {"general": 3, "plane": 3, "long": 3, "bias_grad": 2}
 
 
 def _interpreting() -> bool:
@@ -281,7 +285,7 @@ def forward(
         lse = _alloc.empty(geo["programs"] * geo["N"], dtype=torch.float32, device=q.device)
         long_fwd_kernel[(t["programs"],)](
             q, k, v, o, bias if bias is not None else q, lse, *_long_args(geo, t), float(scale), eps, seed,
-            float(dropout_p), **flags, **_long_constexprs(t), num_warps=t["num_warps"],
+            float(dropout_p), **flags, **_long_constexprs(t), num_warps=t["num_warps"], num_stages=STAGES["long"],
         )  # fmt: skip
         return o, lse
     plane = plane_tile(geo, mode, config) if config else None
@@ -289,7 +293,7 @@ def forward(
         t = plane
         plane_fwd_kernel[(t["programs"],)](
             q, k, v, o, bias if bias is not None else q, *_plane_args(geo, t), float(scale), eps, seed,
-            float(dropout_p), **flags, **_plane_constexprs(t), num_warps=t["num_warps"],
+            float(dropout_p), **flags, **_plane_constexprs(t), num_warps=t["num_warps"], num_stages=STAGES["plane"],
         )  # fmt: skip
         return o, lse
     hpp = heads_per_program(geo, mode, q.device)
@@ -297,7 +301,7 @@ def forward(
     stcnnt_attn_fwd_kernel[(geo["programs"] // hpp,)](
         q, k, v, o, bias if bias is not None else q, *_launch_args(geo, mode, hpp), float(scale), eps, seed,
         float(dropout_p), **flags, BLOCK_N=block_n, BLOCK_D=block_d, **vectors(geo, q.element_size(), block_d),
-        num_warps=_warps(block_n),
+        num_warps=_warps(block_n), num_stages=STAGES["general"],
     )  # fmt: skip
     return o, lse
 
@@ -353,16 +357,16 @@ def backward(
             args = (*_long_args(geo, t), float(scale), eps, seed, float(dropout_p))
             long_bwd_dq_kernel[(t["programs"],)](
                 q, k, v, o, do, ptrs[4], lse, delta, dq, *args, **flags, **_long_constexprs(t),
-                num_warps=t["num_warps"],
+                num_warps=t["num_warps"], num_stages=STAGES["long"],
             )  # fmt: skip
             long_bwd_dkdv_kernel[(t["programs"],)](
                 q, k, v, do, ptrs[4], lse, delta, dk, dv, *args, **flags, **_long_constexprs(t),
-                num_warps=t["num_warps"],
+                num_warps=t["num_warps"], num_stages=STAGES["long"],
             )  # fmt: skip
         elif t is not None:
             plane_bwd_kernel[(t["programs"],)](
                 *ptrs, *_plane_args(geo, t), float(scale), eps, seed, float(dropout_p), **flags,
-                **_plane_constexprs(t), num_warps=t["num_warps"],
+                **_plane_constexprs(t), num_warps=t["num_warps"], num_stages=STAGES["plane"],
             )  # fmt: skip
         else:
             hpp = heads_per_program(geo, mode, q.device)
@@ -370,7 +374,7 @@ def backward(
             stcnnt_attn_bwd_kernel[(geo["programs"] // hpp,)](
                 *ptrs, *_launch_args(geo, mode, hpp), float(scale), eps, seed, float(dropout_p), **flags,
                 BLOCK_N=block_n, BLOCK_D=block_d, **vectors(geo, q.element_size(), block_d),
-                num_warps=_warps(block_n),
+                num_warps=_warps(block_n), num_stages=STAGES["general"],
             )  # fmt: skip
     dbias = dbias32.to(bias.dtype) if dbias32 is not None and bias is not None else None
     return dq, dk, dv, dbias
@@ -407,7 +411,7 @@ def bias_grad(do: torch.Tensor, v: torch.Tensor, geo: dict, *, mode: int, dropou
         v, do, part, geo["C"], geo["H"], geo["W"], geo["N"], geo["n_groups"], geo["nWw"], geo["nPh"], geo["nPw"],
         geo["ph"], geo["pw"], geo["n_head"], geo["D_V"], run_of(geo["D_V"], geo["C"]), t["n_items"], t["per_chunk"],
         t["n_tb"], seed, float(dropout_p), MODE=mode, DROPOUT=dropout_p > 0, BLOCK=t["BLOCK"], BLOCK_D=t["BLOCK_D"],
-        VEC=t["VEC"], num_warps=t["num_warps"],
+        VEC=t["VEC"], num_warps=t["num_warps"], num_stages=STAGES["bias_grad"],
     )  # fmt: skip
     return part.sum(0)
 

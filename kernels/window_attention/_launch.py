@@ -396,6 +396,8 @@ def bias_grad_plan(geo: dict, elem_bytes: int = 2) -> dict[str, int]:
     per_chunk = triton.cdiv(n_items, max(1, min(n_items, triton.cdiv(BIAS_GRAD_PROGRAMS, tiles))))
     chunks = triton.cdiv(n_items, per_chunk)
     block_d = min(MAX_BLOCK_D, pow2_at_least(geo["D_V"]))
+    if elem_bytes == 4:  # exact fp32 products replicate operands across threads: 32- and 64-token tiles spilled
+        block_d = min(block_d, max(16, 1024 // block))
     vec = run_vector(geo["D_V"], geo["C"], geo["pw"], elem_bytes, block_d)
     return {"BLOCK": block, "BLOCK_D": block_d, "VEC": vec, "n_tb": n_tb,
             "n_items": n_items, "per_chunk": per_chunk, "chunks": chunks, "programs": tiles * chunks,

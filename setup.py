@@ -77,7 +77,7 @@ if nvcc is None:
     print("fm_engine: nvcc not found or FM_ENGINE_BUILD_CUDA=0: skipping the CUDA extension", file=sys.stderr)
 
 packages = find_packages(include=["fm_engine", "fm_engine.*"])
-packages += ["fm_engine.kernels", "fm_engine.benchmarks"]
+packages += ["fm_engine.kernels", "fm_engine.kernels.window_attention", "fm_engine.benchmarks"]
 
 setup(
     packages=packages,

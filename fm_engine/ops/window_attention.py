@@ -30,11 +30,13 @@ Scores per (frame, group, head), from q_i, k_j in R^hc_qk:
 the token order above (the module owns the Swin-style table and its index, see
 fm_engine.nn.stcnnt_attention); same dtype as q; it receives a gradient.
 
-Backends: reference (eager, partitions the frame into tokens), triton (kernels/window_attention.py:
-reads q, k, v and writes o in place in the [B, T, C, H, W] layout; backward recomputes the attention
-matrix from q and k; groups of more than 64 tokens run blocked kernels, with head dims up to 256, whose
-backward also keeps o and the rows' log-sum-exp). Dropout on the Triton backend regenerates its keep mask
-from a seed drawn from torch's CPU generator (kernels/_attention_dropout.py), so it differs from the
+Backends: reference (eager, partitions the frame into tokens), triton (the package kernels/window_attention/:
+reads q, k, v and writes o in place in the [B, T, C, H, W] layout; products on tensor cores for fp16 / bf16,
+exact IEEE fp32 for fp32; backward recomputes the attention matrix from q and k; groups of more than 64 tokens
+run blocked kernels, with head dims up to 256, whose backward also keeps o and the rows' log-sum-exp; the bias
+gradient is summed from per-program partials in a fixed order, so the backward is deterministic). Dropout on
+the Triton backend regenerates its keep mask from a seed drawn from torch's CPU generator
+(kernels/_attention_dropout.py), so it differs from the
 reference's draw; the mask of a seed is ``dropout_keep_mask(seed, [B, T, groups, n_head, N, N], p)`` and the
 reference replays a given mask through ``dropout_mask``.
 """
@@ -54,7 +56,7 @@ MODES = ("local", "global")
 FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Groups of up to this many tokens keep their whole N x N score matrix in registers; larger ones run the long
 # kernels (blocked, online softmax), which hold whole head rows: head dims up to MAX_TRITON_HEAD there
-# (kernels/window_attention.py).
+# (kernels/window_attention/long_groups.py).
 MAX_REGISTER_TOKENS = 64
 MAX_TRITON_HEAD = 256
 

@@ -24,9 +24,16 @@ needs_interpreter = pytest.mark.skipif(
 )
 
 
+# These tests check the tuning machinery; inductor's compile backend is checked in test_compile_backend.py. Its
+# compilations cost seconds each on a CPU: here the compile backend uses torch.compile's aot_eager backend.
+FAST_COMPILE = {"FM_ENGINE_COMPILE_BACKEND": "aot_eager"}
+
+
 @pytest.fixture
 def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("FM_ENGINE_CACHE_DIR", str(tmp_path / "cache"))
+    for k, v in FAST_COMPILE.items():
+        monkeypatch.setenv(k, v)
     E.reload()
     yield tmp_path / "cache"
     E.reload()
@@ -94,6 +101,7 @@ def _rank_worker(rank: int, port: int, folder: str) -> None:
     import torch.distributed as dist
 
     os.environ["FM_ENGINE_CACHE_DIR"] = os.path.join(folder, f"cache{rank}")  # no shared storage
+    os.environ.update(FAST_COMPILE)
     E.reload()
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:

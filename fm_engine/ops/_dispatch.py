@@ -321,7 +321,9 @@ class CompiledReference:
             name = f"compiled_{self.op_name}_{len(self.cache)}"
             code = _trampoline.__code__.replace(co_name=name)
             entry = types.FunctionType(code, {"_target": self.reference, "__builtins__": __builtins__}, name)
-            fn = torch.compile(entry, dynamic=False)
+            # FM_ENGINE_COMPILE_BACKEND: another torch.compile backend (e.g. "aot_eager" in tests that exercise
+            # the tuning machinery rather than inductor's code); default inductor
+            fn = torch.compile(entry, dynamic=False, backend=os.environ.get("FM_ENGINE_COMPILE_BACKEND", "inductor"))
             self.cache[key] = fn
         return fn(*args, **kwargs)
 

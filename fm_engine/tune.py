@@ -478,16 +478,20 @@ def cmd_tune(a: argparse.Namespace) -> int:
         quick = a.quick or device.type != "cuda"
         cls = _device.device_class(device)
         calls: list[Call] = []
-        if a.model:
-            for name in a.model:
-                for setting in a.setting or ["defaults", "dropout 0"]:
-                    calls += record_model_step(name, device, quick, a.batch, setting)
-        for case in _cases(a.op or [], device, quick):
-            calls += record_case_calls(case)
+        try:
+            if a.model:
+                for name in a.model:
+                    for setting in a.setting or ["defaults", "dropout 0"]:
+                        calls += record_model_step(name, device, quick, a.batch, setting)
+            for case in _cases(a.op or [], device, quick):
+                calls += record_case_calls(case)
+        except KeyboardInterrupt:
+            print("interrupted while recording the op calls: nothing measured", file=sys.stderr)
+            return 130
         if not calls:
             raise SystemExit("nothing to tune: pass --model NAME or --op NAME")
         src = f"fm-engine tune {' '.join(sys.argv[2:])}".strip()
-        measured = measure_calls(calls, device, quick, source=src, progress=not a.no_progress)
+        measured = measure_calls(calls, device, quick, source=src, progress=not a.no_progress, budget_s=a.budget)
     print(f"device class: {cls}")
     n = sum(len(v) for v in measured.values())
     changes = merge(E.table_path("user", cls), cls, measured)
@@ -516,4 +520,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--from-results", metavar="FILE", help="make entries from a benchmark results.json (no timing)")
     p.add_argument("--device-class", help="with --from-results: the device class the results were measured on")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="start no new bucket after this many seconds of timing (a bucket once started is finished)",
+    )
     p.set_defaults(func=cmd_tune)

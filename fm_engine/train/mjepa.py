@@ -358,7 +358,8 @@ class Trainer:
         aug_state = self.aug_gen.get_state()
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             with use_backend(self.cfg.backend):
-                self._micro_step(batch, sync=False)
+                # sync: gradients land where zero_grad clears them (FSDP keeps unsynced ones in a buffer of its own)
+                self._micro_step(batch, sync=True)
         self.aug_gen.set_state(aug_state)
         self.optimizer.zero_grad(set_to_none=True)
 

@@ -153,12 +153,17 @@ def _cases(names: list[str], device: torch.device, quick: bool) -> list[Any]:
     return out
 
 
+# Benchmark labels that share a backend's name but are peers: torch.compile of the case's whole reference function
+# (benchmarks/harness.py), not the op's compile backend; their rows never become table entries.
+_PEER_LABELS = ("compile", "compile-max")
+
+
 def record_case_calls(case: Any, dry: bool = False) -> list[Call]:
     """The op calls of one benchmark case: each label that goes through the op runs once under a recorder
     (``dry``: stopped after validation, for meta tensors)."""
     inputs = case.setup()
     for label, fn in case.fns.items():
-        if label == E.REFERENCE or label not in get_op(case.op).backends:
+        if label == E.REFERENCE or label in _PEER_LABELS or label not in get_op(case.op).backends:
             continue
         with record(dry=dry) as rec:
             try:
@@ -198,7 +203,7 @@ def from_results(results: dict[str, Any], source: str) -> dict[str, dict[str, di
         if not calls or calls[0].bucket is None:
             continue
         backends = get_op(key[0]).backends
-        times = {b: r for b, r in rows.items() if b in backends}
+        times = {b: r for b, r in rows.items() if b in backends and b not in _PEER_LABELS}
         bucket = calls[0].bucket
         grad = E.Bucket.parse(bucket).grad
         for k, g in ((bucket, grad), (_no_grad_key(bucket), False)):

@@ -28,7 +28,7 @@ def test_smoke_suite(tmp_path: Path) -> None:
     env = {**os.environ, "FM_ENGINE_CACHE_DIR": str(tmp_path / "cache"), "FM_ENGINE_SUITE_CUT": "models-compile:40"}
     env.pop("TRITON_INTERPRET", None)
     r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), "--smoke", str(out)], cwd=tmp_path,
-                       capture_output=True, text=True, env=env, timeout=720, check=False)  # fmt: skip
+                       capture_output=True, text=True, env=env, timeout=780, check=False)  # fmt: skip
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     files = sorted(p.name for p in out.iterdir())
     assert files == ["details.tar.gz", "models.json", "models.md", "ops.json", "ops.md", "ops.png", "summary.json",

@@ -177,7 +177,8 @@ def breakdown(
 
     rows: list[dict[str, Any]] = []
     for call in rec.calls:
-        backends = [n for n in get_op(call.op).backends]
+        # not `compile`: two torch.compile compilations per distinct call would dwarf the step (tuning measures it)
+        backends = [n for n in get_op(call.op).backends if n != "compile" or call.backend == "compile"]
         times = {bk: time_call(call, bk, device, quick) for bk in backends}
         key = "fwd_bwd_ms" if call.needs_grad else "fwd_ms"
         chosen = times.get(call.backend, {})

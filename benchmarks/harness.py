@@ -283,6 +283,9 @@ def run(
             _derive(row, case, ceilings)
             rows.append(row)
             log(_row_text(row))
+            if out_dir is not None:  # after every label, so a run stopped by a time limit keeps what it measured
+                _ratios(rows)
+                write_reports(result, out_dir, chart_too=False)
         for label, why in case.notes.items():
             rows.append(
                 {"op": case.op, "case": case.name, "backend": label, "kind": case.kind, "status": f"not run: {why}"}

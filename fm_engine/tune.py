@@ -17,9 +17,12 @@ tables from then on (fm_engine.ops._evidence); nothing is ever timed inside a no
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +31,8 @@ import torch
 from fm_engine import _device
 from fm_engine.ops import _evidence as E
 from fm_engine.ops import get_op
-from fm_engine.ops._record import Call, DryRun, record
+from fm_engine.ops._dispatch import BACKENDS, REFERENCE
+from fm_engine.ops._record import Call, DryRun, autocast_context, record, replay_args
 
 
 def _auto_choice(ops: dict[str, Any], op: str, key: str) -> str:
@@ -66,11 +70,17 @@ def _no_grad_key(key: str) -> str:
 
 
 def measure_calls(
-    calls: list[Call], device: torch.device, quick: bool, source: str, progress: bool = True
+    calls: list[Call],
+    device: torch.device,
+    quick: bool,
+    source: str,
+    progress: bool = True,
+    budget_s: float | None = None,
 ) -> dict[str, dict[str, dict[str, Any]]]:
     """Time each distinct bucket of ``calls`` on every backend of its op -> {op: {bucket: entry}}.
 
-    A grad bucket also yields the forward-only entry of the same sizes. Ctrl-C returns what is done."""
+    A grad bucket also yields the forward-only entry of the same sizes. Ctrl-C returns the buckets measured on
+    every backend so far; with ``budget_s``, no new bucket starts once that many seconds are spent."""
     from tqdm import tqdm
 
     from fm_engine.benchmarks.breakdown import time_call  # type: ignore[import-not-found]
@@ -83,8 +93,17 @@ def measure_calls(
     out: dict[str, dict[str, dict[str, Any]]] = {}
     timings: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
     bar = tqdm(work, desc="tune", unit="run", disable=not progress, file=sys.stderr)
+    t0 = time.monotonic()
     try:
         for (op, key), call, backend in bar:
+            if budget_s is not None and (op, key) not in timings and time.monotonic() - t0 > budget_s:
+                # checked between buckets: a bucket once started is measured on every backend
+                print(
+                    f"\ntuning budget of {budget_s:g} s spent: {len(timings)} of {len(seen)} buckets measured (the "
+                    "rest run as the tables say; `fm-engine tune` or a larger budget measures them)",
+                    file=sys.stderr,
+                )
+                break
             bar.set_postfix_str(f"{op} {backend}")
             timings.setdefault((op, key), {})[backend] = time_call(call, backend, device, quick)
     except KeyboardInterrupt:
@@ -134,12 +153,17 @@ def _cases(names: list[str], device: torch.device, quick: bool) -> list[Any]:
     return out
 
 
+# Benchmark labels that share a backend's name but are peers: torch.compile of the case's whole reference function
+# (benchmarks/harness.py), not the op's compile backend; their rows never become table entries.
+_PEER_LABELS = ("compile", "compile-max")
+
+
 def record_case_calls(case: Any, dry: bool = False) -> list[Call]:
     """The op calls of one benchmark case: each label that goes through the op runs once under a recorder
     (``dry``: stopped after validation, for meta tensors)."""
     inputs = case.setup()
     for label, fn in case.fns.items():
-        if label == E.REFERENCE or label not in get_op(case.op).backends:
+        if label == E.REFERENCE or label in _PEER_LABELS or label not in get_op(case.op).backends:
             continue
         with record(dry=dry) as rec:
             try:
@@ -179,7 +203,7 @@ def from_results(results: dict[str, Any], source: str) -> dict[str, dict[str, di
         if not calls or calls[0].bucket is None:
             continue
         backends = get_op(key[0]).backends
-        times = {b: r for b, r in rows.items() if b in backends}
+        times = {b: r for b, r in rows.items() if b in backends and b not in _PEER_LABELS}
         bucket = calls[0].bucket
         grad = E.Bucket.parse(bucket).grad
         for k, g in ((bucket, grad), (_no_grad_key(bucket), False)):
@@ -211,6 +235,230 @@ def merge(path: Path, device_class: str, measured: dict[str, dict[str, dict[str,
     return changes
 
 
+# --- tune before training ------------------------------------------------------------------------------------
+
+MODES = ("auto", "always", "off")
+_said_cpu = False  # "nothing to tune on a CPU" is said once per process
+
+
+@dataclasses.dataclass
+class PlanRow:
+    """What ``auto`` runs for one distinct (op, bucket) of a step, and what the evidence measured there."""
+
+    op: str
+    bucket: str
+    calls: int  # op calls of the step that fall in this bucket
+    backend: str  # what dispatch runs
+    speedup: float | None  # reference time / chosen backend's time at the bucket used (None: no evidence)
+    evidence: str  # "exact", "nearest" or "none"
+
+    def as_tuple(self) -> tuple[str, str, str]:
+        return (self.op, self.bucket, self.backend)
+
+
+@dataclasses.dataclass
+class TuneReport:
+    """Result of :func:`tune_step`.
+
+    ``measured``: buckets timed by this process (0 on ranks other than 0, and when nothing was timed);
+    ``skipped``: why nothing was timed (None when it timed); ``tables``: :func:`_evidence.in_use` after tuning
+    (its ``sha256`` goes into training checkpoints); ``plan``: one row per distinct (op, bucket) of the step."""
+
+    mode: str
+    device_class: str
+    backend: str
+    calls: list[Call]
+    measured: int
+    skipped: str | None
+    tables: dict[str, Any]
+    plan: list[PlanRow]
+
+    def table_text(self) -> str:
+        """The short table printed at the start of a training run."""
+        sha = self.tables.get("sha256") or ""
+        files = ", ".join(f"{t['origin']} {t['path']}" for t in self.tables.get("tables", [])) or "none"
+        head = f"fm_engine backends for this step on {self.device_class} (backend {self.backend})\n"
+        head += f"  tuning tables: {files}" + (f" (sha256 {sha[:12]})" if sha else "")
+        if not self.plan:
+            return head + "\n  (the step makes no fm_engine op calls)"
+        w = max(len(r.op) for r in self.plan)
+        lines = [head, f"  {'op':<{w}}  {'calls':>5}  {'runs':<10} {'vs reference':<14} bucket"]
+        for r in self.plan:
+            if r.speedup is None:
+                ratio = "not measured" if self.backend == "auto" else "-"
+            else:
+                ratio = f"{r.speedup:.2f}x" + (" (nearest)" if r.evidence == "nearest" else "")
+            lines.append(f"  {r.op:<{w}}  {r.calls:>5}  {r.backend:<10} {ratio:<14} {r.bucket}")
+        return "\n".join(lines)
+
+
+def _accepting(call: Call, device: torch.device) -> list[str]:
+    """Backends that accept the recorded call (checked on fresh inputs of the same shapes)."""
+    op = get_op(call.op)
+    args, kwargs = replay_args(call, device)
+    with autocast_context(call, device), torch.set_grad_enabled(call.grad_enabled):
+        return [b for b in op.backends if op.verdict(b, args, kwargs).ok]
+
+
+def _live(cls: str, call: Call, accepting: list[str]) -> bool:
+    """True when the call's own bucket has a measurement of the installed code of every accepting backend."""
+    assert call.bucket is not None
+    match = E.lookup(cls, call.op, E.Bucket.parse(call.bucket))
+    if match is None or not match.exact:
+        return False
+    m = E.metric(E.Bucket.parse(call.bucket).grad)
+    measured = match.entry["backends"]
+    return all(b in measured and m in measured[b] and not E.stale(call.op, b, measured[b]) for b in accepting)
+
+
+def _plan(cls: str, backend: str, calls: list[Call], accepting: dict[tuple[str, str], list[str]]) -> list[PlanRow]:
+    rows: dict[tuple[str, str], PlanRow] = {}
+    for c in calls:
+        key = (c.op, c.bucket or "-")
+        if key in rows:
+            rows[key].calls += c.count
+            continue
+        chosen, speedup, evidence = backend if backend != "auto" else REFERENCE, None, "none"
+        if c.bucket is not None:
+            bucket = E.Bucket.parse(c.bucket)
+            if backend == "auto":
+                ok = accepting.get(key, [REFERENCE])
+                order = [b for b in E.measured_order(cls, c.op, c.bucket).split(",") if b]
+                chosen = next((b for b in order if b in ok), REFERENCE)
+            match = E.lookup(cls, c.op, bucket)
+            if match is not None:
+                ref, fast = E.ranking(match, bucket.grad, c.op)
+                t = ref if chosen == REFERENCE else dict(fast).get(chosen)
+                if ref is not None and t:
+                    speedup, evidence = ref / t, "exact" if match.exact else "nearest"
+        rows[key] = PlanRow(c.op, c.bucket or "-", c.count, chosen, speedup, evidence)
+    return list(rows.values())
+
+
+def _share_table(cls: str) -> None:
+    """Under torch.distributed: rank 0's user table (bytes, or None) goes to every rank, which writes it to its
+    own user table when it differs (a shared FM_ENGINE_CACHE_DIR already holds it), so all ranks read the same."""
+    import torch.distributed as dist
+
+    path = E.table_path("user", cls)
+    payload: list[Any] = [path.read_bytes() if dist.get_rank() == 0 and path.exists() else None]
+    dist.broadcast_object_list(payload, src=0)
+    if dist.get_rank() != 0:
+        data = payload[0]
+        # rank 0 has no user table: this rank's own (if any) stays; the check of the choices below catches a
+        # difference it makes
+        if data is not None and (not path.exists() or path.read_bytes() != data):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".json.{dist.get_rank()}.tmp")
+            tmp.write_bytes(data)
+            tmp.replace(path)
+    E.reload()
+
+
+def tune_step(
+    step_fn: Callable[..., Any],
+    *example: Any,
+    mode: str = "auto",
+    budget_s: float = 180.0,
+    backend: str = "auto",
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    ship: bool = False,
+    show: bool = True,
+) -> TuneReport:
+    """Measure, before training, the backends of the op calls one training step makes; print what ``auto`` runs.
+
+    ``step_fn(*example)`` runs one training step's forward and backward (no optimizer step is needed; it runs once,
+    under the op recorder of ``fm-engine tune --model``). Each distinct measurement bucket of its op calls is
+    then timed on every backend that accepts it (forward, and forward + backward where gradients are needed),
+    within ``budget_s`` seconds, with a progress bar, and the user table
+    (``$FM_ENGINE_CACHE_DIR/tables/<device>.json``) is updated; ``ship`` also updates the package table.
+
+    ``mode``: ``"auto"`` times only buckets without a live measurement (an exact entry of the installed code of
+    every accepting backend), so a second run on the same machine starts at once; ``"always"`` re-times every
+    bucket of the step; ``"off"`` times nothing. On a CPU ``"auto"`` times nothing (it says so once);
+    ``"always"`` times what runs there: the reference and ``compile``, and Triton under ``TRITON_INTERPRET=1``.
+    ``backend`` other than ``"auto"``: the run is pinned to it, nothing is timed.
+
+    Under ``torch.distributed`` every rank calls this together (``step_fn`` may run collectives): rank 0 times,
+    the other ranks wait and receive its user table, so every rank chooses the same backends (checked).
+
+    ``show``: print (on rank 0) the table of what ``auto`` runs per op and bucket and its measured speed-up over
+    the reference. Returns a :class:`TuneReport`.
+    """
+    if mode not in MODES:
+        raise ValueError(f"tune mode: expected one of {MODES}, got {mode!r}")
+    if not budget_s > 0:
+        raise ValueError(f"tune budget_s: expected seconds > 0, got {budget_s!r}")
+    if backend not in ("auto", *BACKENDS):
+        raise ValueError(f"backend: expected one of {('auto', *BACKENDS)}, got {backend!r}")
+    import torch.distributed as dist
+
+    global _said_cpu
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    rank = dist.get_rank() if distributed else 0
+    with record() as rec:
+        step_fn(*example)
+    calls = rec.calls
+    if device is None:
+        first = next((a for c in calls for a in (*c.args, *c.kwargs.values()) if hasattr(a, "device")), None)
+        device = first.device if first is not None else torch.device("cpu")
+    device = torch.device(device)
+    cls = _device.device_class(device)
+    E.reload()  # tables may have changed on disk since this process first read them
+    accepting = {(c.op, c.bucket or "-"): _accepting(c, device) for c in calls if c.bucket is not None}
+
+    skipped: str | None = None
+    if mode == "off":
+        skipped = "--tune off"
+    elif backend != "auto":
+        skipped = f"backend {backend!r} is pinned"
+    elif device.type != "cuda" and mode == "auto":
+        skipped = "a CPU run (--tune always measures the reference and compile here, Triton under TRITON_INTERPRET=1)"
+        if rank == 0 and not _said_cpu:
+            print(f"fm_engine tuning: nothing to tune on {cls} with --tune auto: {skipped}", flush=True)
+        _said_cpu = True
+    todo: list[Call] = []
+    if skipped is None:
+        for c in calls:
+            if c.bucket is None:
+                continue
+            if mode == "always" or not _live(cls, c, accepting[(c.op, c.bucket)]):
+                todo.append(c)
+        if not todo:
+            skipped = "every bucket of the step has a live measurement"
+    measured = 0
+    if todo and rank == 0:
+        if E.interpreting() and device.type == "cpu":
+            from fm_engine.testing import patch_triton_interpreter
+
+            patch_triton_interpreter()
+        n = len({(c.op, c.bucket) for c in todo})
+        print(f"fm_engine tuning: timing {n} buckets of this step on {cls} (budget {budget_s:g} s)", flush=True)
+        quick = device.type != "cuda"
+        results = measure_calls(todo, device, quick, source=f"tune_step mode={mode}", progress=progress,
+                                budget_s=budget_s)  # fmt: skip
+        measured = sum(len(v) for k, v in results.items())
+        merge(E.table_path("user", cls), cls, results)
+        print(f"fm_engine tuning: wrote {E.table_path('user', cls)} ({measured} entries)", flush=True)
+        if ship:
+            merge(E.table_path("package", cls), cls, results)
+    if distributed:
+        _share_table(cls)
+    else:
+        E.reload()
+    plan = _plan(cls, backend, calls, accepting)
+    if distributed:  # every rank must run the same kernels
+        plans: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(plans, [r.as_tuple() for r in plan])
+        if any(p != plans[0] for p in plans):
+            raise RuntimeError(f"fm_engine tuning: ranks chose different backends: {plans}")
+    report = TuneReport(mode, cls, backend, calls, measured, skipped, E.in_use(cls), plan)
+    if show and rank == 0:
+        print(report.table_text(), flush=True)
+    return report
+
+
 def cmd_tune(a: argparse.Namespace) -> int:
     if a.from_results:
         if not a.device_class:
@@ -235,16 +483,20 @@ def cmd_tune(a: argparse.Namespace) -> int:
         quick = a.quick or device.type != "cuda"
         cls = _device.device_class(device)
         calls: list[Call] = []
-        if a.model:
-            for name in a.model:
-                for setting in a.setting or ["defaults", "dropout 0"]:
-                    calls += record_model_step(name, device, quick, a.batch, setting)
-        for case in _cases(a.op or [], device, quick):
-            calls += record_case_calls(case)
+        try:
+            if a.model:
+                for name in a.model:
+                    for setting in a.setting or ["defaults", "dropout 0"]:
+                        calls += record_model_step(name, device, quick, a.batch, setting)
+            for case in _cases(a.op or [], device, quick):
+                calls += record_case_calls(case)
+        except KeyboardInterrupt:
+            print("interrupted while recording the op calls: nothing measured", file=sys.stderr)
+            return 130
         if not calls:
             raise SystemExit("nothing to tune: pass --model NAME or --op NAME")
         src = f"fm-engine tune {' '.join(sys.argv[2:])}".strip()
-        measured = measure_calls(calls, device, quick, source=src, progress=not a.no_progress)
+        measured = measure_calls(calls, device, quick, source=src, progress=not a.no_progress, budget_s=a.budget)
     print(f"device class: {cls}")
     n = sum(len(v) for v in measured.values())
     changes = merge(E.table_path("user", cls), cls, measured)
@@ -273,4 +525,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--from-results", metavar="FILE", help="make entries from a benchmark results.json (no timing)")
     p.add_argument("--device-class", help="with --from-results: the device class the results were measured on")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="start no new bucket after this many seconds of timing (a bucket once started is finished)",
+    )
     p.set_defaults(func=cmd_tune)

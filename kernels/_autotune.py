@@ -566,6 +566,38 @@ class Autotuned(_Tuned):
         self._launch(config, grid, named)
         return config
 
+    def _precompile(self, cands: Sequence[triton.Config], grid: Any, named: dict[str, Any]) -> int:
+        """Compile every candidate of one launch in parallel before timing them one by one, so a first-call tuning
+        costs less wall time. Uses Triton's asynchronous compile mode (``AsyncCompileMode`` with a thread pool:
+        each candidate's ``warmup`` compiles without launching); where Triton has none, under the interpreter, or
+        for a single candidate, nothing happens and the timing loop compiles each candidate in turn. A candidate
+        that fails to compile is left to the timing loop, which skips it with its reason. Returns the number of
+        candidates submitted."""
+        if len(cands) < 2 or interpreting() or not hasattr(self.fn, "warmup"):
+            return 0
+        try:
+            from triton.runtime._async_compile import AsyncCompileMode
+        except ImportError:  # a Triton without asynchronous compilation
+            return 0
+        from concurrent.futures import ThreadPoolExecutor
+
+        submitted = 0
+        with ThreadPoolExecutor(max_workers=min(len(cands), os.cpu_count() or 1, 16)) as pool:
+            with AsyncCompileMode(pool, ignore_errors=True):
+                for c in cands:
+                    merged = {**named, **c.kwargs}
+                    opts: dict[str, Any] = {"num_warps": c.num_warps, "num_stages": c.num_stages}
+                    if getattr(c, "maxnreg", None) is not None:
+                        opts["maxnreg"] = c.maxnreg
+                    try:
+                        self.fn.warmup(
+                            *[merged[n] for n in self.arg_names], grid=grid(merged) if callable(grid) else grid, **opts
+                        )
+                        submitted += 1
+                    except Exception:  # reported by the timing loop, which compiles it again and skips it
+                        continue
+        return submitted
+
     def _prepare(self, named: dict[str, Any], saved: dict[str, torch.Tensor] | None) -> None:
         if saved:
             for n, t in saved.items():
@@ -583,6 +615,7 @@ class Autotuned(_Tuned):
             self._prepare(named, saved)
             self._launch(c, grid, named)
 
+        self._precompile(cands, grid, named)
         best = self._time_each(cands, config_dict, timer, once, [self.fn])
         self._prepare(named, saved)  # the timed runs changed the outputs (and any in-place inputs)
         return best

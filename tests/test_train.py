@@ -238,8 +238,7 @@ def test_demo_job_reduced(tmp_path):
     assert summary["stage1 probe accuracy"] is not None
 
 
-def test_tuning_tables_logged_kept_and_checked_on_resume(data_dir, tmp_path, monkeypatch, caplog):
-    import logging
+def test_tuning_tables_printed_kept_and_checked_on_resume(data_dir, tmp_path, monkeypatch, capsys):
     import warnings
 
     from fm_engine._device import device_class
@@ -254,9 +253,9 @@ def test_tuning_tables_logged_kept_and_checked_on_resume(data_dir, tmp_path, mon
     E.reload()
     try:
         cfg = dict(backend="auto", steps=4, checkpoint_every=2)
-        with caplog.at_level(logging.INFO, logger="fm_engine.train.mjepa"):
-            train_mjepa(tiny_config(data_dir, tmp_path / "run", stop_after=2, **cfg))
-        assert str(E.table_path("user", cls)) in caplog.text
+        train_mjepa(tiny_config(data_dir, tmp_path / "run", stop_after=2, **cfg))
+        printed = capsys.readouterr().out
+        assert f"tuning tables: user {E.table_path('user', cls)}" in printed, printed
         expected = E.in_use(cls)["sha256"]
         assert len(expected) == 64
         ckpt = tmp_path / "run/checkpoints/step_0000002"

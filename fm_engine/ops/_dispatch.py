@@ -20,6 +20,11 @@ at that bucket (or the nearest measured one); the fastest that accepts the input
 reference by more than 3% runs, else the reference. With no measurement the reference runs, on a
 GPU as on a CPU (with ``TRITON_INTERPRET=1`` too: name ``backend="triton"`` to run the interpreter).
 Automatic choice only ever picks among backends that compute the same function, and never times.
+
+Every op also has a ``compile`` backend: its reference under ``torch.compile(dynamic=False)``, one compiled
+callable per exact call signature (shapes, strides, dtypes, devices, requires_grad, non-tensor arguments,
+grad mode, autocast dtype). It is measured and chosen like any other backend. Inside an outer
+``torch.compile`` it never nests a compilation: the reference is traced inline into the outer graph.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import types
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -34,8 +40,10 @@ import torch
 
 from fm_engine.ops import _evidence
 
-BACKENDS = ("reference", "triton", "cuda", "hybrid")  # hybrid: vendor GEMMs with the Triton element-wise kernels
+# hybrid: vendor GEMMs with the Triton element-wise kernels; compile: the reference under torch.compile
+BACKENDS = ("reference", "triton", "cuda", "hybrid", "compile")
 REFERENCE = "reference"
+COMPILE = "compile"
 _AUTO = "auto"
 
 # Plain module state rather than ContextVars: torch.compile (dynamo) traces reads of module globals
@@ -63,7 +71,7 @@ def _check_backend_name(name: str, where: str) -> str:
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Run the ops inside the block with backend ``name`` ("reference", "triton", "cuda", "auto")."""
+    """Run the ops inside the block with backend ``name`` (one of :data:`BACKENDS`, or "auto")."""
     _backend_stack.append(_check_backend_name(name, "use_backend(name)"))
     try:
         yield
@@ -169,6 +177,8 @@ class Op:
         self.backends: dict[str, Backend] = {
             "reference": Backend("reference", reference, lambda: None, lambda *a, **k: None)
         }
+        self.compiled = CompiledReference(name, reference)
+        self.backends[COMPILE] = Backend(COMPILE, self.compiled, compile_available, lambda *a, **k: None)
         _OPS[name] = self
 
     def register(
@@ -261,6 +271,75 @@ class Op:
         if req != _AUTO:
             evidence.append(f"(backend {req!r} was requested explicitly: the evidence is not consulted)")
         return Explanation(self.name, verdicts, req, chosen, evidence=evidence)
+
+
+def _exact_part(x: Any) -> Any:
+    """Hashable text of one argument for :class:`CompiledReference`'s cache key."""
+    if isinstance(x, torch.Tensor):
+        return ("T", tuple(x.shape), tuple(x.stride()), x.dtype, x.device, x.requires_grad)
+    if isinstance(x, (tuple, list)):
+        return (type(x).__name__, tuple(_exact_part(v) for v in x))
+    if isinstance(x, (int, float, bool, str, type(None), torch.dtype)):
+        return (type(x).__name__, x)
+    return ("repr", repr(x))
+
+
+def _trampoline(*args: Any, **kwargs: Any) -> Any:
+    return _target(*args, **kwargs)  # type: ignore[name-defined]  # noqa: F821  (a global of each copy)
+
+
+class CompiledReference:
+    """An op's reference under ``torch.compile(dynamic=False)``: one compiled callable per exact call.
+
+    Dynamo keeps its compiled graphs per code object and stops recompiling after a few variants
+    (``recompile_limit``); each cache entry therefore compiles its own copy of a small trampoline (a
+    distinct code object that calls the reference), so every shape gets its own graph and none falls
+    back to eager silently. Called while an outer ``torch.compile`` traces, it runs the reference
+    directly: the outer compilation traces it inline (no nested compilation).
+    """
+
+    def __init__(self, op_name: str, reference: Callable[..., Any]) -> None:
+        self.op_name = op_name
+        self.reference = reference
+        self.cache: dict[Any, Callable[..., Any]] = {}
+
+    def key(self, args: tuple, kwargs: dict) -> Any:
+        dev = next((a.device.type for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), "cpu")
+        return (
+            tuple(_exact_part(a) for a in args),
+            tuple(sorted((k, _exact_part(v)) for k, v in kwargs.items())),
+            torch.is_grad_enabled(),
+            autocast_dtype(dev),
+        )
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():
+            return self.reference(*args, **kwargs)
+        key = self.key(args, kwargs)
+        fn = self.cache.get(key)
+        if fn is None:
+            name = f"compiled_{self.op_name}_{len(self.cache)}"
+            code = _trampoline.__code__.replace(co_name=name)
+            entry = types.FunctionType(code, {"_target": self.reference, "__builtins__": __builtins__}, name)
+            # FM_ENGINE_COMPILE_BACKEND: another torch.compile backend (e.g. "aot_eager" in tests that exercise
+            # the tuning machinery rather than inductor's code); default inductor
+            fn = torch.compile(entry, dynamic=False, backend=os.environ.get("FM_ENGINE_COMPILE_BACKEND", "inductor"))
+            self.cache[key] = fn
+        return fn(*args, **kwargs)
+
+
+def compile_available() -> str | None:
+    """None when torch.compile can run here, else why not (checked without importing dynamo up front)."""
+    import sys
+
+    if torch.compiler.is_compiling():  # tracing already: the reference is traced inline
+        return None
+    if "torch._dynamo" in sys.modules:
+        import torch._dynamo as dynamo
+
+        if not dynamo.is_dynamo_supported():
+            return f"torch.compile is not supported on Python {sys.version.split()[0]} here"
+    return None
 
 
 def get_op(name: str) -> Op:

@@ -24,8 +24,9 @@ the package entry of the same bucket. A corrupt file, a wrong format version, or
 
 **Kernel versions.** Each measured fast backend records a short hash of the kernel source that implements
 it (for Triton ``kernels/<op>.py`` and the kernel modules it imports; for CUDA ``csrc/<op>.cu`` or, in an
-installed package, the built extension). A measurement of other code than the one installed is ignored: after a kernel
-changes, ``auto`` runs the reference there until ``fm-engine tune`` measures the new kernel.
+installed package, the built extension; for ``compile`` the module of the op's reference). A measurement
+of other code than the one installed is ignored: after a kernel changes, ``auto`` runs the reference there
+until ``fm-engine tune`` measures the new kernel.
 
 **Choice** (:func:`measured_order`): the bucket's entry, else the nearest measured bucket of the same op and
 flags with every size within a factor of 4; among the backends measured there that accept the call,
@@ -359,7 +360,11 @@ def _source_files(op: str, backend: str) -> list[Path]:
 
     from fm_engine.ops import _dispatch
 
-    stem = _dispatch.get_op(op).backends[REFERENCE].fn.__module__.rsplit(".", 1)[-1]
+    ref_module = _dispatch.get_op(op).backends[REFERENCE].fn.__module__
+    if backend == _dispatch.COMPILE:  # the compiled code is the reference's (torch's version is stamped apart)
+        spec = importlib.util.find_spec(ref_module)
+        return [Path(spec.origin)] if spec and spec.origin else []
+    stem = ref_module.rsplit(".", 1)[-1]
     if backend == "cuda":
         csrc = Path(__file__).resolve().parents[2] / "csrc" / f"{stem}.cu"
         spec = importlib.util.find_spec("fm_engine._C")

@@ -11,6 +11,7 @@ import sys
 import tempfile
 from typing import Any
 
+from fm_engine.ops._dispatch import BACKENDS
 from fm_engine.train.config import FIELDS, TrainConfig, make_config, parse_override
 
 HELP = {
@@ -51,7 +52,10 @@ HELP = {
     "activation_checkpointing": "recompute transformer layers in the backward pass (torch.utils.checkpoint)",
     "strategy": "multi-process engine under torchrun: ddp | fsdp",
     "device": "auto | cpu | cuda",
-    "backend": "fm_engine op backend for the run: auto (fastest supported) | reference | triton | cuda",
+    "backend": "fm_engine op backend for the run: auto (the measured fastest) or one backend for every op",
+    "tune": "tune before training: auto (time the step's op calls lacking live measurements; nothing on a CPU) | "
+    "always (re-time every op call of the step) | off",
+    "tune_budget": "seconds the tuning before training may take at most",
     "seed": "seed of weights, data order, masks and augmentations",
     "out": "output folder (metrics.csv / metrics.jsonl, checkpoints/, config.yaml)",
     "checkpoint_every": "write a checkpoint every N steps (and at the end)",
@@ -70,7 +74,8 @@ CHOICES = {
     "amp": ("auto", "bf16", "fp32"),
     "strategy": ("ddp", "fsdp"),
     "device": ("auto", "cpu", "cuda"),
-    "backend": ("auto", "reference", "triton", "cuda"),
+    "backend": ("auto", *BACKENDS),
+    "tune": ("auto", "always", "off"),
 }
 
 

@@ -13,6 +13,8 @@ from typing import Any
 
 import yaml
 
+from fm_engine.ops._dispatch import BACKENDS
+
 
 @dataclasses.dataclass
 class TrainConfig:
@@ -53,7 +55,9 @@ class TrainConfig:
     activation_checkpointing: bool = False
     strategy: str = "ddp"  # ddp | fsdp (only with several processes under torchrun)
     device: str = "auto"  # auto | cpu | cuda
-    backend: str = "auto"  # fm_engine op backend: auto | reference | triton | cuda
+    backend: str = "auto"  # fm_engine op backend: auto or one of fm_engine.ops.BACKENDS
+    tune: str = "auto"  # tune before training: auto (buckets without live evidence) | always | off
+    tune_budget: float = 180.0  # seconds of tuning at most
     seed: int = 0
     # output
     out: str = "runs/mjepa"
@@ -72,7 +76,8 @@ class TrainConfig:
             "amp": ("auto", "bf16", "fp32"),
             "strategy": ("ddp", "fsdp"),
             "device": ("auto", "cpu", "cuda"),
-            "backend": ("auto", "reference", "triton", "cuda"),
+            "backend": ("auto", *BACKENDS),
+            "tune": ("auto", "always", "off"),
         }
         for k, allowed in choices.items():
             if getattr(self, k) not in allowed:
@@ -87,6 +92,8 @@ class TrainConfig:
             raise ValueError(f"pct_start: expected a value in (0, 1), got {self.pct_start}")
         if self.workers < 0:
             raise ValueError(f"workers: expected >= 0, got {self.workers}")
+        if not float(self.tune_budget) > 0:
+            raise ValueError(f"tune_budget: expected seconds > 0, got {self.tune_budget}")
         if self.stop_after is not None and self.stop_after < 1:
             raise ValueError(f"stop_after: expected >= 1, got {self.stop_after}")
         return self

@@ -336,16 +336,32 @@ class Trainer:
         self.epoch = 0
         self.batch_in_epoch = 0
         self.skipped = 0
-        # the measurements automatic dispatch follows (fm-engine tune): logged, kept in every checkpoint
-        from fm_engine import _device
-        from fm_engine.ops import _evidence
+        # tune before training (fm_engine.tune.tune_step): prints what auto runs; the tables' hash goes into
+        # every checkpoint
+        from fm_engine.tune import tune_step
 
-        self.tuning = _evidence.in_use(_device.device_class(self.device))
-        if self.dist.main:
-            names = ", ".join(f"{t['origin']} {t['path']}" for t in self.tuning["tables"]) or "none"
-            log.info("tuning tables for %s (backend %s): %s", self.tuning["device_class"], cfg.backend, names)
+        self.tune_report = tune_step(
+            self._tuning_step, mode=cfg.tune, budget_s=cfg.tune_budget, backend=cfg.backend, device=self.device,
+            progress=cfg.progress,
+        )  # fmt: skip
+        self.tuning = self.tune_report.tables
         if cfg.resume:
             self.load_state()
+
+    def _tuning_step(self) -> None:
+        """One micro-step (forward + backward) on the first examples, for the op recorder of tune_step: no
+        optimizer step, gradients cleared, and the RNG streams and data order left as they were."""
+        from fm_engine.data import collate_frames
+        from fm_engine.ops._dispatch import use_backend
+
+        batch = collate_frames([self.dataset[i] for i in range(self.cfg.batch_size)])
+        aug_state = self.aug_gen.get_state()
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            with use_backend(self.cfg.backend):
+                # sync: gradients land where zero_grad clears them (FSDP keeps unsynced ones in a buffer of its own)
+                self._micro_step(batch, sync=True)
+        self.aug_gen.set_state(aug_state)
+        self.optimizer.zero_grad(set_to_none=True)
 
     # -- data -----------------------------------------------------------------------------------------
     def _loader(self) -> Any:

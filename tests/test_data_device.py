@@ -12,11 +12,12 @@ from pydicom.data import get_testdata_file  # noqa: E402
 from pydicom.dataset import Dataset  # noqa: E402
 from pydicom.sequence import Sequence  # noqa: E402
 
-from fm_engine.data import DicomFrameDataset, collate_frames, read_dicom, resize_pad  # noqa: E402
+from fm_engine.data import DicomFrameDataset, DicomReadError, collate_frames, read_dicom, resize_pad  # noqa: E402
 from fm_engine.data.device import (  # noqa: E402
     KIND_FINAL,
     KIND_FP32,
     KIND_UINT16,
+    PixelSource,
     collate_stored,
     device_transform,
     read_stored,
@@ -196,9 +197,36 @@ def test_dataset_stored_mode_equals_default_mode(tmp_path, device):
 
 
 def test_stored_values_are_not_transformed_in_the_worker(tmp_path):
-    path = write_mammogram(tmp_path / "a.dcm", size=(40, 30), seed=5)
+    path = write_mammogram(tmp_path / "a.dcm", size=(64, 48), seed=5)  # pixel data over 4 KiB: not in the header
     st = read_stored(path)
     raw = pydicom.dcmread(path).pixel_array
-    assert st.stored.dtype == torch.uint16 and st.stored.shape == (1, 1, 40, 30)
-    assert np.array_equal(st.stored[0, 0].to(torch.int32).numpy(), raw.astype(np.int32))
+    # uncompressed: the worker has read the header only; the batch reads the pixel bytes once, unchanged
+    assert isinstance(st.stored, PixelSource) and st.stored.dtype == torch.uint16 and st.stored.shape == (1, 1, 64, 48)
+    assert np.array_equal(st.stored[0].load()[0].to(torch.int32).numpy(), raw.astype(np.int32))
+    batch = collate_stored([stored_example(st, 0)])
+    assert np.array_equal(batch["stored"][0, 0].to(torch.int32).numpy(), raw.astype(np.int32))
+    # a file whose pixel data is cut short is found when the worker reads it, not in the batch
+    data = open(path, "rb").read()
+    (tmp_path / "cut.dcm").write_bytes(data[:-10])
+    with pytest.raises(DicomReadError, match=r"cut\.dcm"):
+        read_stored(tmp_path / "cut.dcm")
     assert set(st.seconds) == {"read", "decode"}
+
+
+@pytest.mark.parametrize("shape", [(40, 30), (64, 48)])  # pixel data read with the header / read by the batch
+def test_native_pixel_data_high_bits_cleared_on_device(tmp_path, device, shape):
+    # uncompressed 12-bit data whose unused high bits are set (allowed by DICOM): the worker passes the file's
+    # bytes through untouched and the device clears the bits, as pydicom's decoder does for the CPU path
+    path = write_mammogram(tmp_path / "a.dcm", size=shape, seed=6)
+    ds = pydicom.dcmread(path)
+    arr = ds.pixel_array.astype(np.uint16) | np.uint16(0xA000)
+    ds.PixelData = arr.tobytes()
+    p = tmp_path / "hi.dcm"
+    ds.save_as(p)
+    st = read_stored(p)
+    values = st.stored[0].load() if isinstance(st.stored, PixelSource) else st.stored[0]
+    assert isinstance(st.stored, PixelSource) == (shape == (64, 48))
+    assert st.mask == 0x0FFF and int(values.to(torch.int32).min()) >= 0xA000
+    check([str(p)], shape, device)
+    check([str(p)], (20, 16), device)
+    check([str(p)], (20, 16), device, precision="fp32")

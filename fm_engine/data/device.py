@@ -37,6 +37,7 @@ import dataclasses
 import hashlib
 import os
 import time
+import warnings
 from collections.abc import Collection, Sequence
 from typing import Any
 
@@ -46,6 +47,7 @@ import torch.nn.functional as F
 
 from fm_engine.data.dicom import (
     UINT16_LEVELS,
+    DicomReadError,
     VoiChoice,
     _check_precision,
     _decode,
@@ -67,17 +69,54 @@ KIND_FINAL = 2  # no table: the worker applied the chain; stored holds q (uint16
 
 
 @dataclasses.dataclass
+class PixelSource:
+    """Uncompressed pixel data not read yet: the file ``path``, the byte ``offset`` of its first value, the
+    ``dtype`` (uint8 / uint16 / int16, little endian) and the ``shape`` ([T, C, H, W], or [C, H, W] for one
+    frame). :func:`collate_stored` reads it straight into the batch tensor: one copy from the file."""
+
+    path: str
+    offset: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    def __getitem__(self, frame: int) -> PixelSource:
+        if len(self.shape) != 4 or not 0 <= frame < self.shape[0]:
+            raise IndexError(f"frame: expected 0 <= frame < {self.shape[0]} of a [T, C, H, W] source, got {frame}")
+        per = int(np.prod(self.shape[1:])) * self.dtype.itemsize
+        return PixelSource(self.path, self.offset + frame * per, self.dtype, tuple(self.shape[1:]))
+
+    def read_into(self, out: torch.Tensor) -> None:
+        """Fill ``out`` (contiguous, ``shape``, ``dtype``) from the file."""
+        view = out.view(torch.int16) if out.dtype == torch.uint16 else out
+        buf = memoryview(view.numpy()).cast("B")
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            got = f.readinto(buf)
+        if got != len(buf):
+            raise DicomReadError(self.path, f"pixel data truncated ({got} of {len(buf)} bytes)")
+
+    def load(self) -> torch.Tensor:
+        """The values as a tensor of ``shape``."""
+        out = torch.empty(self.shape, dtype=self.dtype)
+        self.read_into(out)
+        return out
+
+
+@dataclasses.dataclass
 class StoredImage:
     """What a loader worker produces for one file.
 
-    stored: [T, C, H, W] stored values as decoded (uint8 / uint16 / int16 / int32), or, with ``kind ==
-    KIND_FINAL``, the finished image (uint16 q or float32 display values).
+    stored: [T, C, H, W] stored values as decoded (uint8 / uint16 / int16 / int32), a :class:`PixelSource`
+    for uncompressed files (read later, straight into the batch), or, with ``kind == KIND_FINAL``, the
+    finished image (uint16 q or float32 display values).
     lut: [N] table (uint16 for KIND_UINT16, float32 for KIND_FP32) indexed by ``stored - lut_lo``
     (clamped to [0, N - 1]); None for KIND_FINAL.
     scale, offset: the affine of the table's (or the final image's) uint16 values; 1.0 / 0.0 for fp32.
+    mask: bits of ``stored`` that hold the value (``2**BitsStored - 1``) when the worker left the unused high
+    bits of unsigned native pixel data in place (the device clears them, as pydicom's decoder does); -1 = all.
     """
 
-    stored: torch.Tensor
+    stored: torch.Tensor | PixelSource
     lut: torch.Tensor | None
     lut_lo: int
     kind: int
@@ -86,6 +125,7 @@ class StoredImage:
     path: str
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    mask: int = -1
 
     @property
     def precision(self) -> str:
@@ -133,6 +173,64 @@ def intensity_table(h: _Header, voi: tuple[str, Any], precision: str) -> tuple[t
     return out
 
 
+_NATIVE_SYNTAXES = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")  # implicit / explicit VR little endian
+
+
+def _native_stored(ds: Any, h: _Header) -> tuple[np.ndarray, int] | None:
+    """Uncompressed little-endian 8/16-bit grey pixel data as a view of the file's bytes (no copy, no
+    pass over the pixels), [T, 1, H, W], and the mask of its stored bits; None when pydicom must decode."""
+    ts = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", ""))
+    if ts not in _NATIVE_SYNTAXES or h.channels != 1 or "PixelData" not in ds:
+        return None
+    try:
+        bits = int(ds.BitsAllocated)
+        rows, cols = int(ds.Rows), int(ds.Columns)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if bits not in (8, 16) or h.bits_stored > bits or (h.signed and h.bits_stored != bits):
+        return None
+    dtype = np.dtype({(8, False): "u1", (8, True): "i1", (16, False): "<u2", (16, True): "<i2"}[(bits, h.signed)])
+    raw = ds.PixelData
+    need = h.frames * rows * cols * dtype.itemsize
+    if not isinstance(raw, bytes | bytearray) or len(raw) < need:
+        return None  # let pydicom report the problem
+    arr = np.frombuffer(raw, dtype=dtype, count=need // dtype.itemsize).reshape(h.frames, 1, rows, cols)
+    if dtype == np.dtype("i1"):
+        arr = arr.astype(np.int16)
+    mask = (1 << h.bits_stored) - 1 if (not h.signed and h.bits_stored < bits) else -1
+    return arr, mask
+
+
+def _native_source(ds: Any, h: _Header, path: str) -> tuple[PixelSource, int] | None:
+    """The pixel data of an uncompressed little-endian 8/16-bit grey file as a :class:`PixelSource` (its value
+    was not read with the header), and the mask of its stored bits; None otherwise."""
+    ts = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", ""))
+    if ts not in _NATIVE_SYNTAXES or h.channels != 1 or "PixelData" not in ds:
+        return None
+    try:
+        bits = int(ds.BitsAllocated)
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        elem = ds.get_item("PixelData", keep_deferred=True)  # pydicom >= 3; older versions read the value
+    except (AttributeError, TypeError, ValueError, KeyError):
+        return None
+    if (
+        bits not in (8, 16)
+        or h.bits_stored > bits
+        or (h.signed and h.bits_stored != bits)
+        or (bits, h.signed) == (8, True)
+    ):
+        return None
+    tell = getattr(elem, "value_tell", None)
+    if getattr(elem, "value", b"") is not None or tell is None:
+        return None  # read with the header (small) or not deferred: use the array path
+    dtype = {(8, False): torch.uint8, (16, False): torch.uint16, (16, True): torch.int16}[(bits, h.signed)]
+    need = h.frames * rows * cols * dtype.itemsize
+    if int(elem.length) < need or os.path.getsize(path) < int(tell) + need:
+        return None  # truncated: pydicom reports it
+    mask = (1 << h.bits_stored) - 1 if (not h.signed and h.bits_stored < bits) else -1
+    return PixelSource(path, int(tell), dtype, (h.frames, 1, rows, cols)), mask
+
+
 def read_stored(
     path: str | os.PathLike[str],
     *,
@@ -150,24 +248,40 @@ def read_stored(
     _check_precision(precision)
     path = str(path)
     t0 = time.perf_counter()
-    ds = read_header(path, pixels=True)
+    ds = read_header(path)  # values over 4 KiB (the pixel data) are read on access
     h = _parse_header(ds, path, modalities)
     v = _resolve_voi(h, voi, window_index, path)
+    lo, hi = _stored_range(h)
+    source = _native_source(ds, h, path)
+    if source is not None and hi - lo + 1 <= UINT16_LEVELS:
+        lut, lut_lo, kind, scale, offset = intensity_table(h, v, precision)
+        out = StoredImage(source[0], lut, lut_lo, kind, scale, offset, path, _meta(ds), mask=source[1])
+        out.seconds = {"read": time.perf_counter() - t0, "decode": 0.0}
+        return out
+    ds = read_header(path, pixels=True)
     t1 = time.perf_counter()
-    stored = _decode(ds, path, h)
+    native = _native_stored(ds, h)
+    mask = -1
+    if native is not None:
+        stored, mask = native
+    else:
+        stored = _decode(ds, path, h)
     t2 = time.perf_counter()
     meta = _meta(ds)
-    lo, hi = _stored_range(h)
     if np.issubdtype(stored.dtype, np.integer) and hi - lo + 1 <= UINT16_LEVELS:
         lut, lut_lo, kind, scale, offset = intensity_table(h, v, precision)
         if stored.dtype not in (np.uint8, np.uint16, np.int16, np.int32):
             stored = stored.astype(np.int32)
-        if stored.dtype == np.uint16:
-            t = torch.from_numpy(stored.view(np.int16)).view(torch.uint16)
-        else:
-            t = torch.from_numpy(stored)
-        out = StoredImage(t, lut, lut_lo, kind, scale, offset, path, meta)
+        with warnings.catch_warnings():  # a view of the file's bytes (read-only): nothing writes to it
+            warnings.simplefilter("ignore", UserWarning)
+            if stored.dtype == np.uint16:
+                t = torch.from_numpy(stored.view(np.int16)).view(torch.uint16)
+            else:
+                t = torch.from_numpy(stored)
+        out = StoredImage(t, lut, lut_lo, kind, scale, offset, path, meta, mask=mask)
     else:
+        if mask != -1:
+            stored = stored & mask
         im = _to_image(stored, h, v, precision, path, meta)
         out = StoredImage(im.pixels, None, 0, KIND_FINAL, im.scale, im.offset, path, meta)
     out.seconds = {"read": t1 - t0, "decode": t2 - t1 + (time.perf_counter() - t2)}
@@ -186,6 +300,16 @@ def _common_dtype(dtypes: Collection[torch.dtype]) -> torch.dtype:
     return torch.int32
 
 
+def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An empty tensor; in a DataLoader worker it lives in shared memory, so that sending the batch to the
+    training process copies nothing (what torch's default collate does)."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    numel = int(np.prod(shape))
+    storage = torch.UntypedStorage._new_shared(numel * dtype.itemsize)  # type: ignore[attr-defined]
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape, torch.empty(shape, device="meta").stride())
+
+
 def collate_stored(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Examples of ``DicomFrameDataset(..., stored=True)`` -> one batch (pad to the batch maximum + sizes).
 
@@ -196,18 +320,25 @@ def collate_stored(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
     kind [B] int64, scale / offset [B] float64, and every other key stacked."""
     if not batch:
         raise ValueError("batch: expected at least one example")
-    imgs = [b["stored"] for b in batch]
+    imgs: list[Any] = [b["stored"] for b in batch]
     chans = {int(x.shape[0]) for x in imgs}
     if len(chans) > 1:
         raise ValueError(f"batch: examples have different channel counts {sorted(chans)}")
     dtype = _common_dtype({x.dtype for x in imgs})
     hs, ws = [int(x.shape[-2]) for x in imgs], [int(x.shape[-1]) for x in imgs]
     hm, wm = max(hs), max(ws)
-    if all(x.dtype == dtype and x.shape[-2:] == (hm, wm) for x in imgs):
-        stored = torch.stack(imgs)
-    else:
-        stored = torch.zeros(len(imgs), chans.pop(), hm, wm, dtype=dtype)
+    stored = _batch_tensor((len(imgs), chans.pop(), hm, wm), dtype)
+    if all(x.dtype == dtype and tuple(x.shape[-2:]) == (hm, wm) for x in imgs):
         for i, x in enumerate(imgs):
+            if isinstance(x, PixelSource):
+                x.read_into(stored[i])
+            else:
+                stored[i].copy_(x)
+    else:
+        stored.zero_()
+        for i, x in enumerate(imgs):
+            if isinstance(x, PixelSource):
+                x = x.load()
             if x.dtype == dtype:
                 stored[i, :, : x.shape[-2], : x.shape[-1]] = x
             else:  # int16 / uint16 -> int32, anything -> float32 (exact: at most 16-bit integers)
@@ -267,7 +398,7 @@ def device_transform(batch: dict[str, Any], size: tuple[int, int], device: torch
         xi = x.to(torch.int32)  # only table images use the index; their values are integers
     else:
         xi = x.to(torch.int32) if x.dtype != torch.int32 else x
-    idx = xi - batch["lut_lo"].to(device).view(view)
+    idx = (xi & batch["mask"].to(device, torch.int32).view(view)) - batch["lut_lo"].to(device).view(view)
     idx = torch.minimum(idx.clamp_(min=0), (batch["lut_len"].to(device) - 1).clamp(min=0).view(view))
     idx = idx + batch["lut_base"].to(device).view(view)
     vals = torch.where((kind == KIND_FINAL).view(view), x.to(torch.float32), lut[idx])
@@ -294,7 +425,7 @@ def device_transform(batch: dict[str, Any], size: tuple[int, int], device: torch
     rounded = out.round().clamp_(0, 65535)
     out = torch.where(is_u, rounded, out)
     result = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-    for k in ("stored", "lut", "lut_base", "lut_len", "lut_lo", "sizes"):
+    for k in ("stored", "lut", "lut_base", "lut_len", "lut_lo", "mask", "sizes"):
         result.pop(k, None)
     if all(uint_path):
         result["image"] = out.to(torch.int32).to(torch.uint16)
@@ -315,6 +446,7 @@ def stored_example(im: StoredImage, frame: int) -> dict[str, Any]:
         "stored": im.stored[frame],
         "lut": im.lut,
         "lut_lo": torch.tensor(im.lut_lo, dtype=torch.int64),
+        "mask": torch.tensor(im.mask, dtype=torch.int64),
         "kind": torch.tensor(im.kind, dtype=torch.int64),
         "uint16": torch.tensor(im.precision == "uint16"),
         "scale": torch.tensor(im.scale, dtype=torch.float64),

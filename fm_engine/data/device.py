@@ -88,7 +88,7 @@ class PixelSource:
     def read_into(self, out: torch.Tensor) -> None:
         """Fill ``out`` (contiguous, ``shape``, ``dtype``) from the file."""
         view = out.view(torch.int16) if out.dtype == torch.uint16 else out
-        buf = memoryview(view.numpy()).cast("B")
+        buf = view.numpy().data.cast("B")
         with open(self.path, "rb") as f:
             f.seek(self.offset)
             got = f.readinto(buf)

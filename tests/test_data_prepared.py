@@ -160,3 +160,28 @@ def test_training_from_prepared_dataset_resumes_bit_for_bit(tmp_path):
     assert torch.equal(dicom["image"].to(torch.int32), prep["image"].to(torch.int32))
     meta = json.loads((cache / "prepared.json").read_text())
     assert meta["format"] == "litdata" and meta["classes"] == ["CC", "MLO"]
+
+
+def test_prepare_and_bench_commands(folder, tmp_path, capsys):
+    from fm_engine.cli import main
+
+    out = tmp_path / "cache"
+    assert main(["prepare", "--data", str(folder), "--size", "48x40", "--out", str(out), "--no-progress"]) == 0
+    assert "5 samples" in capsys.readouterr().out and is_prepared(out)
+    assert main(["prepare", "--data", str(folder), "--size", "48", "--out", str(tmp_path / "x")]) == 2
+    assert "size" in capsys.readouterr().err
+    for data, source, stages in (
+        (folder, "dicom", {"read", "decode", "collate", "device_transform"}),
+        (out, "prepared", {"read", "collate", "device_transform"}),
+    ):
+        res = tmp_path / f"bench-{source}"
+        argv = ["bench", "--data", str(data), "--size", "48x40", "--workers", "2", "--min-seconds", "0.05"]
+        assert main([*argv, "--out", str(res)]) == 0
+        r = json.loads((res / "data.json").read_text())
+        assert r["source"] == source and r["workers"] == 2 and set(r["seconds_per_image"]) == stages
+        assert r["per_worker_img_s"] > 0 and r["total_img_s"] > 0 and r["images_timed"] >= 5
+        assert r["skipped_files"] == 1  # junk.dcm (prepared: listed in its skipped.csv)
+        assert "images/s per worker" in (res / "data.md").read_text()
+    # a prepared dataset of another size is refused by name
+    assert main(["bench", "--data", str(out), "--size", "64x64", "--min-seconds", "0"]) == 2
+    assert "prepared at 48x40" in capsys.readouterr().err

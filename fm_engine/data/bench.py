@@ -60,7 +60,7 @@ def _examples(data: str, size: tuple[int, int]) -> tuple[str, Any]:
         return "prepared", ds
     from fm_engine.data.dataset import DicomFrameDataset
 
-    return "dicom", DicomFrameDataset(data, size, progress=False, stored=True, on_error="raise")
+    return "dicom", DicomFrameDataset(data, size, progress=False, stored=True, on_error="skip")
 
 
 def _warm(source: str, ds: Any) -> None:
@@ -188,6 +188,7 @@ def run(
         "per_worker_img_per_cpu_s": per_worker_cpu,
         "seconds_per_image": spi,
         "images_timed": images,
+        "skipped_files": len(ds.skipped_files),
         "example_shape": list(shape),
         "device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
         "cpu": platform.processor() or platform.machine(),
@@ -210,7 +211,8 @@ def markdown(r: dict[str, Any]) -> str:
     lines = [
         f"# Data path: {r['source']} at {h}x{w}",
         "",
-        f"- data: `{r['data']}` (examples stored as {'x'.join(map(str, r['example_shape']))})",
+        f"- data: `{r['data']}` (first example stored as {'x'.join(map(str, r['example_shape']))}; "
+        f"{r['skipped_files']} unreadable files left out)",
         f"- workers: {r['workers']}; CPUs: {r['cpu_count']}; load average before / after: "
         f"{r['load_average'][0]:.2f} / {r['load_average'][1]:.2f}",
         f"- images/s per worker: **{r['per_worker_img_s']:.1f}**; in total: **{r['total_img_s']:.1f}**; "

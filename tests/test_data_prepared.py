@@ -14,7 +14,7 @@ pytest.importorskip("pydicom")
 pytest.importorskip("litdata")
 
 from fm_engine.data import DicomFrameDataset, collate_frames
-from fm_engine.data.prepared import PreparedDataset, ShardSampler, is_prepared, prepare
+from fm_engine.data.prepared import PreparedDataset, ShardSampler, collate_prepared, is_prepared, prepare
 from fm_engine.data.synthetic import write_demo_dataset, write_mammogram, write_mr_cine
 from fm_engine.data.train_data import open_training_data
 
@@ -48,6 +48,14 @@ def test_prepare_writes_model_size_samples_equal_to_the_reader(folder, tmp_path)
         fi, t = ref.frames[i]
         assert raw["path"] == ref.files[fi] and raw["frame"] == t
     assert [int(ds[i]["label"]) for i in range(5)] == [-1] * 5
+    # a batch read copies each image once into one tensor, which the collate passes on without copying
+    items = ds.__getitems__([4, 0, 2])
+    batch = collate_prepared(items)
+    assert batch["image"].data_ptr() == items[0]["image"].data_ptr() and batch["image"].shape == (3, 1, *SIZE)
+    want = collate_frames([ds[4], ds[0], ds[2]])
+    assert want.keys() == batch.keys()
+    for k in want:
+        assert torch.equal(want[k].to(torch.int32), batch[k].to(torch.int32)), k
     with open(out / "skipped.csv", newline="") as f:
         rows = list(csv.reader(f))
     assert rows[0] == ["file", "reason"] and len(rows) == 2 and rows[1][0].endswith("junk.dcm")

@@ -77,8 +77,8 @@ def _worker(args: tuple[str, tuple[int, int], list[int], float, Any]) -> dict[st
     data, size, indices, min_seconds, q = args
     torch.set_num_threads(1)
     source, ds = _examples(data, size)
-    from fm_engine.data.dataset import collate_frames
     from fm_engine.data.device import collate_stored, read_stored, stored_example
+    from fm_engine.data.prepared import collate_prepared
 
     stages = {"read": 0.0, "decode": 0.0, "collate": 0.0} if source == "dicom" else {"read": 0.0, "collate": 0.0}
     n = 0
@@ -87,20 +87,20 @@ def _worker(args: tuple[str, tuple[int, int], list[int], float, Any]) -> dict[st
     while True:
         for k in range(0, len(indices), BATCH):
             items = []
-            for i in indices[k : k + BATCH]:
-                if source == "dicom":
+            if source == "dicom":
+                for i in indices[k : k + BATCH]:
                     fi, t = ds.frames[i]
                     st = read_stored(ds.files[fi])
                     t0 = time.perf_counter()
                     items.append(stored_example(st, t))
                     stages["read"] += st.seconds["read"]
                     stages["decode"] += st.seconds["decode"] + time.perf_counter() - t0
-                else:
-                    t0 = time.perf_counter()
-                    items.append(ds[i])
-                    stages["read"] += time.perf_counter() - t0
+            else:  # what the DataLoader does: one __getitems__ per batch
+                t0 = time.perf_counter()
+                items = ds.__getitems__(indices[k : k + BATCH])
+                stages["read"] += time.perf_counter() - t0
             t0 = time.perf_counter()
-            (collate_stored if source == "dicom" else collate_frames)(items)
+            (collate_stored if source == "dicom" else collate_prepared)(items)
             stages["collate"] += time.perf_counter() - t0
             n += len(items)
         wall = time.perf_counter() - t_start
@@ -113,11 +113,11 @@ def _worker(args: tuple[str, tuple[int, int], list[int], float, Any]) -> dict[st
 
 
 def _device_seconds(source: str, ds: Any, size: tuple[int, int], device: torch.device, reps: int = 3) -> float:
-    from fm_engine.data.dataset import collate_frames
     from fm_engine.data.device import collate_stored, device_transform
+    from fm_engine.data.prepared import collate_prepared
 
     n = min(BATCH, len(ds))
-    batch = (collate_stored if source == "dicom" else collate_frames)([ds[i] for i in range(n)])
+    batch = (collate_stored if source == "dicom" else collate_prepared)([ds[i] for i in range(n)])
     if device.type == "cuda":
         batch = {k: (v.pin_memory() if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 

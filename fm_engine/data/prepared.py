@@ -285,6 +285,65 @@ def prepare(
 # reading
 
 
+_TORCH_DTYPES = {np.dtype(np.uint16): torch.uint16, np.dtype(np.float32): torch.float32}
+
+
+def _copy_into(dst: torch.Tensor, src: np.ndarray) -> None:
+    """dst[...] = src for uint16 / float32 (one copy)."""
+    view = dst.view(torch.int16).numpy() if dst.dtype == torch.uint16 else dst.numpy()
+    np.copyto(view, src.view(view.dtype), casting="no")
+
+
+def _numpy_view_serializer() -> Any:
+    """LitData's numpy serializer, returning a view of the chunk's bytes instead of a copy (the readers here copy
+    each image exactly once, into its destination, before the next read)."""
+    from litdata.streaming.serializers import NumpySerializer
+
+    class NumpyView(NumpySerializer):
+        def deserialize(self, data: bytes) -> np.ndarray:
+            head = np.frombuffer(data, np.uint32, count=2)
+            from litdata.streaming.serializers import _NUMPY_DTYPES_MAPPING
+
+            dtype = np.dtype(_NUMPY_DTYPES_MAPPING[int(head[0])])
+            ndim = int(head[1])
+            shape = tuple(int(d) for d in np.frombuffer(data, np.uint32, count=ndim, offset=8))
+            return np.frombuffer(data, dtype=dtype, offset=8 + 4 * ndim).reshape(shape)
+
+    return NumpyView()
+
+
+def collate_prepared(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """:func:`~fm_engine.data.dataset.collate_frames` for a prepared dataset: when the images are the
+    consecutive rows of one batch tensor (:meth:`PreparedDataset.__getitems__`), that tensor is used as is."""
+    from fm_engine.data.dataset import collate_frames
+
+    imgs = [b["image"] for b in batch]
+    first = imgs[0]
+    n = first.numel()
+    same = all(
+        x.dtype == first.dtype
+        and x.shape == first.shape
+        and x.is_contiguous()
+        and x.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+        and x.storage_offset() == first.storage_offset() + i * n
+        for i, x in enumerate(imgs)
+    )
+    if (
+        not same
+        or first.storage_offset() != 0
+        or first.untyped_storage().nbytes() != len(imgs) * n * first.element_size()
+    ):
+        return collate_frames(batch)
+    out = {k: torch.stack([b[k] for b in batch]) for k in batch[0] if k != "image"}
+    out["image"] = torch.empty(0, dtype=first.dtype).set_(
+        first.untyped_storage(),
+        0,
+        (len(imgs), *first.shape),
+        torch.empty((len(imgs), *first.shape), device="meta").stride(),
+    )
+    return out
+
+
 class PreparedDataset(torch.utils.data.Dataset):
     """Random access to a prepared dataset (``litdata.StreamingDataset`` over its index).
 
@@ -314,30 +373,60 @@ class PreparedDataset(torch.utils.data.Dataset):
         if self._ds is None:
             from litdata import StreamingDataset
 
-            self._ds = StreamingDataset(str(self.root))
+            self._ds = StreamingDataset(str(self.root), serializers={"numpy": _numpy_view_serializer()})
         return self._ds
 
-    def raw(self, index: int) -> dict[str, Any]:
-        """The stored sample (numpy image, Python scalars, path, frame)."""
+    def _sample(self, index: int) -> dict[str, Any]:
+        """The stored sample; its image is a view of the chunk's memory, valid until the next read."""
         if not 0 <= index < len(self):
             raise IndexError(f"index: expected 0 <= index < {len(self)}, got {index}")
         return dict(self._reader()[index])
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        s = self.raw(index)
-        arr = s["image"]
-        if arr.dtype == np.uint16:
-            img = torch.from_numpy(arr.view(np.int16)).view(torch.uint16)
-        else:
-            img = torch.from_numpy(arr)
+    def raw(self, index: int) -> dict[str, Any]:
+        """The stored sample (numpy image, Python scalars, path, frame)."""
+        s = self._sample(index)
+        s["image"] = s["image"].copy()
+        return s
+
+    def _example(self, s: dict[str, Any], index: int, image: torch.Tensor) -> dict[str, Any]:
         return {
-            "image": img,
+            "image": image,
             "scale": torch.tensor(s["scale"], dtype=torch.float64),
             "offset": torch.tensor(s["offset"], dtype=torch.float64),
             "label": torch.tensor(s["label"], dtype=torch.int64),
             "index": torch.tensor(index, dtype=torch.int64),
             "skipped": torch.tensor(0, dtype=torch.int64),
         }
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        s = self._sample(index)
+        arr = s.pop("image")
+        img = torch.empty(arr.shape, dtype=_TORCH_DTYPES[arr.dtype])
+        _copy_into(img, arr)
+        del arr  # release the view of the chunk before the next read
+        return self._example(s, index, img)
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        """A batch: every image is copied once, from the chunk straight into one batch tensor (shared memory in
+        a DataLoader worker); :func:`collate_prepared` then stacks nothing."""
+        out: list[dict[str, Any]] = []
+        batch: torch.Tensor | None = None
+        for k, index in enumerate(indices):
+            s = self._sample(index)
+            arr = s.pop("image")
+            dtype = _TORCH_DTYPES[arr.dtype]
+            if batch is None:
+                from fm_engine.data.device import _batch_tensor
+
+                batch = _batch_tensor((len(indices), *arr.shape), dtype)
+            if batch.dtype == dtype and tuple(batch.shape[1:]) == arr.shape:
+                img = batch[k]
+            else:  # mixed precisions or shapes: this example gets its own tensor
+                img = torch.empty(arr.shape, dtype=dtype)
+            _copy_into(img, arr)
+            del arr
+            out.append(self._example(s, index, img))
+        return out
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)

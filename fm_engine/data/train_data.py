@@ -66,9 +66,9 @@ def open_training_data(
 ) -> TrainData:
     """A prepared dataset (its size must equal ``size``; the reading options were fixed when it was prepared)
     or a DICOM folder read with the given options."""
-    from fm_engine.data.dataset import DicomFrameDataset, collate_frames
+    from fm_engine.data.dataset import DicomFrameDataset
     from fm_engine.data.device import collate_stored
-    from fm_engine.data.prepared import PreparedDataset, is_prepared
+    from fm_engine.data.prepared import PreparedDataset, collate_prepared, is_prepared
 
     if is_prepared(data):
         ds = PreparedDataset(data)
@@ -77,7 +77,7 @@ def open_training_data(
                 f"size: {data} was prepared at {ds.size[0]}x{ds.size[1]}, the run asks for {size[0]}x{size[1]} "
                 "(prepare it again at the model size)"
             )
-        return TrainData(ds, collate_frames, tuple(size), "prepared")  # type: ignore[arg-type]
+        return TrainData(ds, collate_prepared, tuple(size), "prepared")  # type: ignore[arg-type]
     dicom = DicomFrameDataset(
         data,
         size,

@@ -52,6 +52,11 @@ def test_prepare_writes_model_size_samples_equal_to_the_reader(folder, tmp_path)
     items = ds.__getitems__([4, 0, 2])
     batch = collate_prepared(items)
     assert batch["image"].data_ptr() == items[0]["image"].data_ptr() and batch["image"].shape == (3, 1, *SIZE)
+    # the image bytes were read from the chunk file directly (the layout check passed), not copied from the map
+    probe = torch.empty_like(items[0]["image"])
+    assert ds._read_image_into(4, ds.raw(4)["image"], probe) and torch.equal(
+        probe.view(torch.int16), ds[4]["image"].view(torch.int16)
+    )
     want = collate_frames([ds[4], ds[0], ds[2]])
     assert want.keys() == batch.keys()
     for k in want:

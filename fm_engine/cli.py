@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 
 # Modules that add subcommands: each defines register(subparsers).
-_SUBCOMMAND_MODULES = ("fm_engine.train.cli", "fm_engine.tune")
+_SUBCOMMAND_MODULES = ("fm_engine.train.cli", "fm_engine.tune", "fm_engine.data.cli")
 
 
 def _info(_: argparse.Namespace) -> int:
@@ -68,6 +68,10 @@ def _info(_: argparse.Namespace) -> int:
 
 
 def _bench(a: argparse.Namespace) -> int:
+    if a.data:  # the data path only
+        from fm_engine.data import bench as data_bench
+
+        return data_bench.run_args(a)
     from fm_engine import benchmarks  # type: ignore[attr-defined]  # installed from benchmarks/
 
     return benchmarks.run_args(a)
@@ -86,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmark ops (--op) or model training steps (--model)")
     benchmarks.add_arguments(bench)
+    from fm_engine.data import bench as data_bench
+
+    data_bench.add_arguments(bench)
     bench.set_defaults(func=_bench)
     for mod in _SUBCOMMAND_MODULES:
         importlib.import_module(mod).register(sub)

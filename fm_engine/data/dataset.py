@@ -10,6 +10,12 @@ a series contributes one example per frame / slice). An example is a dict:
 * ``index``: the example index actually returned; ``skipped``: how many unreadable examples were passed
   over to reach it (only with ``on_error="skip"``).
 
+With ``stored=True`` (the training path) the workers only read: an example holds the frame's stored values
+``stored [C, H, W]`` at their own size and its intensity table instead of ``image`` (see
+:mod:`fm_engine.data.device`); batch them with :func:`~fm_engine.data.device.collate_stored` and finish
+them on the training device with :func:`~fm_engine.data.device.device_transform`, which gives the same
+``image`` / ``scale`` / ``offset`` as the default path within one uint16 unit.
+
 Bad files: with ``on_error="raise"`` the first bad file raises :class:`~fm_engine.data.dicom.DicomReadError`
 (naming the file and the reason). With ``on_error="skip"`` files whose header is unusable are left out when
 the index is built (``skipped_files`` lists (path, reason)); files whose pixel data turn out unreadable later
@@ -45,7 +51,8 @@ class DicomFrameDataset(torch.utils.data.Dataset):
 
     size: (H, W) model input size; voi / window_index / precision / modalities: as in
     :func:`fm_engine.data.dicom.read_dicom`; label_tag: a header keyword (e.g. "ViewPosition") whose values,
-    sorted, become class indices (``classes``); on_error: "raise" or "skip".
+    sorted, become class indices (``classes``); on_error: "raise" or "skip"; stored: examples hold stored
+    values + intensity table for the device transform instead of the finished ``image``.
     """
 
     def __init__(
@@ -60,6 +67,7 @@ class DicomFrameDataset(torch.utils.data.Dataset):
         label_tag: str | None = None,
         on_error: str = "skip",
         progress: bool = True,
+        stored: bool = False,
     ) -> None:
         from tqdm.auto import tqdm
 
@@ -70,6 +78,7 @@ class DicomFrameDataset(torch.utils.data.Dataset):
         self.modalities = modalities
         self.on_error = on_error
         self.label_tag = label_tag
+        self.stored = stored
         self.skipped_files: list[tuple[str, str]] = []
         self.files: list[str] = []
         self.frames: list[tuple[int, int]] = []
@@ -102,6 +111,23 @@ class DicomFrameDataset(torch.utils.data.Dataset):
 
     def _load(self, index: int) -> dict[str, Any]:
         fi, t = self.frames[index]
+        if self.stored:
+            from fm_engine.data.device import read_stored, stored_example
+
+            st = read_stored(
+                self.files[fi],
+                voi=self.voi,
+                window_index=self.window_index,
+                precision=self.precision,
+                modalities=self.modalities,
+            )
+            if t >= st.stored.shape[0]:
+                raise DicomReadError(self.files[fi], f"frame {t} missing ({st.stored.shape[0]} frames decoded)")
+            return {
+                **stored_example(st, t),
+                "label": torch.tensor(self._labels[fi], dtype=torch.int64),
+                "index": torch.tensor(index, dtype=torch.int64),
+            }
         im = read_dicom(
             self.files[fi],
             voi=self.voi,

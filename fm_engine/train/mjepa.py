@@ -234,7 +234,7 @@ class Trainer:
     _it: Iterator[dict[str, torch.Tensor]] | None
 
     def __init__(self, cfg: TrainConfig) -> None:
-        from fm_engine.data import AugmentConfig, DicomFrameDataset, ResumableSampler
+        from fm_engine.data import AugmentConfig
         from fm_engine.data.transforms import parse_size
         from fm_engine.models.registry import create_model, get_spec
         from fm_engine.ssl.mjepa import MJEPA
@@ -252,7 +252,10 @@ class Trainer:
         self.out = Path(cfg.out)
         self.ckpt_dir = self.out / "checkpoints"
 
-        self.dataset = DicomFrameDataset(
+        from fm_engine.data.train_data import open_training_data
+
+        # a DICOM folder (workers read, the device transforms) or a prepared dataset (fm-engine prepare)
+        self.data = open_training_data(
             cfg.data,
             self.size,
             voi=cfg.voi_choice(),
@@ -263,19 +266,18 @@ class Trainer:
             on_error=cfg.on_error,
             progress=cfg.progress and self.dist.main,
         )
+        self.dataset = self.data.dataset
         if len(self.dataset) < cfg.batch_size * self.dist.world:
             raise ValueError(
                 f"batch_size: {cfg.batch_size} x {self.dist.world} processes is more than the "
                 f"{len(self.dataset)} examples under {cfg.data}"
             )
-        channels = self.dataset[0]["image"].shape[0]
+        channels = self.data.channels
         if channels != spec.in_channels:
             raise ValueError(
                 f"data: images under {cfg.data} have {channels} channels, model {cfg.model} takes {spec.in_channels}"
             )
-        self.sampler = ResumableSampler(
-            len(self.dataset), seed=cfg.seed, rank=self.dist.rank, world_size=self.dist.world
-        )
+        self.sampler = self.data.sampler(seed=cfg.seed, rank=self.dist.rank, world_size=self.dist.world)
         self.batches_per_epoch = len(self.sampler) // cfg.batch_size
         self.augment = AugmentConfig(cfg.hflip, cfg.vflip, cfg.brightness, cfg.contrast)
 
@@ -366,8 +368,6 @@ class Trainer:
     # -- data -----------------------------------------------------------------------------------------
     def _loader(self) -> Any:
         self.sampler.set_epoch(self.epoch, self.batch_in_epoch * self.cfg.batch_size)
-        from fm_engine.data import collate_frames
-
         return iter(
             torch.utils.data.DataLoader(
                 self.dataset,
@@ -375,7 +375,7 @@ class Trainer:
                 sampler=self.sampler,
                 drop_last=True,
                 num_workers=self.cfg.workers,
-                collate_fn=collate_frames,
+                collate_fn=self.data.collate,
                 pin_memory=self.device.type == "cuda",
                 persistent_workers=False,
                 # its own generator: creating the iterator must not draw from the global RNG (masks, dropout),
@@ -528,8 +528,10 @@ class Trainer:
     def _micro_step(self, batch: dict[str, torch.Tensor], sync: bool) -> dict[str, float]:
         from fm_engine.data import augment_batch, stem_inputs
 
-        images = batch["image"].to(self.device, non_blocking=True)
-        images, scale, offset = augment_batch(images, batch["scale"], batch["offset"], self.augment, self.aug_gen)
+        batch = self.data.to_device(batch, self.device)  # DICOM: intensity table, resize, padding here
+        images, scale, offset = augment_batch(
+            batch["image"], batch["scale"], batch["offset"], self.augment, self.aug_gen
+        )
         x, s, o = stem_inputs(images, scale, offset)
         labels = batch["label"].to(self.device) if self.objective.probe is not None else None
         if self.fsdp:
@@ -559,7 +561,7 @@ class Trainer:
         for k in range(cfg.grad_accum):
             batch = self._next_batch()
             self.skipped += int(batch["skipped"].sum())
-            n_img += batch["image"].shape[0]
+            n_img += batch["index"].shape[0]
             rows.append(self._micro_step(batch, sync=k == cfg.grad_accum - 1))
         gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip)  # FSDP: DTensor grads, norm over all shards
         if hasattr(gnorm, "full_tensor"):

@@ -57,7 +57,10 @@ HELP = {
     "checkpoint_every": "write a checkpoint every N steps (and at the end)",
     "keep_checkpoints": "how many checkpoints to keep",
     "log_every": "write a metrics row every N steps",
-    "resume": "continue from out/checkpoints/latest (same data order and RNG streams)",
+    "resume": "continue the run in --out from out/checkpoints/latest (same data order and RNG streams); an "
+    "error when there is no checkpoint",
+    "overwrite": "when --out already holds a run, rename that folder to OUT.replaced-YYYYmmdd-HHMMSS (nothing is "
+    "deleted) and start a new run; without it (or --resume) a folder holding a run is refused",
     "stop_after": "stop after N steps of this run without writing a checkpoint (simulates a killed run)",
     "tensorboard": "also log to out/tensorboard (needs the tensorboard package)",
     "progress": "show progress bars",

@@ -61,6 +61,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     log_every: int = 1
     resume: bool = False
+    overwrite: bool = False  # move a run already in `out` aside (OUT.replaced-TIMESTAMP) and start anew
     stop_after: int | None = None  # stop (without a checkpoint) after this many steps of this run
     tensorboard: bool = False
     progress: bool = True

@@ -35,6 +35,7 @@ import resource
 import shutil
 import tempfile
 import time
+import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,6 +204,71 @@ def latest_checkpoint(out: str | os.PathLike[str]) -> Path | None:
     return folder if folder.is_dir() else None
 
 
+# what a run writes into its output folder; a folder holding any of them holds a run
+RUN_FILES = ("config.yaml", "metrics.csv", "metrics.jsonl", "checkpoints", "curves.png", "skipped.csv", "tensorboard")
+
+
+def run_files(out: str | os.PathLike[str]) -> list[str]:
+    """The names of :data:`RUN_FILES` present in ``out`` (empty: no run there)."""
+    out = Path(out)
+    return [n for n in RUN_FILES if (out / n).exists()] if out.is_dir() else []
+
+
+def check_run_folder(cfg: TrainConfig) -> None:
+    """Refuse to mix two runs in one folder: without ``resume`` or ``overwrite`` a folder that holds a run is an
+    error; ``resume`` needs a checkpoint to continue from. Reads only (the move aside is :func:`move_run_aside`)."""
+    if cfg.resume and cfg.overwrite:
+        raise ValueError("resume: --resume continues the run in --out and --overwrite moves it aside; pass one")
+    found = run_files(cfg.out)
+    if cfg.resume:
+        latest = Path(cfg.out) / "checkpoints" / "latest"
+        if not latest.is_file():
+            raise ValueError(
+                f"resume: {cfg.out} holds no checkpoint to resume from ({latest} does not exist); "
+                "run without --resume to start a new run"
+                + (" (add --overwrite to move the files already there aside)" if found else "")
+            )
+        if latest_checkpoint(cfg.out) is None:
+            raise ValueError(f"resume: {latest} names {latest.read_text().strip()!r}, which is not a checkpoint folder")
+    elif found and not cfg.overwrite:
+        ckpts = sorted(p.name for p in (Path(cfg.out) / "checkpoints").glob("step_*"))
+        raise ValueError(
+            f"out: {cfg.out} already holds a run ({', '.join(found)}"
+            + (f"; checkpoints {ckpts[0]} .. {ckpts[-1]}" if ckpts else "")
+            + "); pass --resume to continue it, --overwrite to move it aside and start a new run, "
+            "or another --out"
+        )
+
+
+def move_run_aside(out: str | os.PathLike[str]) -> Path | None:
+    """Rename ``out`` (when it holds a run) to ``OUT.replaced-YYYYmmdd-HHMMSS[-N]`` next to it and recreate it
+    empty; returns the new name of the old run (None when there was nothing to move). Never deletes."""
+    out = Path(out)
+    if not run_files(out):
+        return None
+    if out.resolve() == Path.cwd().resolve():
+        raise ValueError(f"overwrite: cannot move the current directory {out} aside; pass another --out")
+    base = out.parent / f"{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside, n = base, 1
+    while aside.exists():
+        aside, n = Path(f"{base}-{n}"), n + 1
+    os.rename(out, aside)
+    out.mkdir(parents=True, exist_ok=True)
+    log.warning("overwrite: the run that was in %s is now in %s", out, aside)
+    return aside
+
+
+def _checkpoint_steps(ckpt_dir: Path, run_id: str) -> list[tuple[int, Path]]:
+    """(step, folder) of every complete checkpoint of run ``run_id`` under ``ckpt_dir``, by step."""
+    found = []
+    for p in ckpt_dir.glob("step_*"):
+        tag = p / "run_id"
+        if p.is_dir() and tag.is_file() and tag.read_text().strip() == run_id:
+            with contextlib.suppress(ValueError):
+                found.append((int(p.name[len("step_") :]), p))
+    return sorted(found)
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "w") as f:
@@ -242,6 +308,8 @@ class Trainer:
         self.cfg = cfg.validate()
         if not cfg.data:
             raise ValueError("data: a folder of DICOM files is required (or use --demo)")
+        check_run_folder(cfg)  # before any slow step: a clash with another run fails at once
+        self.run_id = uuid.uuid4().hex  # a resume takes the saved run's id; pruning touches only this id
         self.dist = setup_distributed("cuda" if (cfg.device != "cpu" and torch.cuda.is_available()) else "cpu")
         self.device = resolve_device(cfg, self.dist)
         self.amp = amp_dtype(cfg, self.device)
@@ -402,6 +470,7 @@ class Trainer:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             name = f"step_{self.step:07d}"
             tmp = Path(tempfile.mkdtemp(dir=self.ckpt_dir, prefix=f".{name}."))
+            (tmp / "run_id").write_text(self.run_id + "\n")
             if model_state is None:
                 save_checkpoint(
                     tmp / "model.safetensors",
@@ -439,30 +508,33 @@ class Trainer:
                     "scheduler": self.scheduler.state_dict(),
                     "rng": all_rng,
                     "config": self.cfg.to_dict(),
+                    "run_id": self.run_id,
                     "tuning": self.tuning,
                 },
                 tmp / "state.pt",
             )
             final = self.ckpt_dir / name
-            if final.exists():
+            if final.exists():  # this run's own checkpoint of this step (a resume repeats it)
                 shutil.rmtree(final)
             os.replace(tmp, final)
             _atomic_write_text(self.ckpt_dir / "latest", name + "\n")
-            done = sorted(p for p in self.ckpt_dir.glob("step_*") if p.is_dir())
-            for old in done[: -self.cfg.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
+            # keep the newest keep_checkpoints of this run (by step number); `latest` names the newest
+            done = _checkpoint_steps(self.ckpt_dir, self.run_id)
+            for _, old in done[: -self.cfg.keep_checkpoints]:
+                if old != final:
+                    shutil.rmtree(old, ignore_errors=True)
             path = final
         if self.dist.world > 1:
             dist.barrier()
         return path
 
     def load_state(self) -> None:
-        """Restore the latest checkpoint under ``out`` (nothing to do when there is none)."""
+        """Restore the latest checkpoint under ``out`` (ValueError when there is none)."""
         from safetensors.torch import load_file
 
         folder = latest_checkpoint(self.out)
         if folder is None:
-            return
+            raise ValueError(f"resume: {self.out} holds no checkpoint to resume from")
         state = torch.load(folder / "state.pt", map_location="cpu", weights_only=False)
         if state.get("world_size", 1) != self.dist.world:
             raise ValueError(
@@ -500,6 +572,8 @@ class Trainer:
                 stacklevel=2,
             )
         self.step, self.epoch = state["step"], state["epoch"]
+        # checkpoints written before run ids existed have none: the resumed run adopts the folder's name
+        self.run_id = state.get("run_id") or f"legacy-{folder.name}"
         self.batch_in_epoch, self.skipped = state["batch_in_epoch"], state["skipped"]
         _set_rng_state(state["rng"][self.dist.rank], self.device, self.aug_gen)
 
@@ -574,6 +648,8 @@ class Trainer:
 
         cfg = self.cfg
         if self.dist.main:
+            if cfg.overwrite and not cfg.resume:
+                move_run_aside(self.out)
             self.out.mkdir(parents=True, exist_ok=True)
             with open(self.out / "config.yaml", "w") as f:
                 yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)

@@ -1,0 +1,136 @@
+"""`fm-engine train` as a new user meets it: run folders that never lose data, config values checked once,
+resume and extend, bad files, curves, and the smaller CLI promises. CLI behaviour runs in a subprocess."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytest.importorskip("pydicom")
+
+from fm_engine.data.synthetic import write_demo_dataset
+from fm_engine.train.config import TrainConfig
+from fm_engine.train.mjepa import latest_checkpoint, train_mjepa
+
+TINY = dict(dim=32, depth=1, heads=2, kv_heads=1, head_dim=16, patch=8)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("mg")
+    write_demo_dataset(d, count=6, size=(96, 72), seed=1)
+    return d
+
+
+def tiny(data: Path, out: Path, **kw) -> dict:
+    base = dict(
+        data=str(data),
+        out=str(out),
+        model="vit-i1-p16-d512",
+        size="64x64",
+        model_overrides=dict(TINY),
+        predictor_depth=1,
+        steps=4,
+        batch_size=2,
+        lr=1e-3,
+        workers=0,
+        device="cpu",
+        amp="fp32",
+        checkpoint_every=1,
+        keep_checkpoints=2,
+        label_tag="ViewPosition",
+        progress=False,
+        seed=5,
+        backend="reference",
+    )
+    base.update(kw)
+    return base
+
+
+def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`fm-engine ARGS` in a fresh process (the installed entry point's module)."""
+    return subprocess.run(
+        [sys.executable, "-m", "fm_engine", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "default"},
+        timeout=timeout,
+        check=False,
+    )
+
+
+def one_line_error(r: subprocess.CompletedProcess) -> str:
+    """The run failed with exit 2 and one `error: ...` line, no traceback."""
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, r.stderr
+    return lines[0]
+
+
+def steps_in(csv_path: Path) -> list[int]:
+    with open(csv_path, newline="") as f:
+        return [int(row["step"]) for row in csv.DictReader(f)]
+
+
+def write_cfg(path: Path, values: dict) -> str:
+    path.write_text(yaml.safe_dump(values))
+    return str(path)
+
+
+# -- 1. run folders never lose data -----------------------------------------------------------------------------
+def test_run_folder_refused_resumed_or_moved_aside(data_dir, tmp_path):
+    out = tmp_path / "run"
+    cfg = write_cfg(tmp_path / "c.yaml", tiny(data_dir, out))
+    r = cli("train", "--config", cfg)
+    assert r.returncode == 0, r.stderr
+    assert steps_in(out / "metrics.csv") == [1, 2, 3, 4]
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_0000003", "step_0000004"]
+    before = (out / "metrics.csv").read_bytes()
+
+    # a second run into the same folder, no flag: refused before anything is written
+    msg = one_line_error(cli("train", "--config", cfg, "--steps", "2"))
+    assert "already holds a run" in msg and "--resume" in msg and "--overwrite" in msg
+    assert (out / "metrics.csv").read_bytes() == before
+
+    # --resume on a folder without a checkpoint is an error, not a fresh start
+    msg = one_line_error(cli("train", "--config", cfg, "--resume", "--out", str(tmp_path / "empty")))
+    assert msg.startswith("error: resume:") and "no checkpoint" in msg
+    assert not (tmp_path / "empty" / "metrics.csv").exists()
+
+    # --overwrite moves the old run aside (nothing deleted) and starts a new one
+    r = cli("train", "--config", cfg, "--overwrite", "--steps", "2")
+    assert r.returncode == 0, r.stderr
+    (aside,) = tmp_path.glob("run.replaced-*")
+    assert (aside / "metrics.csv").read_bytes() == before
+    assert (aside / "checkpoints" / "step_0000004" / "model.safetensors").is_file()
+    assert steps_in(out / "metrics.csv") == [1, 2]
+    assert latest_checkpoint(out).name == "step_0000002"
+
+    # `latest` naming a folder that is gone: --resume says so
+    shutil.rmtree(out / "checkpoints" / "step_0000002")
+    msg = one_line_error(cli("train", "--config", cfg, "--resume"))
+    assert "step_0000002" in msg and "not a checkpoint" in msg
+
+
+def test_pruning_touches_only_this_runs_checkpoints(data_dir, tmp_path):
+    other = tmp_path / "other"
+    train_mjepa(TrainConfig(**tiny(data_dir, other, steps=4, checkpoint_every=2, seed=9)).validate())
+    out = tmp_path / "run"
+    train_mjepa(TrainConfig(**tiny(data_dir, out, stop_after=2)).validate())
+    # another run's later checkpoints in the same folder (copied by hand): they sort after this run's own
+    for n in ("step_0000002", "step_0000004"):
+        shutil.copytree(other / "checkpoints" / n, out / "checkpoints" / n.replace("step_00000", "step_00003"))
+    last = train_mjepa(TrainConfig(**tiny(data_dir, out, resume=True)).validate())
+    assert last["step"] == 4
+    names = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
+    assert names == ["step_0000003", "step_0000004", "step_0000302", "step_0000304"]
+    assert latest_checkpoint(out).name == "step_0000004"
+    assert steps_in(out / "metrics.csv") == [1, 2, 3, 4]

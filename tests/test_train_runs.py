@@ -134,3 +134,69 @@ def test_pruning_touches_only_this_runs_checkpoints(data_dir, tmp_path):
     assert names == ["step_0000003", "step_0000004", "step_0000302", "step_0000304"]
     assert latest_checkpoint(out).name == "step_0000004"
     assert steps_in(out / "metrics.csv") == [1, 2, 3, 4]
+
+
+# -- 3. config values -------------------------------------------------------------------------------------------
+def test_config_values_any_spelling_and_flat_readback(data_dir, tmp_path):
+    from fm_engine.train.config import FIELDS, load_config_file, make_config
+
+    values = tiny(data_dir, tmp_path / "run", steps=2)
+    text = yaml.safe_dump({k: v for k, v in values.items() if k != "lr"}) + "lr: 1e-3\nhflip: '0.25'\n"
+    assert yaml.safe_load(text)["lr"] == "1e-3"  # PyYAML reads this spelling as a string
+    r = cli("train", "--config", write_cfg(tmp_path / "c.yaml", yaml.safe_load(text)), "--clip", "2.5e0")
+    assert r.returncode == 0, r.stderr
+    saved_text = (tmp_path / "run" / "config.yaml").read_text()
+    lines = saved_text.splitlines()
+    assert [ln.split(":", 1)[0] for ln in lines] == list(FIELDS)  # flat: one `key: value` line per option
+    saved = yaml.safe_load(saved_text)
+    assert saved["lr"] == 0.001 and saved["clip"] == 2.5 and saved["hflip"] == 0.25 and saved["steps"] == 2
+    assert saved["model_overrides"] == TINY
+    again = make_config(str(tmp_path / "run" / "config.yaml"))  # --config reads it back to the same config
+    assert again.to_dict() == make_config(str(tmp_path / "c.yaml"), clip="2.5e0").to_dict()
+    assert load_config_file(tmp_path / "run" / "config.yaml").keys() == set(FIELDS)
+    toml = tmp_path / "c.toml"
+    toml.write_text('lr = "2E-4"\nsteps = 1e1\nresume = "no"\nmodalities = "MG"\n[model_overrides]\ndepth = 2\n')
+    cfg = make_config(str(toml))
+    assert (cfg.lr, cfg.steps, cfg.resume, cfg.modalities) == (2e-4, 10, False, ["MG"])
+    assert cfg.model_overrides == {"depth": 2}
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (("--steps", "ten"), ["steps (--steps)", "'ten'", "an integer"]),
+        (("--hflip", "5"), ["hflip (--hflip)", "5", "[0, 1]"]),
+        (("--override", "depht=2"), ["depht", "valid keys", "depth", "dim", "heads"]),
+    ],
+)
+def test_config_errors_name_option_value_and_expectation(data_dir, tmp_path, args, expected):
+    r = cli("train", "--config", write_cfg(tmp_path / "c.yaml", tiny(data_dir, tmp_path / "run")), *args)
+    msg = one_line_error(r)
+    for part in expected:
+        assert part in msg, msg
+    assert not (tmp_path / "run").exists()
+
+
+def test_config_file_errors_in_process(tmp_path):
+    from fm_engine.train.config import TrainConfig, coerce, make_config
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("steps: ten\n")
+    with pytest.raises(ValueError, match=r"steps \(--steps\): expected an integer, got 'ten'"):
+        make_config(str(bad))
+    for field, value, match in [
+        ("lr", "fast", "lr .*a number"),
+        ("batch_size", 2.5, "batch_size .*an integer"),
+        ("vflip", -0.1, r"vflip .*\[0, 1\]"),
+        ("pct_start", 1, r"pct_start .*\(0, 1\)"),
+        ("ema_momentum", 1.5, "ema_momentum"),
+        ("context_ratio", 0, "context_ratio"),
+        ("workers", -1, "workers"),
+        ("voi", "40,x", "voi .*CENTER,WIDTH"),
+        ("amp", "fp16", "amp"),
+        ("tensorboard", "maybe", "tensorboard .*true or false"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            TrainConfig(**{field: value}).validate()
+    assert coerce("lr", "1E-3", "float") == 1e-3 and coerce("steps", "1_000", "int") == 1000
+    assert coerce("size", [512, 384], "str | None") == "512x384" and coerce("stop_after", "null", "int | None") is None

@@ -16,8 +16,8 @@ from fm_engine.train.config import FIELDS, TrainConfig, make_config, parse_overr
 HELP = {
     "data": "folder (searched recursively) or file of DICOM images; series folders and multi-frame files "
     "give one example per slice / frame",
-    "size": "model input HxW, e.g. 512x384 (ViT) or 3072x2304 (AViT); images keep their aspect ratio and are "
-    "padded with 0 (black); default: the model's registered size",
+    "size": "model input HxW, e.g. 512x384 (ViT) or 3072x2304 (AViT), a multiple of patch x context coarsening "
+    "on each side; images keep their aspect ratio and are padded with 0 (black)",
     "voi": "VOI transform: auto (the file's VOI LUT, else its first window, else none) | lut | window | none | "
     "CENTER,WIDTH",
     "window_index": "which WindowCenter/WindowWidth pair voi=window/auto uses",
@@ -77,18 +77,24 @@ CHOICES = {
 }
 
 
+# the "(default: ...)" text of options whose default is None (options missing here show none)
+DEFAULT_TEXT = {"size": "the model's registered size", "modalities": "any", "stop_after": "never"}
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
 def add_train_options(p: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field; defaults are SUPPRESSed so a config file's values survive."""
+    """One flag per TrainConfig field; defaults are SUPPRESSed so a config file's values survive. Values stay
+    text here: :meth:`TrainConfig.validate` converts and checks them, as it does a config file's."""
     defaults = TrainConfig()
-    for name, f in FIELDS.items():
+    for name in FIELDS:
         if name == "model_overrides":
             continue
         default = getattr(defaults, name)
-        help_ = f"{HELP[name]} (default: {default})"
+        shown = DEFAULT_TEXT.get(name, default)
+        help_ = HELP[name] if shown is None else f"{HELP[name]} (default: {shown})"
         kw: dict[str, Any] = dict(default=argparse.SUPPRESS, help=help_, dest=name)
         if isinstance(default, bool):
             p.add_argument(_flag(name), action=argparse.BooleanOptionalAction, **kw)
@@ -96,10 +102,6 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
             p.add_argument(_flag(name), choices=CHOICES[name], **kw)
         elif name == "modalities":
             p.add_argument(_flag(name), nargs="+", metavar="MODALITY", **kw)
-        elif f.type in ("int", "int | None") or isinstance(default, int):
-            p.add_argument(_flag(name), type=int, **kw)
-        elif isinstance(default, float):
-            p.add_argument(_flag(name), type=float, **kw)
         else:
             p.add_argument(_flag(name), type=str, **kw)
     p.add_argument(
@@ -184,9 +186,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "--config FILE (YAML or TOML, keys = the option names with _ instead of -) and the command line, which "
         "overrides the file. Multi-GPU: torchrun --nproc-per-node N -m fm_engine.cli train mjepa ... (DDP; "
         "--strategy fsdp for FSDP).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("objective", nargs="?", default="mjepa", choices=["mjepa"], help="pre-training objective")
+    p.add_argument("objective", nargs="?", default="mjepa", choices=["mjepa"], help="pre-training objective (mjepa)")
     p.add_argument("--config", help="YAML or TOML file of options (command-line flags override it)")
     p.add_argument(
         "--demo",

@@ -43,9 +43,8 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
-import yaml
 
-from fm_engine.train.config import TrainConfig
+from fm_engine.train.config import TrainConfig, dump_config
 
 if TYPE_CHECKING:
     from torch.distributed.fsdp import FSDPModule
@@ -348,7 +347,10 @@ class Trainer:
         self.augment = AugmentConfig(cfg.hflip, cfg.vflip, cfg.brightness, cfg.contrast)
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        encoder = create_model(cfg.model, **cfg.model_overrides)
+        try:
+            encoder = create_model(cfg.model, **cfg.model_overrides)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"model_overrides (--override): {cfg.model} rejects {cfg.model_overrides}: {e}") from e
         if cfg.init:
             from fm_engine.checkpoint import load_checkpoint
 
@@ -651,8 +653,7 @@ class Trainer:
             if cfg.overwrite and not cfg.resume:
                 move_run_aside(self.out)
             self.out.mkdir(parents=True, exist_ok=True)
-            with open(self.out / "config.yaml", "w") as f:
-                yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+            _atomic_write_text(self.out / "config.yaml", dump_config(cfg))
         writer = (
             MetricsWriter(self.out, cfg.tensorboard, append=self.step > 0, keep_until=self.step)
             if self.dist.main

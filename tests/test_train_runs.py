@@ -200,3 +200,37 @@ def test_config_file_errors_in_process(tmp_path):
             TrainConfig(**{field: value}).validate()
     assert coerce("lr", "1E-3", "float") == 1e-3 and coerce("steps", "1_000", "int") == 1000
     assert coerce("size", [512, 384], "str | None") == "512x384" and coerce("stop_after", "null", "int | None") is None
+
+
+# -- 4. resume and extend ---------------------------------------------------------------------------------------
+def test_resume_cannot_extend_and_warns_about_overrides(data_dir, tmp_path):
+    import torch
+
+    out = tmp_path / "run"
+    values = tiny(data_dir, out, checkpoint_every=2)
+    train_mjepa(TrainConfig(**values, stop_after=2).validate())
+    cfg = write_cfg(tmp_path / "c.yaml", values)
+    # a longer schedule on resume: refused before training, saying how to train on
+    msg = one_line_error(cli("train", "--config", cfg, "--resume", "--steps", "6"))
+    assert "steps (--steps)" in msg and "--init" in msg and "step_0000002/encoder.safetensors" in msg
+    assert steps_in(out / "metrics.csv") == [1, 2]
+    # another batch size and peak lr: the run goes on with them and says which saved values they override
+    r = cli("train", "--config", cfg, "--resume", "--batch-size", "3", "--lr", "2e-3")
+    assert r.returncode == 0, r.stderr
+    assert "override the saved run's values" in r.stderr
+    assert "batch_size 2 -> 3" in r.stderr and "lr 0.001 -> 0.002" in r.stderr
+    with open(out / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+    # the lr of step 3 is the one-cycle schedule with the new peak
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=4, pct_start=0.1)
+    for _ in range(2):
+        opt.step()
+        sched.step()
+    assert float(rows[2]["lr"]) == pytest.approx(sched.get_last_lr()[0], rel=1e-9)
+    state = torch.load(out / "checkpoints" / "step_0000004" / "state.pt", weights_only=False)
+    assert state["config"]["batch_size"] == 3
+    # resuming a finished run with the same steps has nothing to do, and says so
+    r = cli("train", "--config", cfg, "--resume", "--batch-size", "3", "--lr", "2e-3")
+    assert r.returncode == 0 and "nothing to do" in r.stdout, r.stdout + r.stderr

@@ -161,6 +161,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     last = train_mjepa(cfg)
     last.pop("trainer", None)
+    if "step" not in last:
+        print(f"nothing to do: the run in {cfg.out} has already done its {cfg.steps} steps")
     if last:
         print("final: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in last.items()))
     return 0

@@ -543,6 +543,8 @@ class Trainer:
                 f"resume: {folder} was written by {state['world_size']} processes, this run has "
                 f"{self.dist.world} (the data order would differ)"
             )
+        saved_cfg = state.get("config", {})
+        changed = self._check_resume_config(saved_cfg, folder)
         weights = load_file(str(folder / "model.safetensors"))
         if self.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
@@ -574,10 +576,60 @@ class Trainer:
                 stacklevel=2,
             )
         self.step, self.epoch = state["step"], state["epoch"]
+        if "lr" in changed:  # every one-cycle value is proportional to the peak: rescale the saved schedule
+            ratio = self.cfg.lr / float(saved_cfg["lr"])
+            for g in self.optimizer.param_groups:
+                for key in ("lr", "initial_lr", "max_lr", "min_lr"):
+                    if key in g:
+                        g[key] *= ratio
+            self.scheduler.base_lrs = [b * ratio for b in self.scheduler.base_lrs]
+            self.scheduler._last_lr = [float(g["lr"]) for g in self.optimizer.param_groups]  # type: ignore[attr-defined]
+        if "weight_decay" in changed:
+            for g in self.optimizer.param_groups:
+                if g.get("weight_decay", 0.0) > 0:
+                    g["weight_decay"] = self.cfg.weight_decay
+        if "batch_size" in changed:  # the data position is kept in examples: batches of the new size from there
+            state["batch_in_epoch"] = state["batch_in_epoch"] * int(saved_cfg["batch_size"]) // self.cfg.batch_size
         # checkpoints written before run ids existed have none: the resumed run adopts the folder's name
         self.run_id = state.get("run_id") or f"legacy-{folder.name}"
         self.batch_in_epoch, self.skipped = state["batch_in_epoch"], state["skipped"]
         _set_rng_state(state["rng"][self.dist.rank], self.device, self.aug_gen)
+
+    # options that may differ on resume without a word (output and progress), and those that cannot change
+    _RESUME_FREE = ("resume", "overwrite", "stop_after", "progress", "workers", "tensorboard", "log_every", "out")
+    _RESUME_FREE += ("checkpoint_every", "keep_checkpoints")
+
+    def _check_resume_config(self, saved: dict[str, Any], folder: Path) -> dict[str, tuple[Any, Any]]:
+        """Compare this run's options with the saved run's: ``steps`` / ``pct_start`` cannot change (the
+        one-cycle schedule is fixed at the start: ValueError saying how to train on); any other difference
+        overrides the saved value and is warned about. Returns {option: (saved, now)}."""
+        now = self.cfg.to_dict()
+        changed = {
+            k: (saved[k], now[k])
+            for k in now
+            if k in saved and k not in self._RESUME_FREE and k != "data" and saved[k] != now[k]
+        }
+        if saved.get("data") is not None and os.path.abspath(str(saved["data"])) != os.path.abspath(str(now["data"])):
+            changed["data"] = (saved["data"], now["data"])
+        for k in ("steps", "pct_start"):
+            if k in changed:
+                raise ValueError(
+                    f"{k} (--{k.replace('_', '-')}): the run in {self.out} was planned with {k} {changed[k][0]} "
+                    f"and its one-cycle schedule is fixed at the start, so --resume cannot change it to "
+                    f"{changed[k][1]}. To train on, start a new run from its weights: --init "
+                    f"{folder / 'encoder.safetensors'} --out NEW_FOLDER --{k.replace('_', '-')} {changed[k][1]} "
+                    "(a fresh one-cycle schedule)"
+                )
+        if changed and self.dist.main:
+            import warnings
+
+            text = ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in changed.items()))
+            warnings.warn(
+                f"resume: these options override the saved run's values: {text} (the resumed run is no longer "
+                "the one an uninterrupted run would have been)",
+                stacklevel=3,
+            )
+        return changed
 
     # -- loop -----------------------------------------------------------------------------------------
     def _update_ema(self) -> None:
@@ -624,7 +676,7 @@ class Trainer:
         gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip)  # FSDP: DTensor grads, norm over all shards
         if hasattr(gnorm, "full_tensor"):
             gnorm = gnorm.full_tensor()
-        lr = self.scheduler.get_last_lr()[0]
+        lr = float(self.optimizer.param_groups[0]["lr"])  # the lr this step uses
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -234,3 +234,48 @@ def test_resume_cannot_extend_and_warns_about_overrides(data_dir, tmp_path):
     # resuming a finished run with the same steps has nothing to do, and says so
     r = cli("train", "--config", cfg, "--resume", "--batch-size", "3", "--lr", "2e-3")
     assert r.returncode == 0 and "nothing to do" in r.stdout, r.stdout + r.stderr
+
+
+# -- 5. bad files -----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def bad_dir(tmp_path_factory) -> Path:
+    """Six good mammograms and one whose pixel data are cut short (its header reads: it fails when loaded)."""
+    d = tmp_path_factory.mktemp("bad")
+    paths = write_demo_dataset(d, count=6, size=(96, 72), seed=2)
+    raw = Path(paths[0]).read_bytes()
+    (d / "trunc.dcm").write_bytes(raw[: len(raw) * 2 // 3])
+    return d
+
+
+def test_bad_file_same_one_line_error_whatever_the_workers(bad_dir, tmp_path):
+    # one batch of all 7 examples, so the cut file is read for sure
+    cfg = write_cfg(tmp_path / "c.yaml", tiny(bad_dir, tmp_path / "run", steps=1, batch_size=7, on_error="raise"))
+    errors = []
+    for workers in ("0", "2"):
+        r = cli("train", "--config", cfg, "--workers", workers, "--out", str(tmp_path / f"w{workers}"))
+        errors.append(one_line_error(r))
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert errors[0] == errors[1] and "trunc.dcm" in errors[0], errors
+
+
+def test_skipped_files_listed_with_reasons_and_counted(bad_dir, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(bad_dir, data)
+    (data / "notes.txt").write_text("not an image")
+    out = tmp_path / "run"
+    cfg = write_cfg(tmp_path / "c.yaml", tiny(data, out, steps=1, batch_size=7, workers=2))
+    r = cli("train", "--config", cfg)
+    assert r.returncode == 0, r.stderr
+    with open(out / "skipped.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["file", "reason"]
+    reasons = {Path(file).name: reason for file, reason in rows[1:]}
+    assert set(reasons) == {"notes.txt", "trunc.dcm"} and all(reasons.values()), reasons
+    assert "skipped files: 2" in r.stdout, r.stdout
+
+
+def test_label_tag_problem_reported_as_one(data_dir, tmp_path):
+    cfg = write_cfg(tmp_path / "c.yaml", tiny(data_dir, tmp_path / "run", label_tag="BodyPartThickness"))
+    msg = one_line_error(cli("train", "--config", cfg))
+    assert "label_tag (--label-tag)" in msg and "BodyPartThickness" in msg and "6 readable" in msg, msg
+    assert "no readable DICOM image" not in msg

@@ -163,8 +163,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     last.pop("trainer", None)
     if "step" not in last:
         print(f"nothing to do: the run in {cfg.out} has already done its {cfg.steps} steps")
+    skipped = last.pop("skipped_files", 0)
     if last:
         print("final: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in last.items()))
+    print(f"skipped files: {skipped}" + (f" (file and reason of each in {cfg.out}/skipped.csv)" if skipped else ""))
     return 0
 
 

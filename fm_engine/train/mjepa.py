@@ -277,6 +277,59 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+class ReportingDataset(torch.utils.data.Dataset):
+    """The training dataset as the DataLoader sees it: a bad file never raises inside a worker process (where
+    the DataLoader would wrap it in a long traceback). With ``on_error="raise"`` the example becomes an
+    ``error`` record (path, reason) that :meth:`Trainer._next_batch` raises as the same one-line
+    :class:`~fm_engine.data.dicom.DicomReadError` whatever the number of workers; with ``"skip"`` the example
+    carries ``skipped_files``: (path, reason) of every file passed over to reach it."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        from fm_engine.data.dicom import DicomReadError
+
+        try:
+            out = self.dataset[index]
+        except DicomReadError as e:
+            return {"error": (e.path, e.reason)}
+        n = int(out.get("skipped", 0))
+        if n:  # name the files passed over (rare: read them again for the reason)
+            out["skipped_files"] = [self._reason((index + k) % len(self)) for k in range(n)]
+        return out
+
+    def _reason(self, index: int) -> tuple[str, str]:
+        from fm_engine.data.dicom import DicomReadError
+
+        fi = self.dataset.frames[index][0]
+        path = self.dataset.files[fi]
+        try:
+            self.dataset._load(index)
+        except DicomReadError as e:
+            return (e.path, e.reason)
+        except Exception as e:  # not a DicomReadError: still name it
+            return (path, f"{type(e).__name__}: {e}")
+        return (path, "unreadable when first read")
+
+
+def collate_reported(batch: list[dict[str, Any]]) -> dict[str, Any]:
+    """:func:`fm_engine.data.collate_frames` of :class:`ReportingDataset` examples: the first ``error``
+    record, if any, instead of a batch; ``skipped_files`` as one list."""
+    from fm_engine.data import collate_frames
+
+    errors = [b["error"] for b in batch if "error" in b]
+    if errors:
+        return {"error": errors[0]}
+    files = [f for b in batch for f in b.get("skipped_files", [])]
+    out: dict[str, Any] = collate_frames([{k: v for k, v in b.items() if k != "skipped_files"} for b in batch])
+    out["skipped_files"] = files
+    return out
+
+
 def shard_fsdp(objective: torch.nn.Module, device: torch.device, world: int) -> torch.nn.Module:
     """FSDP2 (``torch.distributed.fsdp.fully_shard``): each transformer layer (online, EMA and predictor) is
     its own unit, the rest (stems, norms, query token, probe) the root unit. Works on CPU (gloo) and CUDA."""
@@ -319,17 +372,37 @@ class Trainer:
         self.out = Path(cfg.out)
         self.ckpt_dir = self.out / "checkpoints"
 
-        self.dataset = DicomFrameDataset(
-            cfg.data,
-            self.size,
+        data_kw: dict[str, Any] = dict(
             voi=cfg.voi_choice(),
             window_index=cfg.window_index,
             precision=cfg.precision,
             modalities=cfg.modalities,
-            label_tag=cfg.label_tag,
             on_error=cfg.on_error,
-            progress=cfg.progress and self.dist.main,
         )
+        try:
+            self.dataset = DicomFrameDataset(
+                cfg.data, self.size, label_tag=cfg.label_tag, progress=cfg.progress and self.dist.main, **data_kw
+            )
+        except ValueError as e:
+            if not cfg.label_tag or not str(e).startswith("data: no readable DICOM image"):
+                raise
+            try:  # readable without the label tag? then the label tag is the problem
+                n = len(DicomFrameDataset(cfg.data, self.size, progress=False, **data_kw).files)
+            except ValueError:
+                raise e from None
+            raise ValueError(
+                f"label_tag (--label-tag): none of the {n} readable DICOM files under {cfg.data} has a "
+                f"{cfg.label_tag} value; name a header keyword the files carry (e.g. ViewPosition) or leave "
+                "--label-tag out"
+            ) from None
+        if cfg.label_tag and len(self.dataset.classes) < 2 and self.dist.main:
+            log.warning(
+                "label_tag: every file has %s = %s; the linear probe needs two classes or more, so it is off",
+                cfg.label_tag,
+                self.dataset.classes,
+            )
+        # files left out: (path, reason), those found while indexing first; written to out/skipped.csv
+        self.skipped_files: dict[str, str] = dict(self.dataset.skipped_files)
         if len(self.dataset) < cfg.batch_size * self.dist.world:
             raise ValueError(
                 f"batch_size: {cfg.batch_size} x {self.dist.world} processes is more than the "
@@ -420,16 +493,14 @@ class Trainer:
     # -- data -----------------------------------------------------------------------------------------
     def _loader(self) -> Any:
         self.sampler.set_epoch(self.epoch, self.batch_in_epoch * self.cfg.batch_size)
-        from fm_engine.data import collate_frames
-
         return iter(
             torch.utils.data.DataLoader(
-                self.dataset,
+                ReportingDataset(self.dataset),
                 batch_size=self.cfg.batch_size,
                 sampler=self.sampler,
                 drop_last=True,
                 num_workers=self.cfg.workers,
-                collate_fn=collate_frames,
+                collate_fn=collate_reported,
                 pin_memory=self.device.type == "cuda",
                 persistent_workers=False,
                 # its own generator: creating the iterator must not draw from the global RNG (masks, dropout),
@@ -444,8 +515,25 @@ class Trainer:
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
             self._it = self._loader()
         batch = next(self._it)
+        if "error" in batch:  # on_error="raise": the one-line error of the file, whatever the workers
+            from fm_engine.data.dicom import DicomReadError
+
+            raise DicomReadError(*batch["error"])
+        for path, reason in batch.pop("skipped_files", []):
+            self.skipped_files.setdefault(path, reason)
         self.batch_in_epoch += 1
         return batch
+
+    def write_skipped(self) -> Path:
+        """``out/skipped.csv``: one row (file, reason) per file left out so far."""
+        path = self.out / "skipped.csv"
+        fd, tmp = tempfile.mkstemp(dir=self.out, prefix=".skipped.csv.")
+        with os.fdopen(fd, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["file", "reason"])
+            w.writerows(sorted(self.skipped_files.items()))
+        os.replace(tmp, path)
+        return path
 
     # -- checkpoints ----------------------------------------------------------------------------------
     def save_state(self) -> Path | None:
@@ -505,6 +593,7 @@ class Trainer:
                     "epoch": self.epoch,
                     "batch_in_epoch": self.batch_in_epoch,
                     "skipped": self.skipped,
+                    "skipped_files": sorted(self.skipped_files.items()),
                     "world_size": self.dist.world,
                     "optimizer": optim_state,
                     "scheduler": self.scheduler.state_dict(),
@@ -520,6 +609,7 @@ class Trainer:
                 shutil.rmtree(final)
             os.replace(tmp, final)
             _atomic_write_text(self.ckpt_dir / "latest", name + "\n")
+            self.write_skipped()
             # keep the newest keep_checkpoints of this run (by step number); `latest` names the newest
             done = _checkpoint_steps(self.ckpt_dir, self.run_id)
             for _, old in done[: -self.cfg.keep_checkpoints]:
@@ -593,6 +683,8 @@ class Trainer:
         # checkpoints written before run ids existed have none: the resumed run adopts the folder's name
         self.run_id = state.get("run_id") or f"legacy-{folder.name}"
         self.batch_in_epoch, self.skipped = state["batch_in_epoch"], state["skipped"]
+        for path, reason in state.get("skipped_files", []):
+            self.skipped_files.setdefault(path, reason)
         _set_rng_state(state["rng"][self.dist.rank], self.device, self.aug_gen)
 
     # options that may differ on resume without a word (output and progress), and those that cannot change
@@ -706,6 +798,7 @@ class Trainer:
                 move_run_aside(self.out)
             self.out.mkdir(parents=True, exist_ok=True)
             _atomic_write_text(self.out / "config.yaml", dump_config(cfg))
+            self.write_skipped()
         writer = (
             MetricsWriter(self.out, cfg.tensorboard, append=self.step > 0, keep_until=self.step)
             if self.dist.main
@@ -740,16 +833,17 @@ class Trainer:
             bar.close()
             if writer is not None:
                 writer.close()
+                self.write_skipped()
         return last
 
 
 def train_mjepa(cfg: TrainConfig) -> dict[str, Any]:
     """Build a :class:`Trainer` and run it; returns the last metrics row (with ``checkpoint``: the latest
-    checkpoint folder, and ``skipped_files``: the number of files left out)."""
+    checkpoint folder, and ``skipped_files``: the number of files left out, listed in ``out/skipped.csv``)."""
     trainer = Trainer(cfg)
     last = trainer.train()
     ckpt = latest_checkpoint(cfg.out)
     last["checkpoint"] = str(ckpt) if ckpt else None
-    last["skipped_files"] = len(trainer.dataset.skipped_files)
+    last["skipped_files"] = len(trainer.skipped_files)
     last["trainer"] = trainer
     return last

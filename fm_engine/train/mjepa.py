@@ -688,8 +688,8 @@ class Trainer:
         _set_rng_state(state["rng"][self.dist.rank], self.device, self.aug_gen)
 
     # options that may differ on resume without a word (output and progress), and those that cannot change
-    _RESUME_FREE = ("resume", "overwrite", "stop_after", "progress", "workers", "tensorboard", "log_every", "out")
-    _RESUME_FREE += ("checkpoint_every", "keep_checkpoints")
+    _RESUME_FREE: tuple[str, ...] = ("resume", "overwrite", "stop_after", "progress", "workers", "tensorboard")
+    _RESUME_FREE += ("log_every", "out", "checkpoint_every", "keep_checkpoints")
 
     def _check_resume_config(self, saved: dict[str, Any], folder: Path) -> dict[str, tuple[Any, Any]]:
         """Compare this run's options with the saved run's: ``steps`` / ``pct_start`` cannot change (the

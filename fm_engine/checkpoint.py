@@ -38,6 +38,15 @@ class LoadResult:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
+def follow_umask(path: str | os.PathLike[str]) -> None:
+    """Give a file or folder the mode a plain ``open`` / ``mkdir`` would have (0666 / 0777 less the umask).
+    safetensors writes 0600 files and ``tempfile`` makes 0600 / 0700 ones, which colleagues sharing the disk
+    could not read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~mask)
+
+
 def _jsonable(x: Any) -> Any:
     if isinstance(x, dict):
         return {str(k): _jsonable(v) for k, v in x.items()}
@@ -77,6 +86,7 @@ def save_checkpoint(
     }
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
     save_file(tensors, os.fspath(path), metadata={META_KEY: json.dumps(meta)})
+    follow_umask(path)
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:

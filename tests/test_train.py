@@ -235,7 +235,8 @@ def test_demo_job_reduced(tmp_path):
     summary = run_demo(tmp_path, count=8, steps=2, size=(64, 64), batch_size=2, progress=False, backend="reference")
     assert Path(summary["stage2 checkpoint"], "encoder.safetensors").is_file()
     assert "tensors copied" in summary["converted AViT"]
-    assert summary["stage1 probe accuracy"] is not None
+    assert summary["stage1 probe accuracy, training batch"] is not None
+    assert summary["stage1 probe accuracy, held-out images"] is not None
 
 
 def test_tuning_tables_logged_kept_and_checked_on_resume(data_dir, tmp_path, monkeypatch, caplog):

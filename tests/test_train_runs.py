@@ -279,3 +279,47 @@ def test_label_tag_problem_reported_as_one(data_dir, tmp_path):
     msg = one_line_error(cli("train", "--config", cfg))
     assert "label_tag (--label-tag)" in msg and "BodyPartThickness" in msg and "6 readable" in msg, msg
     assert "no readable DICOM image" not in msg
+
+
+# -- 6. seeing training -----------------------------------------------------------------------------------------
+def test_curves_memory_heldout_probe_and_umask(data_dir, tmp_path, monkeypatch):
+    import fm_engine.train.curves as curves
+
+    drawn = []
+    real = curves.plot_curves
+
+    def counting(csv_path, png):
+        drawn.append(steps_in(Path(csv_path))[-1])
+        return real(csv_path, png)
+
+    monkeypatch.setattr(curves, "plot_curves", counting)
+    probe = tmp_path / "probe"
+    write_demo_dataset(probe, count=4, size=(96, 72), seed=3, progress=False)
+    out = tmp_path / "run"
+    old = os.umask(0o027)
+    try:
+        train_mjepa(TrainConfig(**tiny(data_dir, out, checkpoint_every=2, probe_data=str(probe))).validate())
+    finally:
+        os.umask(old)
+    assert drawn == [2, 4, 4]  # at each checkpoint and at the end
+    png = (out / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    with open(out / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert all(float(r["memory_gib"]) > 0.01 for r in rows)  # a number (GiB), not text
+    held = [r["probe_acc_heldout"] for r in rows]
+    assert held[0] == "" and held[2] == "" and 0 <= float(held[1]) <= 1 and 0 <= float(held[3]) <= 1
+    # files and folders follow the umask (0o027: group may read), not tempfile's / safetensors' 0600 / 0700
+    for p in [out, *out.rglob("*")]:
+        mode = p.stat().st_mode & 0o777
+        assert mode == (0o750 if p.is_dir() else 0o640), (p, oct(mode))
+
+
+def test_training_extras_in_pyproject():
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    extras = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(d.startswith("matplotlib") for d in extras["train"])
+    assert any(d.startswith("pydicom") for d in extras["train"])
+    assert any(d.startswith("tensorboard") for d in extras["tensorboard"])

@@ -11,7 +11,7 @@ import sys
 import tempfile
 from typing import Any
 
-from fm_engine.train.config import FIELDS, TrainConfig, make_config, parse_override
+from fm_engine.train.config import FIELDS, TrainConfig, coerce, make_config, parse_override
 
 HELP = {
     "data": "folder (searched recursively) or file of DICOM images; series folders and multi-frame files "
@@ -24,6 +24,8 @@ HELP = {
     "precision": "DICOM intensity path: auto (uint16 + affine whenever exact, else fp32) | fp32",
     "modalities": "accepted Modality values (others are bad files), e.g. --modalities MG",
     "label_tag": "header keyword whose values train the linear-probe monitor (e.g. ViewPosition)",
+    "probe_data": "folder of labelled DICOM images kept out of training (needs --label-tag): the linear "
+    "probe's accuracy on them is measured at every checkpoint (probe_acc_heldout)",
     "on_error": "bad DICOM files: skip (left out and counted) | raise (stop with the file and the reason)",
     "workers": "DataLoader worker processes",
     "hflip": "probability of a horizontal flip",
@@ -126,7 +128,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from fm_engine.train.demo import run_demo as demo
 
     folder = args.demo_dir or tempfile.mkdtemp(prefix="fm_engine_demo_")
-    flags = {k: v for k, v in vars(args).items() if k in FIELDS}
+    flags = {k: coerce(k, v, str(FIELDS[k].type)) for k, v in vars(args).items() if k in FIELDS}
     if "size" in flags:  # the stage-1 (ViT) size; stage 2 runs at twice that
         from fm_engine.data.transforms import parse_size
 

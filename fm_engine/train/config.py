@@ -31,6 +31,7 @@ class TrainConfig:
     precision: str = "auto"  # DICOM path: auto (uint16 + affine when exact) | fp32
     modalities: list[str] | None = None  # accepted Modality values, None = any
     label_tag: str | None = None  # header keyword whose values train the linear-probe monitor
+    probe_data: str | None = None  # held-out labelled DICOM folder: probe accuracy measured at each checkpoint
     on_error: str = "skip"  # bad files: skip (counted) | raise
     workers: int = 2
     hflip: float = 0.5

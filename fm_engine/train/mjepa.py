@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 import torch.distributed as dist
 
+from fm_engine.checkpoint import follow_umask
 from fm_engine.train.config import TrainConfig, dump_config
 
 if TYPE_CHECKING:
@@ -114,10 +115,11 @@ def enable_activation_checkpointing(layers: Any) -> int:
     return n
 
 
-def _memory(device: torch.device) -> str:
+def _memory_gib(device: torch.device) -> float:
+    """Peak memory in GiB: CUDA memory allocated by torch on a GPU, the process's peak resident set on a CPU."""
     if device.type == "cuda":
-        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f}GiB"
-    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f}GiB rss"
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 class MetricsWriter:
@@ -274,7 +276,45 @@ def _atomic_write_text(path: Path, text: str) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+    follow_umask(tmp)
     os.replace(tmp, path)
+
+
+def check_size(cfg: TrainConfig) -> tuple[int, int]:
+    """The model input size (H, W) of ``cfg`` (``size``, else the model's registered size), checked against
+    the size rule before any data is read or written: each side a multiple of the patch, and the grid the
+    masks live on (the ViT's token grid, the AViT's pooled target grid) divisible by both coarsening factors.
+    ValueError naming ``--size`` (or the model arguments) otherwise. Builds the encoder on the meta device."""
+    import math
+
+    from fm_engine.data.transforms import parse_size
+    from fm_engine.models.registry import create_model, get_spec
+
+    spec = get_spec(cfg.model)
+    size = parse_size(cfg.size if cfg.size else spec.input_size)
+    try:
+        with torch.device("meta"):
+            enc: Any = create_model(cfg.model, **cfg.model_overrides)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"model_overrides (--override): {cfg.model} rejects {cfg.model_overrides}: {e}") from e
+    patch = int(enc.config["patch"])
+    coarsen = math.lcm(cfg.context_coarsen, cfg.target_coarsen)
+    grid = tuple(int(g) for g in enc.mask_grid(size))
+    tokens = tuple(s // patch for s in size)
+    if any(s % patch for s in size) or any(g % coarsen for g in grid):
+        step = patch * coarsen if grid == tokens else patch
+        fix = "x".join(str(-(-s // step) * step) for s in size)
+        rule = (
+            f"a multiple of patch x coarsening = {patch} x {coarsen} = {step}"
+            if grid == tokens
+            else f"a multiple of the patch {patch} (the pooled grid {grid} must divide by {coarsen})"
+        )
+        raise ValueError(
+            f"size (--size): {size[0]}x{size[1]} does not fit {cfg.model} with context_coarsen "
+            f"{cfg.context_coarsen} and target_coarsen {cfg.target_coarsen}: each side must be {rule}; "
+            f"e.g. --size {fix}"
+        )
+    return size
 
 
 class ReportingDataset(torch.utils.data.Dataset):
@@ -353,7 +393,6 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig) -> None:
         from fm_engine.data import AugmentConfig, DicomFrameDataset, ResumableSampler
-        from fm_engine.data.transforms import parse_size
         from fm_engine.models.registry import create_model, get_spec
         from fm_engine.ssl.mjepa import MJEPA
 
@@ -368,7 +407,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.set_float32_matmul_precision("medium")
         spec = get_spec(cfg.model)
-        self.size = parse_size(cfg.size if cfg.size else spec.input_size)  # a 2-D (H, W) or a clear error
+        self.size = check_size(cfg)  # a 2-D (H, W) that fits the model and the masks, or a clear error
         self.out = Path(cfg.out)
         self.ckpt_dir = self.out / "checkpoints"
 
@@ -400,6 +439,17 @@ class Trainer:
                 "label_tag: every file has %s = %s; the linear probe needs two classes or more, so it is off",
                 cfg.label_tag,
                 self.dataset.classes,
+            )
+        self.probe_set: Any = None
+        if cfg.probe_data:
+            if not cfg.label_tag:
+                raise ValueError("probe_data (--probe-data): a held-out probe needs --label-tag")
+            self.probe_set = DicomFrameDataset(
+                cfg.probe_data, self.size, label_tag=cfg.label_tag, progress=False, **data_kw
+            )
+            # the held-out folder's class indices -> the training set's (-1: a class training never saw)
+            self.probe_label_map = torch.tensor(
+                [self.dataset.classes.index(c) if c in self.dataset.classes else -1 for c in self.probe_set.classes]
             )
         # files left out: (path, reason), those found while indexing first; written to out/skipped.csv
         self.skipped_files: dict[str, str] = dict(self.dataset.skipped_files)
@@ -532,8 +582,32 @@ class Trainer:
             w = csv.writer(f)
             w.writerow(["file", "reason"])
             w.writerows(sorted(self.skipped_files.items()))
+        follow_umask(tmp)
         os.replace(tmp, path)
         return path
+
+    @torch.no_grad()
+    def heldout_probe_accuracy(self) -> float | None:
+        """Accuracy of the linear probe (on the EMA encoder's mean-pooled tokens, as in training) over every
+        example of ``probe_data`` whose class training knows; no augmentation. None without a probe set.
+        Every rank runs it (FSDP needs all ranks in the forward)."""
+        if self.probe_set is None or self.objective.probe is None:
+            return None
+        from fm_engine.data import collate_frames, stem_inputs
+
+        correct = total = 0
+        bs = self.cfg.batch_size
+        for start in range(0, len(self.probe_set), bs):
+            batch = collate_frames([self.probe_set[i] for i in range(start, min(start + bs, len(self.probe_set)))])
+            labels = self.probe_label_map[batch["label"]].to(self.device)
+            x, s, o = stem_inputs(batch["image"].to(self.device), batch["scale"], batch["offset"])
+            with torch.autocast(self.device.type, dtype=self.amp or torch.bfloat16, enabled=self.amp is not None):
+                feats = self.objective.ema_encoder(x, s, o)
+                pred = self.objective.probe(feats.mean(dim=1)).argmax(-1)
+            keep = labels >= 0
+            correct += int((pred[keep] == labels[keep]).sum())
+            total += int(keep.sum())
+        return correct / total if total else None
 
     # -- checkpoints ----------------------------------------------------------------------------------
     def save_state(self) -> Path | None:
@@ -560,6 +634,7 @@ class Trainer:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             name = f"step_{self.step:07d}"
             tmp = Path(tempfile.mkdtemp(dir=self.ckpt_dir, prefix=f".{name}."))
+            follow_umask(tmp)
             (tmp / "run_id").write_text(self.run_id + "\n")
             if model_state is None:
                 save_checkpoint(
@@ -577,6 +652,7 @@ class Trainer:
                 # full_state_dict=True: every value is a plain tensor
                 tensors = cast(dict[str, torch.Tensor], model_state)
                 save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "model.safetensors"))
+                follow_umask(tmp / "model.safetensors")
                 enc = {k[len("encoder.") :]: v.contiguous() for k, v in tensors.items() if k.startswith("encoder.")}
                 meta = {
                     "format_version": 1,
@@ -586,6 +662,7 @@ class Trainer:
                     "extra": {"step": self.step},
                 }
                 save_file(enc, str(tmp / "encoder.safetensors"), metadata={"fm_engine": json.dumps(meta)})
+                follow_umask(tmp / "encoder.safetensors")
             torch.save(
                 {
                     "version": STATE_VERSION,
@@ -781,7 +858,7 @@ class Trainer:
             lr=lr,
             grad_norm=float(gnorm),
             images_per_s=n_img * self.dist.world / dt,
-            memory=_memory(self.device),
+            memory_gib=_memory_gib(self.device),
             skipped=self.skipped + len(self.dataset.skipped_files),
         )
         return row
@@ -823,18 +900,42 @@ class Trainer:
                 while self.step < cfg.steps and (cfg.stop_after is None or run_steps < cfg.stop_after):
                     last = self._optimizer_step(params)
                     run_steps += 1
+                    at_checkpoint = self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps
+                    if self.probe_set is not None:  # a column of every row, measured at checkpoints
+                        last["probe_acc_heldout"] = self.heldout_probe_accuracy() if at_checkpoint else None
                     if writer is not None and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
                         writer.write(last)
                     bar.update(1)
-                    bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{last['images_per_s']:.1f}", mem=last["memory"])
-                    if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                    bar.set_postfix(
+                        loss=f"{last['loss']:.4f}",
+                        img_s=f"{last['images_per_s']:.1f}",
+                        mem=f"{last['memory_gib']:.2f}GiB",
+                    )
+                    if at_checkpoint:
                         self.save_state()
+                        if writer is not None:
+                            self.write_curves()
         finally:
             bar.close()
             if writer is not None:
                 writer.close()
                 self.write_skipped()
+                self.write_curves()
         return last
+
+    def write_curves(self) -> Path | None:
+        """``out/curves.png`` from ``out/metrics.csv`` (None, with one warning, without matplotlib)."""
+        from fm_engine.train.curves import plot_curves
+
+        if not (self.out / "metrics.csv").is_file():
+            return None
+        try:
+            return plot_curves(self.out / "metrics.csv", self.out / "curves.png")
+        except ImportError:
+            if not getattr(self, "_warned_curves", False):
+                log.warning("curves.png needs matplotlib: pip install 'fm_engine[train]'")
+                self._warned_curves = True
+            return None
 
 
 def train_mjepa(cfg: TrainConfig) -> dict[str, Any]:

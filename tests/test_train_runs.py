@@ -323,3 +323,72 @@ def test_training_extras_in_pyproject():
     assert any(d.startswith("matplotlib") for d in extras["train"])
     assert any(d.startswith("pydicom") for d in extras["train"])
     assert any(d.startswith("tensorboard") for d in extras["tensorboard"])
+
+
+# -- 7. smaller items -------------------------------------------------------------------------------------------
+def test_version_and_help_without_duplicated_defaults():
+    import re
+
+    import fm_engine
+
+    r = cli("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"fm_engine {fm_engine.__version__}", r.stdout + r.stderr
+    r = cli("train", "--help")
+    assert r.returncode == 0, r.stderr
+    text = " ".join(r.stdout.split())  # argparse wraps lines
+    blocks = re.split(r" (?=--[a-z])", text[text.index("options:") :])
+    for block in blocks:
+        assert block.count("default") <= 1, block
+    assert "(default: None)" not in text and "(default: the model's registered size)" in text
+
+
+def test_tune_op_on_a_cpu_names_what_needs_a_gpu():
+    r = subprocess.run(
+        [sys.executable, "-m", "fm_engine", "tune", "--op", "relu2", "--no-progress"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TRITON_INTERPRET": "0", "CUDA_VISIBLE_DEVICES": "", "FM_ENGINE_CACHE_DIR": "/nonexistent"},
+        timeout=300,
+        check=False,
+    )
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    assert "nothing to tune: pass --model" not in out
+    assert "relu2: runs here: reference; cannot run here:" in out and "triton (" in out and "relu2_mlp" in out
+
+
+def test_info_reports_optional_packages():
+    r = cli("info")
+    assert r.returncode == 0, r.stderr
+    for dist, enables in [
+        ("pydicom", "reading DICOM"),
+        ("pylibjpeg-libjpeg", "JPEG"),
+        ("pylibjpeg-openjpeg", "JPEG 2000"),
+        ("kornia", "fm_engine.augment"),
+        ("matplotlib", "curves.png"),
+        ("tensorboard", "--tensorboard"),
+    ]:
+        (line,) = [ln for ln in r.stdout.splitlines() if ln.split()[:1] == [dist]]
+        assert enables in line, line
+
+
+@pytest.mark.parametrize("cut", [None, 2000])
+def test_convert_avit_bad_file_one_line_error(tmp_path, cut):
+    from fm_engine.checkpoint import save_checkpoint
+    from fm_engine.models.registry import create_model
+
+    path = tmp_path / "enc.safetensors"
+    if cut is None:
+        path.write_text("not a checkpoint\n")
+    else:
+        save_checkpoint(path, create_model("vit-i1-p16-d512", **TINY), name="vit-i1-p16-d512")
+        path.write_bytes(path.read_bytes()[:cut])
+    avit = "vit-i1-p16-d512-a32_24"
+    msg = one_line_error(cli("convert-avit", "--checkpoint", str(path), "--model", avit, "--out", str(tmp_path / "o")))
+    assert str(path) in msg and "not a readable safetensors checkpoint" in msg, msg
+
+
+def test_demo_size_rule_checked_before_any_file(tmp_path):
+    msg = one_line_error(cli("train", "--demo", "--demo-dir", str(tmp_path / "demo"), "--size", "120x96"))
+    assert "size (--size): 120x96" in msg and "multiple of patch x coarsening" in msg and "128x96" in msg, msg
+    assert not (tmp_path / "demo" / "data").exists()

@@ -140,7 +140,8 @@ def _nothing_runs_here(ops: list[str], device: torch.device) -> str:
     lines = [f"nothing measured on {device.type}: no fast backend of {', '.join(ops)} runs here (the reference"]
     lines[0] += " is all automatic dispatch can pick, with or without a table)"
     for op in ops:
-        here, elsewhere = [], []
+        here: list[str] = []
+        elsewhere: list[str] = []
         for name, b in sorted(get_op(op).backends.items()):
             why = b.available()
             (here if why is None else elsewhere).append(name if why is None else f"{name} ({why})")

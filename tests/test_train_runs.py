@@ -392,3 +392,4 @@ def test_demo_size_rule_checked_before_any_file(tmp_path):
     msg = one_line_error(cli("train", "--demo", "--demo-dir", str(tmp_path / "demo"), "--size", "120x96"))
     assert "size (--size): 120x96" in msg and "multiple of patch x coarsening" in msg and "128x96" in msg, msg
     assert not (tmp_path / "demo" / "data").exists()
+

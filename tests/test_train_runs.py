@@ -393,3 +393,65 @@ def test_demo_size_rule_checked_before_any_file(tmp_path):
     assert "size (--size): 120x96" in msg and "multiple of patch x coarsening" in msg and "128x96" in msg, msg
     assert not (tmp_path / "demo" / "data").exists()
 
+
+# -- 2. install as written --------------------------------------------------------------------------------------
+def test_demo_without_pydicom_names_the_extra(tmp_path):
+    code = (
+        "import sys; sys.modules['pydicom'] = None\n"  # as if pydicom were not installed
+        "from fm_engine.cli import main\n"
+        f"sys.exit(main(['train', '--demo', '--demo-dir', {str(tmp_path / 'demo')!r}, '--no-progress']))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    msg = one_line_error(r)
+    assert "pydicom is not installed" in msg and ".[train]" in msg, msg
+
+
+def test_readme_drop_in_example_runs():
+    """The README's example of fm_engine.nn modules in one's own model runs as written."""
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "README.md").read_text()
+    section = text[text.index("### The drop-in modules in your own model") :]
+    code = section[section.index("```python\n") + len("```python\n") :]
+    code = code[: code.index("```")]
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)  # asserts fast path == reference itself
+    assert tuple(scope["tokens"].shape) == (2, 192, 256)
+
+
+def test_readme_install_lines_and_extras():
+    import re
+
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "README.md").read_text()
+    install = text[text.index("## Install") : text.index("## The main job")]
+    block = install[install.index("```bash\n") : install.index("```\n", install.index("```bash\n") + 7)]
+    lines = [ln.split("#")[0].strip() for ln in block.splitlines()[1:] if ln.strip()]
+    # the CPU-only route: PyTorch's CPU wheel index, before the package, said above the command
+    assert lines[0] == "pip install torch --index-url https://download.pytorch.org/whl/cpu"
+    assert "without an NVIDIA GPU" in install[: install.index("```bash")]
+    assert lines[1] == 'pip install -e ".[train]"' and lines[2] == "fm-engine train --demo"
+    extras = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for name in re.findall(r'"\.\[(\w+)\]"', install):
+        assert name in extras, name
+
+
+def test_readme_gpu_figures_are_the_committed_ones():
+    import json
+
+    root = Path(__file__).resolve().parents[1]
+    text = " ".join((root / "README.md").read_text().split())
+    run = root / "benchmarks" / "results" / "2026-11-30-h200"
+    assert "Project revision 86ff747" in (run / "README.md").read_text()
+    assert "benchmarks/results/2026-11-30-h200/" in text and "revision 86ff747" in text
+    rows = {
+        (r["backend"], bool(r.get("overrides"))): r
+        for r in json.loads((run / "models.json").read_text())
+        if r["model"] == "vit-i1-p16-d512-a32_24"
+    }
+    assert f"{rows[('reference', True)]['images_per_s']:.1f} images/s" in text  # 37.1
+    assert f"({rows[('reference', False)]['images_per_s']:.1f} images/s" in text  # 24.4
+    assert f"at {rows[('auto', True)]['images_per_s']:.1f} ({rows[('auto', False)]['images_per_s']:.1f})" in text
+    assert f"peaked at {rows[('reference', True)]['peak_gb']:.2f} GB" in text
+    assert f"{rows[('reference', False)]['peak_gb']:.2f} GB (model defaults)" in text

@@ -140,6 +140,10 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# optional packages training may need -> the pip extra that installs them
+EXTRAS = {"pydicom": "train", "matplotlib": "train", "pylibjpeg": "train", "tensorboard": "tensorboard"}
+
+
 def _reported(fn: Any) -> Any:
     """Bad options and bad data end with one line naming the argument or file and the reason (exit 2)."""
 
@@ -148,6 +152,15 @@ def _reported(fn: Any) -> Any:
             return int(fn(args))
         except (ValueError, KeyError) as e:
             msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+            print(f"error: {msg}", file=sys.stderr)
+            return 2
+        except ImportError as e:  # an optional package: name the extra that installs it
+            missing = e if isinstance(e, ModuleNotFoundError) else e.__cause__
+            name = (getattr(missing, "name", None) or "").split(".")[0]
+            if name not in EXTRAS:
+                raise
+            extra = EXTRAS[name]
+            msg = f"{name} is not installed: pip install -e '.[{extra}]' (or 'fm_engine[{extra}]')"
             print(f"error: {msg}", file=sys.stderr)
             return 2
 

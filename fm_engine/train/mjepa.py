@@ -399,7 +399,8 @@ class Trainer:
         self.cfg = cfg.validate()
         if not cfg.data:
             raise ValueError("data: a folder of DICOM files is required (or use --demo)")
-        check_run_folder(cfg)  # before any slow step: a clash with another run fails at once
+        if int(os.environ.get("RANK", "0")) == 0:  # rank 0 writes the folder (the others could see its files)
+            check_run_folder(cfg)  # before any slow step: a clash with another run fails at once
         self.run_id = uuid.uuid4().hex  # a resume takes the saved run's id; pruning touches only this id
         self.dist = setup_distributed("cuda" if (cfg.device != "cpu" and torch.cuda.is_available()) else "cpu")
         self.device = resolve_device(cfg, self.dist)

@@ -159,9 +159,18 @@ def run_args(a: argparse.Namespace) -> int:
                 if a.out:
                     harness.write_reports(result, a.out, chart_too=False)
         return 0
+    labels = a.backend
+    if a.model and not a.op and quick and device.type != "cuda":  # a CPU smoke test: seconds, not minutes
+        if not a.backend:
+            labels = ["reference", "auto"]
+            print("CPU smoke test: the compile label is left out (torch.compile takes minutes on a CPU; "
+                  "--backend compile runs it)")  # fmt: skip
+        if not a.setting:
+            settings = ("defaults",)
+            print("CPU smoke test: the model defaults only (--setting 'dropout 0' adds the other setting)")
     for name in a.model or []:
         cases += models.cases(name, device, quick, batch_size=a.batch, settings=settings)
-    harness.run(cases, device, quick, out_dir=a.out, labels=a.backend, budget_s=a.budget)
+    harness.run(cases, device, quick, out_dir=a.out, labels=labels, budget_s=a.budget)
     if a.out:
         print(f"wrote {a.out}/results.json, results.md")
     return 0

@@ -38,6 +38,15 @@ class LoadResult:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
+def follow_umask(path: str | os.PathLike[str]) -> None:
+    """Give a file or folder the mode a plain ``open`` / ``mkdir`` would have (0666 / 0777 less the umask).
+    safetensors writes 0600 files and ``tempfile`` makes 0600 / 0700 ones, which colleagues sharing the disk
+    could not read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~mask)
+
+
 def _jsonable(x: Any) -> Any:
     if isinstance(x, dict):
         return {str(k): _jsonable(v) for k, v in x.items()}
@@ -77,13 +86,25 @@ def save_checkpoint(
     }
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
     save_file(tensors, os.fspath(path), metadata={META_KEY: json.dumps(meta)})
+    follow_umask(path)
+
+
+def _unreadable(path: str | os.PathLike[str], e: Exception) -> ValueError:
+    what = "is not a readable safetensors checkpoint (a wrong or truncated file"
+    return ValueError(f"path: {os.fspath(path)} {what}: {e})")
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The ``fm_engine`` metadata of a checkpoint (empty for a foreign safetensors file)."""
-    with safe_open(os.fspath(path), framework="pt") as f:
-        raw = (f.metadata() or {}).get(META_KEY)
-    return json.loads(raw) if raw else {}
+    """The ``fm_engine`` metadata of a checkpoint (empty for a foreign safetensors file); ValueError naming
+    the file when it is not a readable safetensors file."""
+    if not os.path.isfile(path):
+        raise ValueError(f"path: {os.fspath(path)} does not exist or is not a file")
+    try:
+        with safe_open(os.fspath(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(META_KEY)
+        return json.loads(raw) if raw else {}
+    except Exception as e:  # safetensors raises its own SafetensorError (not an OSError / ValueError)
+        raise _unreadable(path, e) from None
 
 
 def load_checkpoint(
@@ -117,16 +138,19 @@ def load_checkpoint(
     own = model.state_dict()
     loaded: dict[str, torch.Tensor] = {}
     unexpected, mismatched = [], []
-    with safe_open(path, framework="pt") as f:
-        for key in f.keys():
-            if key not in own:
-                unexpected.append(key)
-                continue
-            t = f.get_tensor(key)
-            if t.shape != own[key].shape:
-                mismatched.append(f"{key}: file {tuple(t.shape)} vs model {tuple(own[key].shape)}")
-                continue
-            loaded[key] = t
+    try:
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():
+                if key not in own:
+                    unexpected.append(key)
+                    continue
+                t = f.get_tensor(key)
+                if t.shape != own[key].shape:
+                    mismatched.append(f"{key}: file {tuple(t.shape)} vs model {tuple(own[key].shape)}")
+                    continue
+                loaded[key] = t
+    except Exception as e:
+        raise _unreadable(path, e) from None
     missing = [k for k in own if k not in loaded and not any(m.startswith(k + ":") for m in mismatched)]
     problems = []
     if missing:

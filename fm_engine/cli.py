@@ -54,6 +54,9 @@ def _info(_: argparse.Namespace) -> int:
         print(f"  {t.origin:<8} {t.path}  {t.device_class or '?'}: {t.entries} buckets, {state}")
     if not any(t.device_class == here and t.problem is None for t in found):
         print(f"  none for {here}: automatic dispatch runs every op's reference (`fm-engine tune` measures)")
+    print("\noptional packages (pip extras in brackets):")
+    for line in optional_packages():
+        print("  " + line)
     print("\nop backends (implemented; 'available' = can run in this process):")
     for name, op in sorted(registered_ops().items()):
         cells = []
@@ -65,6 +68,41 @@ def _info(_: argparse.Namespace) -> int:
             cells.append(f"{b}: {'available' if why is None else 'not available (' + why + ')'}")
         print(f"  {name:<20} " + "; ".join(cells))
     return 0
+
+
+# (import name, distribution, pip extra, what it enables)
+OPTIONAL = (
+    ("pydicom", "pydicom", "train / dicom", "reading DICOM: fm_engine.data, fm-engine train (--demo included)"),
+    ("pylibjpeg", "pylibjpeg", "train / dicom", "DICOM codec plugin host for the compressed transfer syntaxes"),
+    ("libjpeg", "pylibjpeg-libjpeg", "train / dicom", "JPEG baseline / lossless and JPEG-LS compressed DICOM"),
+    ("openjpeg", "pylibjpeg-openjpeg", "train / dicom", "JPEG 2000 compressed DICOM"),
+    ("gdcm", "python-gdcm", "-", "GDCM codecs, another route to compressed DICOM"),
+    ("matplotlib", "matplotlib", "train / bench", "OUT/curves.png of training runs, benchmark charts"),
+    ("tensorboard", "tensorboard", "tensorboard", "fm-engine train --tensorboard"),
+    ("kornia", "kornia", "vision", "fm_engine.augment (MoCo / RadDiffusion augmentation recipes)"),
+    ("torchmetrics", "torchmetrics", "vision", "fm_engine.metrics (AUROC / AUPRC reports)"),
+    ("sklearn", "scikit-learn", "vision", "fm_engine.models.raddiffusion.evaluate (logistic-regression linear probe)"),
+)
+
+
+def optional_packages() -> list[str]:
+    """One line per optional package: installed version or "missing", the extra that installs it, and what
+    it enables (found without importing it)."""
+    import importlib.metadata
+    import importlib.util
+
+    lines = []
+    for module, dist, extra, what in OPTIONAL:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        try:
+            version = importlib.metadata.version(dist) if found else "missing"
+        except importlib.metadata.PackageNotFoundError:
+            version = "installed"
+        lines.append(f"{dist:<19} {version:<9} {'[' + extra + ']':<16} {what}")
+    return lines
 
 
 def _bench(a: argparse.Namespace) -> int:
@@ -82,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fm-engine",
         description="fm_engine: compiled kernels, modules and reference models for medical-imaging foundation models.",
     )
+    import fm_engine
+
+    p.add_argument("--version", action="version", version=f"fm_engine {fm_engine.__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     info = sub.add_parser("info", help="versions, CUDA extension, GPU, and the backends of every op")

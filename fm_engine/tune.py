@@ -158,6 +158,24 @@ def _cases(names: list[str], device: torch.device, quick: bool) -> list[Any]:
 _PEER_LABELS = ("compile", "compile-max")
 
 
+def _nothing_runs_here(ops: list[str], device: torch.device) -> str:
+    """Why ``fm-engine tune --op`` measured nothing on ``device``: per op, the backends that run here and those
+    that need something else (a GPU, or Triton's CPU interpreter), with the reason each one gives."""
+    lines = [f"nothing measured on {device.type}: no fast backend of {', '.join(ops)} runs here (the reference"]
+    lines[0] += " is all automatic dispatch can pick, with or without a table)"
+    for op in ops:
+        here: list[str] = []
+        elsewhere: list[str] = []
+        for name, b in sorted(get_op(op).backends.items()):
+            why = b.available()
+            (here if why is None else elsewhere).append(name if why is None else f"{name} ({why})")
+        no = "; ".join(elsewhere) or "none"
+        lines.append(f"  {op}: runs here: {', '.join(here) or 'none'}; cannot run here: {no}")
+    lines.append("run `fm-engine tune --op ...` on the GPU machine that will train (or TRITON_INTERPRET=1 to check")
+    lines[-1] += " the Triton path on a CPU; interpreter timings say nothing about GPU speed)"
+    return "\n".join(lines)
+
+
 def record_case_calls(case: Any, dry: bool = False) -> list[Call]:
     """The op calls of one benchmark case: each label that goes through the op runs once under a recorder
     (``dry``: stopped after validation, for meta tensors)."""
@@ -488,11 +506,15 @@ def cmd_tune(a: argparse.Namespace) -> int:
                 for name in a.model:
                     for setting in a.setting or ["defaults", "dropout 0"]:
                         calls += record_model_step(name, device, quick, a.batch, setting)
-            for case in _cases(a.op or [], device, quick):
+            cases = _cases(a.op or [], device, quick)
+            for case in cases:
                 calls += record_case_calls(case)
         except KeyboardInterrupt:
             print("interrupted while recording the op calls: nothing measured", file=sys.stderr)
             return 130
+        if not calls and cases:
+            print(_nothing_runs_here(sorted({c.op for c in cases}), device))
+            return 0
         if not calls:
             raise SystemExit("nothing to tune: pass --model NAME or --op NAME")
         src = f"fm-engine tune {' '.join(sys.argv[2:])}".strip()

@@ -229,13 +229,16 @@ def test_config_file_and_cli_flags(data_dir, tmp_path, capsys):
     assert main(["train", "--data", str(tmp_path / "nothing"), "--no-progress"]) == 2  # clear error, no traceback
 
 
-def test_demo_job_reduced(tmp_path):
+def test_demo_job_reduced(tmp_path, capfd):
     from fm_engine.train.demo import run_demo
 
     summary = run_demo(tmp_path, count=8, steps=2, size=(64, 64), batch_size=2, progress=False, backend="reference")
+    err = capfd.readouterr().err
+    assert "it/s" not in err and "file/s" not in err and "synthetic DICOM" not in err  # no progress bar at all
     assert Path(summary["stage2 checkpoint"], "encoder.safetensors").is_file()
     assert "tensors copied" in summary["converted AViT"]
-    assert summary["stage1 probe accuracy"] is not None
+    assert summary["stage1 probe accuracy, training batch"] is not None
+    assert summary["stage1 probe accuracy, held-out images"] is not None
 
 
 def test_tuning_tables_printed_kept_and_checked_on_resume(data_dir, tmp_path, monkeypatch, capsys):

@@ -205,7 +205,12 @@ def write_mr_cine(
 
 
 def write_demo_dataset(
-    folder: str | os.PathLike[str], *, count: int = 16, size: tuple[int, int] = (3072, 2304), seed: int = 0
+    folder: str | os.PathLike[str],
+    *,
+    count: int = 16,
+    size: tuple[int, int] = (3072, 2304),
+    seed: int = 0,
+    progress: bool = True,
 ) -> list[str]:
     """Write ``count`` mammograms (views alternate CC / MLO, laterality alternates every two) to ``folder``."""
     from tqdm.auto import tqdm
@@ -213,7 +218,7 @@ def write_demo_dataset(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for i in tqdm(range(count), desc="synthetic DICOM", unit="file", disable=count < 8, leave=False):
+    for i in tqdm(range(count), desc="synthetic DICOM", unit="file", disable=count < 8 or not progress, leave=False):
         view = "CC" if i % 2 == 0 else "MLO"
         lat = "L" if (i // 2) % 2 == 0 else "R"
         paths.append(

@@ -12,19 +12,21 @@ import tempfile
 from typing import Any
 
 from fm_engine.ops._dispatch import BACKENDS
-from fm_engine.train.config import FIELDS, TrainConfig, make_config, parse_override
+from fm_engine.train.config import FIELDS, TrainConfig, coerce, make_config, parse_override
 
 HELP = {
     "data": "folder (searched recursively) or file of DICOM images; series folders and multi-frame files "
     "give one example per slice / frame",
-    "size": "model input HxW, e.g. 512x384 (ViT) or 3072x2304 (AViT); images keep their aspect ratio and are "
-    "padded with 0 (black); default: the model's registered size",
+    "size": "model input HxW, e.g. 512x384 (ViT) or 3072x2304 (AViT), a multiple of patch x context coarsening "
+    "on each side; images keep their aspect ratio and are padded with 0 (black)",
     "voi": "VOI transform: auto (the file's VOI LUT, else its first window, else none) | lut | window | none | "
     "CENTER,WIDTH",
     "window_index": "which WindowCenter/WindowWidth pair voi=window/auto uses",
     "precision": "DICOM intensity path: auto (uint16 + affine whenever exact, else fp32) | fp32",
     "modalities": "accepted Modality values (others are bad files), e.g. --modalities MG",
     "label_tag": "header keyword whose values train the linear-probe monitor (e.g. ViewPosition)",
+    "probe_data": "folder of labelled DICOM images kept out of training (needs --label-tag): the linear "
+    "probe's accuracy on them is measured at every checkpoint (probe_acc_heldout)",
     "on_error": "bad DICOM files: skip (left out and counted) | raise (stop with the file and the reason)",
     "workers": "DataLoader worker processes",
     "hflip": "probability of a horizontal flip",
@@ -61,7 +63,10 @@ HELP = {
     "checkpoint_every": "write a checkpoint every N steps (and at the end)",
     "keep_checkpoints": "how many checkpoints to keep",
     "log_every": "write a metrics row every N steps",
-    "resume": "continue from out/checkpoints/latest (same data order and RNG streams)",
+    "resume": "continue the run in --out from out/checkpoints/latest (same data order and RNG streams); an "
+    "error when there is no checkpoint",
+    "overwrite": "when --out already holds a run, rename that folder to OUT.replaced-YYYYmmdd-HHMMSS (nothing is "
+    "deleted) and start a new run; without it (or --resume) a folder holding a run is refused",
     "stop_after": "stop after N steps of this run without writing a checkpoint (simulates a killed run)",
     "tensorboard": "also log to out/tensorboard (needs the tensorboard package)",
     "progress": "show progress bars",
@@ -79,18 +84,24 @@ CHOICES = {
 }
 
 
+# the "(default: ...)" text of options whose default is None (options missing here show none)
+DEFAULT_TEXT = {"size": "the model's registered size", "modalities": "any", "stop_after": "never"}
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
 def add_train_options(p: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field; defaults are SUPPRESSed so a config file's values survive."""
+    """One flag per TrainConfig field; defaults are SUPPRESSed so a config file's values survive. Values stay
+    text here: :meth:`TrainConfig.validate` converts and checks them, as it does a config file's."""
     defaults = TrainConfig()
-    for name, f in FIELDS.items():
+    for name in FIELDS:
         if name == "model_overrides":
             continue
         default = getattr(defaults, name)
-        help_ = f"{HELP[name]} (default: {default})"
+        shown = DEFAULT_TEXT.get(name, default)
+        help_ = HELP[name] if shown is None else f"{HELP[name]} (default: {shown})"
         kw: dict[str, Any] = dict(default=argparse.SUPPRESS, help=help_, dest=name)
         if isinstance(default, bool):
             p.add_argument(_flag(name), action=argparse.BooleanOptionalAction, **kw)
@@ -98,10 +109,6 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
             p.add_argument(_flag(name), choices=CHOICES[name], **kw)
         elif name == "modalities":
             p.add_argument(_flag(name), nargs="+", metavar="MODALITY", **kw)
-        elif f.type in ("int", "int | None") or isinstance(default, int):
-            p.add_argument(_flag(name), type=int, **kw)
-        elif isinstance(default, float):
-            p.add_argument(_flag(name), type=float, **kw)
         else:
             p.add_argument(_flag(name), type=str, **kw)
     p.add_argument(
@@ -126,7 +133,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from fm_engine.train.demo import run_demo as demo
 
     folder = args.demo_dir or tempfile.mkdtemp(prefix="fm_engine_demo_")
-    flags = {k: v for k, v in vars(args).items() if k in FIELDS}
+    flags = {k: coerce(k, v, str(FIELDS[k].type)) for k, v in vars(args).items() if k in FIELDS}
     if "size" in flags:  # the stage-1 (ViT) size; stage 2 runs at twice that
         from fm_engine.data.transforms import parse_size
 
@@ -138,6 +145,10 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# optional packages training may need -> the pip extra that installs them
+EXTRAS = {"pydicom": "train", "matplotlib": "train", "pylibjpeg": "train", "tensorboard": "tensorboard"}
+
+
 def _reported(fn: Any) -> Any:
     """Bad options and bad data end with one line naming the argument or file and the reason (exit 2)."""
 
@@ -146,6 +157,15 @@ def _reported(fn: Any) -> Any:
             return int(fn(args))
         except (ValueError, KeyError) as e:
             msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+            print(f"error: {msg}", file=sys.stderr)
+            return 2
+        except ImportError as e:  # an optional package: name the extra that installs it
+            missing = e if isinstance(e, ModuleNotFoundError) else e.__cause__
+            name = (getattr(missing, "name", None) or "").split(".")[0]
+            if name not in EXTRAS:
+                raise
+            extra = EXTRAS[name]
+            msg = f"{name} is not installed: pip install -e '.[{extra}]' (or 'fm_engine[{extra}]')"
             print(f"error: {msg}", file=sys.stderr)
             return 2
 
@@ -161,8 +181,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     last = train_mjepa(cfg)
     last.pop("trainer", None)
+    if "step" not in last:
+        print(f"nothing to do: the run in {cfg.out} has already done its {cfg.steps} steps")
+    skipped = last.pop("skipped_files", 0)
     if last:
         print("final: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in last.items()))
+    print(f"skipped files: {skipped}" + (f" (file and reason of each in {cfg.out}/skipped.csv)" if skipped else ""))
     return 0
 
 
@@ -186,9 +210,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "--config FILE (YAML or TOML, keys = the option names with _ instead of -) and the command line, which "
         "overrides the file. Multi-GPU: torchrun --nproc-per-node N -m fm_engine.cli train mjepa ... (DDP; "
         "--strategy fsdp for FSDP).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("objective", nargs="?", default="mjepa", choices=["mjepa"], help="pre-training objective")
+    p.add_argument("objective", nargs="?", default="mjepa", choices=["mjepa"], help="pre-training objective (mjepa)")
     p.add_argument("--config", help="YAML or TOML file of options (command-line flags override it)")
     p.add_argument(
         "--demo",

@@ -1,6 +1,9 @@
 """The embedded demo job (``fm-engine train --demo``): the two-stage MiT-UB recipe in miniature on CPU.
 
-1. write synthetic mammograms (MONOCHROME1, 12-bit, CC / MLO views) to ``folder/data``;
+1. write synthetic mammograms (MONOCHROME1, 12-bit, CC / MLO views) to ``folder/data``, and half as many
+   more to ``folder/probe``, held out of training: the linear probe (view position from the EMA encoder's
+   pooled tokens) is scored on them at every checkpoint (``probe_acc_heldout``; ``probe_acc`` is its
+   accuracy on the training batch it has just been trained on);
 2. stage 1: a tiny ViT (dim 64, depth 2, patch 8) pre-trained with M-JEPA at 128x96, with the view
    position as linear-probe label;
 3. ``convert-avit``: its encoder becomes a tiny AViT (target grid 8x6 = the ViT's token grid at 128x96);
@@ -42,6 +45,7 @@ def demo_configs(
         amp="fp32",
         checkpoint_every=max(steps // 2, 1),
         label_tag="ViewPosition",
+        probe_data=str(folder / "probe"),
         modalities=["MG"],
     )
     h, w = size
@@ -73,11 +77,18 @@ def run_demo(
     """Run the demo in ``folder``; returns a summary (losses, probe accuracy, checkpoints)."""
     from fm_engine.data.synthetic import write_demo_dataset
     from fm_engine.train.convert import convert_checkpoint
-    from fm_engine.train.mjepa import train_mjepa
+    from fm_engine.train.mjepa import check_run_folder, check_size, train_mjepa
 
     stage1, stage2, avit_path = demo_configs(folder, count=count, steps=steps, size=size, **flags)
-    assert stage1.data is not None, "demo_configs always sets data"
-    write_demo_dataset(stage1.data, count=count, size=(4 * size[0], 4 * size[1]), seed=stage1.seed)
+    assert stage1.data is not None and stage1.probe_data is not None, "demo_configs always sets them"
+    for cfg in (stage1, stage2):  # every option problem before a file is written
+        check_size(cfg)
+        check_run_folder(cfg)
+    big = (4 * size[0], 4 * size[1])
+    write_demo_dataset(stage1.data, count=count, size=big, seed=stage1.seed, progress=stage1.progress)
+    write_demo_dataset(
+        stage1.probe_data, count=max(count // 2, 2), size=big, seed=stage1.seed + 7919, progress=stage1.progress
+    )
     r1 = train_mjepa(stage1)
     r1.pop("trainer")
     conv = convert_checkpoint(
@@ -91,11 +102,14 @@ def run_demo(
     return {
         "data": stage1.data,
         "stage1 (ViT) loss": round(r1["loss"], 4),
-        "stage1 probe accuracy": r1.get("probe_acc"),
+        "stage1 probe accuracy, training batch": r1.get("probe_acc"),
+        "stage1 probe accuracy, held-out images": r1.get("probe_acc_heldout"),
         "stage1 checkpoint": r1["checkpoint"],
         "converted AViT": f"{avit_path} ({len(conv.copied)} tensors copied, {len(conv.new)} new)",
         "stage2 (AViT) loss": round(r2["loss"], 4),
-        "stage2 probe accuracy": r2.get("probe_acc"),
+        "stage2 probe accuracy, training batch": r2.get("probe_acc"),
+        "stage2 probe accuracy, held-out images": r2.get("probe_acc_heldout"),
         "stage2 checkpoint": r2["checkpoint"],
         "metrics": f"{stage1.out}/metrics.csv, {stage2.out}/metrics.csv",
+        "curves": f"{stage1.out}/curves.png, {stage2.out}/curves.png",
     }

@@ -35,16 +35,17 @@ import resource
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+import uuid
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
-import yaml
 
-from fm_engine.train.config import TrainConfig
+from fm_engine.checkpoint import follow_umask
+from fm_engine.train.config import TrainConfig, dump_config
 
 if TYPE_CHECKING:
     from torch.distributed.fsdp import FSDPModule
@@ -114,10 +115,11 @@ def enable_activation_checkpointing(layers: Any) -> int:
     return n
 
 
-def _memory(device: torch.device) -> str:
+def _memory_gib(device: torch.device) -> float:
+    """Peak memory in GiB: CUDA memory allocated by torch on a GPU, the process's peak resident set on a CPU."""
     if device.type == "cuda":
-        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f}GiB"
-    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f}GiB rss"
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 class MetricsWriter:
@@ -203,13 +205,169 @@ def latest_checkpoint(out: str | os.PathLike[str]) -> Path | None:
     return folder if folder.is_dir() else None
 
 
+# what a run writes into its output folder; a folder holding any of them holds a run
+RUN_FILES = ("config.yaml", "metrics.csv", "metrics.jsonl", "checkpoints", "curves.png", "skipped.csv", "tensorboard")
+
+
+def run_files(out: str | os.PathLike[str]) -> list[str]:
+    """The names of :data:`RUN_FILES` present in ``out`` (empty: no run there)."""
+    out = Path(out)
+    return [n for n in RUN_FILES if (out / n).exists()] if out.is_dir() else []
+
+
+def check_run_folder(cfg: TrainConfig) -> None:
+    """Refuse to mix two runs in one folder: without ``resume`` or ``overwrite`` a folder that holds a run is an
+    error; ``resume`` needs a checkpoint to continue from. Reads only (the move aside is :func:`move_run_aside`)."""
+    if cfg.resume and cfg.overwrite:
+        raise ValueError("resume: --resume continues the run in --out and --overwrite moves it aside; pass one")
+    found = run_files(cfg.out)
+    if cfg.resume:
+        latest = Path(cfg.out) / "checkpoints" / "latest"
+        if not latest.is_file():
+            raise ValueError(
+                f"resume: {cfg.out} holds no checkpoint to resume from ({latest} does not exist); "
+                "run without --resume to start a new run"
+                + (" (add --overwrite to move the files already there aside)" if found else "")
+            )
+        if latest_checkpoint(cfg.out) is None:
+            raise ValueError(f"resume: {latest} names {latest.read_text().strip()!r}, which is not a checkpoint folder")
+    elif found and not cfg.overwrite:
+        ckpts = sorted(p.name for p in (Path(cfg.out) / "checkpoints").glob("step_*"))
+        raise ValueError(
+            f"out: {cfg.out} already holds a run ({', '.join(found)}"
+            + (f"; checkpoints {ckpts[0]} .. {ckpts[-1]}" if ckpts else "")
+            + "); pass --resume to continue it, --overwrite to move it aside and start a new run, "
+            "or another --out"
+        )
+
+
+def move_run_aside(out: str | os.PathLike[str]) -> Path | None:
+    """Rename ``out`` (when it holds a run) to ``OUT.replaced-YYYYmmdd-HHMMSS[-N]`` next to it and recreate it
+    empty; returns the new name of the old run (None when there was nothing to move). Never deletes."""
+    out = Path(out)
+    if not run_files(out):
+        return None
+    if out.resolve() == Path.cwd().resolve():
+        raise ValueError(f"overwrite: cannot move the current directory {out} aside; pass another --out")
+    base = out.parent / f"{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside, n = base, 1
+    while aside.exists():
+        aside, n = Path(f"{base}-{n}"), n + 1
+    os.rename(out, aside)
+    out.mkdir(parents=True, exist_ok=True)
+    log.warning("overwrite: the run that was in %s is now in %s", out, aside)
+    return aside
+
+
+def _checkpoint_steps(ckpt_dir: Path, run_id: str) -> list[tuple[int, Path]]:
+    """(step, folder) of every complete checkpoint of run ``run_id`` under ``ckpt_dir``, by step."""
+    found = []
+    for p in ckpt_dir.glob("step_*"):
+        tag = p / "run_id"
+        if p.is_dir() and tag.is_file() and tag.read_text().strip() == run_id:
+            with contextlib.suppress(ValueError):
+                found.append((int(p.name[len("step_") :]), p))
+    return sorted(found)
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+    follow_umask(tmp)
     os.replace(tmp, path)
+
+
+def check_size(cfg: TrainConfig) -> tuple[int, int]:
+    """The model input size (H, W) of ``cfg`` (``size``, else the model's registered size), checked against
+    the size rule before any data is read or written: each side a multiple of the patch, and the grid the
+    masks live on (the ViT's token grid, the AViT's pooled target grid) divisible by both coarsening factors.
+    ValueError naming ``--size`` (or the model arguments) otherwise. Builds the encoder on the meta device."""
+    import math
+
+    from fm_engine.data.transforms import parse_size
+    from fm_engine.models.registry import create_model, get_spec
+
+    spec = get_spec(cfg.model)
+    size = parse_size(cfg.size if cfg.size else spec.input_size)
+    try:
+        with torch.device("meta"):
+            enc: Any = create_model(cfg.model, **cfg.model_overrides)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"model_overrides (--override): {cfg.model} rejects {cfg.model_overrides}: {e}") from e
+    patch = int(enc.config["patch"])
+    coarsen = math.lcm(cfg.context_coarsen, cfg.target_coarsen)
+    grid = tuple(int(g) for g in enc.mask_grid(size))
+    tokens = tuple(s // patch for s in size)
+    if any(s % patch for s in size) or any(g % coarsen for g in grid):
+        step = patch * coarsen if grid == tokens else patch
+        fix = "x".join(str(-(-s // step) * step) for s in size)
+        rule = (
+            f"a multiple of patch x coarsening = {patch} x {coarsen} = {step}"
+            if grid == tokens
+            else f"a multiple of the patch {patch} (the pooled grid {grid} must divide by {coarsen})"
+        )
+        raise ValueError(
+            f"size (--size): {size[0]}x{size[1]} does not fit {cfg.model} with context_coarsen "
+            f"{cfg.context_coarsen} and target_coarsen {cfg.target_coarsen}: each side must be {rule}; "
+            f"e.g. --size {fix}"
+        )
+    return size
+
+
+class ReportingDataset(torch.utils.data.Dataset):
+    """The training dataset as the DataLoader sees it: a bad file never raises inside a worker process (where
+    the DataLoader would wrap it in a long traceback). With ``on_error="raise"`` the example becomes an
+    ``error`` record (path, reason) that :meth:`Trainer._next_batch` raises as the same one-line
+    :class:`~fm_engine.data.dicom.DicomReadError` whatever the number of workers; with ``"skip"`` the example
+    carries ``skipped_files``: (path, reason) of every file passed over to reach it."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        from fm_engine.data.dicom import DicomReadError
+
+        try:
+            out = self.dataset[index]
+        except DicomReadError as e:
+            return {"error": (e.path, e.reason)}
+        n = int(out.get("skipped", 0))
+        if n:  # name the files passed over (rare: read them again for the reason)
+            out["skipped_files"] = [self._reason((index + k) % len(self)) for k in range(n)]
+        return out
+
+    def _reason(self, index: int) -> tuple[str, str]:
+        from fm_engine.data.dicom import DicomReadError
+
+        fi = self.dataset.frames[index][0]
+        path = self.dataset.files[fi]
+        try:
+            self.dataset._load(index)
+        except DicomReadError as e:
+            return (e.path, e.reason)
+        except Exception as e:  # not a DicomReadError: still name it
+            return (path, f"{type(e).__name__}: {e}")
+        return (path, "unreadable when first read")
+
+
+def collate_reported(
+    batch: list[dict[str, Any]], collate: Callable[[list[dict[str, Any]]], dict[str, Any]]
+) -> dict[str, Any]:
+    """``collate`` (the data source's: stored DICOM values or prepared examples) of :class:`ReportingDataset`
+    examples: the first ``error`` record, if any, instead of a batch; ``skipped_files`` as one list."""
+    errors = [b["error"] for b in batch if "error" in b]
+    if errors:
+        return {"error": errors[0]}
+    files = [f for b in batch for f in b.get("skipped_files", [])]
+    out: dict[str, Any] = collate([{k: v for k, v in b.items() if k != "skipped_files"} for b in batch])
+    out["skipped_files"] = files
+    return out
 
 
 def shard_fsdp(objective: torch.nn.Module, device: torch.device, world: int) -> torch.nn.Module:
@@ -234,39 +392,71 @@ class Trainer:
     _it: Iterator[dict[str, torch.Tensor]] | None
 
     def __init__(self, cfg: TrainConfig) -> None:
-        from fm_engine.data import AugmentConfig
-        from fm_engine.data.transforms import parse_size
+        from fm_engine.data import AugmentConfig, DicomFrameDataset
+        from fm_engine.data.train_data import open_training_data
         from fm_engine.models.registry import create_model, get_spec
         from fm_engine.ssl.mjepa import MJEPA
 
         self.cfg = cfg.validate()
         if not cfg.data:
             raise ValueError("data: a folder of DICOM files is required (or use --demo)")
+        if int(os.environ.get("RANK", "0")) == 0:  # rank 0 writes the folder (the others could see its files)
+            check_run_folder(cfg)  # before any slow step: a clash with another run fails at once
+        self.run_id = uuid.uuid4().hex  # a resume takes the saved run's id; pruning touches only this id
         self.dist = setup_distributed("cuda" if (cfg.device != "cpu" and torch.cuda.is_available()) else "cpu")
         self.device = resolve_device(cfg, self.dist)
         self.amp = amp_dtype(cfg, self.device)
         if self.device.type == "cuda":
             torch.set_float32_matmul_precision("medium")
         spec = get_spec(cfg.model)
-        self.size = parse_size(cfg.size if cfg.size else spec.input_size)  # a 2-D (H, W) or a clear error
+        self.size = check_size(cfg)  # a 2-D (H, W) that fits the model and the masks, or a clear error
         self.out = Path(cfg.out)
         self.ckpt_dir = self.out / "checkpoints"
 
-        from fm_engine.data.train_data import open_training_data
-
-        # a DICOM folder (workers read, the device transforms) or a prepared dataset (fm-engine prepare)
-        self.data = open_training_data(
-            cfg.data,
-            self.size,
+        data_kw: dict[str, Any] = dict(
             voi=cfg.voi_choice(),
             window_index=cfg.window_index,
             precision=cfg.precision,
             modalities=cfg.modalities,
-            label_tag=cfg.label_tag,
             on_error=cfg.on_error,
-            progress=cfg.progress and self.dist.main,
         )
+        try:
+            # a DICOM folder (workers read, the device transforms) or a prepared dataset (fm-engine prepare)
+            self.data = open_training_data(
+                cfg.data, self.size, label_tag=cfg.label_tag, progress=cfg.progress and self.dist.main, **data_kw
+            )
+        except ValueError as e:
+            if not cfg.label_tag or not str(e).startswith("data: no readable DICOM image"):
+                raise
+            try:  # readable without the label tag? then the label tag is the problem
+                n = len(DicomFrameDataset(cfg.data, self.size, progress=False, **data_kw).files)
+            except ValueError:
+                raise e from None
+            raise ValueError(
+                f"label_tag (--label-tag): none of the {n} readable DICOM files under {cfg.data} has a "
+                f"{cfg.label_tag} value; name a header keyword the files carry (e.g. ViewPosition) or leave "
+                "--label-tag out"
+            ) from None
         self.dataset = self.data.dataset
+        if cfg.label_tag and len(self.dataset.classes) < 2 and self.dist.main:
+            log.warning(
+                "label_tag: every file has %s = %s; the linear probe needs two classes or more, so it is off",
+                cfg.label_tag,
+                self.dataset.classes,
+            )
+        self.probe_set: Any = None
+        if cfg.probe_data:
+            if not cfg.label_tag:
+                raise ValueError("probe_data (--probe-data): a held-out probe needs --label-tag")
+            self.probe_set = DicomFrameDataset(
+                cfg.probe_data, self.size, label_tag=cfg.label_tag, progress=False, **data_kw
+            )
+            # the held-out folder's class indices -> the training set's (-1: a class training never saw)
+            self.probe_label_map = torch.tensor(
+                [self.dataset.classes.index(c) if c in self.dataset.classes else -1 for c in self.probe_set.classes]
+            )
+        # files left out: (path, reason), those found while indexing first; written to out/skipped.csv
+        self.skipped_files: dict[str, str] = dict(self.dataset.skipped_files)
         if len(self.dataset) < cfg.batch_size * self.dist.world:
             raise ValueError(
                 f"batch_size: {cfg.batch_size} x {self.dist.world} processes is more than the "
@@ -282,7 +472,10 @@ class Trainer:
         self.augment = AugmentConfig(cfg.hflip, cfg.vflip, cfg.brightness, cfg.contrast)
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        encoder = create_model(cfg.model, **cfg.model_overrides)
+        try:
+            encoder = create_model(cfg.model, **cfg.model_overrides)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"model_overrides (--override): {cfg.model} rejects {cfg.model_overrides}: {e}") from e
         if cfg.init:
             from fm_engine.checkpoint import load_checkpoint
 
@@ -370,12 +563,12 @@ class Trainer:
         self.sampler.set_epoch(self.epoch, self.batch_in_epoch * self.cfg.batch_size)
         return iter(
             torch.utils.data.DataLoader(
-                self.dataset,
+                ReportingDataset(self.dataset),
                 batch_size=self.cfg.batch_size,
                 sampler=self.sampler,
                 drop_last=True,
                 num_workers=self.cfg.workers,
-                collate_fn=self.data.collate,
+                collate_fn=functools.partial(collate_reported, collate=self.data.collate),
                 pin_memory=self.device.type == "cuda",
                 persistent_workers=False,
                 # its own generator: creating the iterator must not draw from the global RNG (masks, dropout),
@@ -390,8 +583,49 @@ class Trainer:
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
             self._it = self._loader()
         batch = next(self._it)
+        if "error" in batch:  # on_error="raise": the one-line error of the file, whatever the workers
+            from fm_engine.data.dicom import DicomReadError
+
+            raise DicomReadError(*batch["error"])
+        for path, reason in batch.pop("skipped_files", []):
+            self.skipped_files.setdefault(path, reason)
         self.batch_in_epoch += 1
         return batch
+
+    def write_skipped(self) -> Path:
+        """``out/skipped.csv``: one row (file, reason) per file left out so far."""
+        path = self.out / "skipped.csv"
+        fd, tmp = tempfile.mkstemp(dir=self.out, prefix=".skipped.csv.")
+        with os.fdopen(fd, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["file", "reason"])
+            w.writerows(sorted(self.skipped_files.items()))
+        follow_umask(tmp)
+        os.replace(tmp, path)
+        return path
+
+    @torch.no_grad()
+    def heldout_probe_accuracy(self) -> float | None:
+        """Accuracy of the linear probe (on the EMA encoder's mean-pooled tokens, as in training) over every
+        example of ``probe_data`` whose class training knows; no augmentation. None without a probe set.
+        Every rank runs it (FSDP needs all ranks in the forward)."""
+        if self.probe_set is None or self.objective.probe is None:
+            return None
+        from fm_engine.data import collate_frames, stem_inputs
+
+        correct = total = 0
+        bs = self.cfg.batch_size
+        for start in range(0, len(self.probe_set), bs):
+            batch = collate_frames([self.probe_set[i] for i in range(start, min(start + bs, len(self.probe_set)))])
+            labels = self.probe_label_map[batch["label"]].to(self.device)
+            x, s, o = stem_inputs(batch["image"].to(self.device), batch["scale"], batch["offset"])
+            with torch.autocast(self.device.type, dtype=self.amp or torch.bfloat16, enabled=self.amp is not None):
+                feats = self.objective.ema_encoder(x, s, o)
+                pred = self.objective.probe(feats.mean(dim=1)).argmax(-1)
+            keep = labels >= 0
+            correct += int((pred[keep] == labels[keep]).sum())
+            total += int(keep.sum())
+        return correct / total if total else None
 
     # -- checkpoints ----------------------------------------------------------------------------------
     def save_state(self) -> Path | None:
@@ -418,6 +652,8 @@ class Trainer:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             name = f"step_{self.step:07d}"
             tmp = Path(tempfile.mkdtemp(dir=self.ckpt_dir, prefix=f".{name}."))
+            follow_umask(tmp)
+            (tmp / "run_id").write_text(self.run_id + "\n")
             if model_state is None:
                 save_checkpoint(
                     tmp / "model.safetensors",
@@ -434,6 +670,7 @@ class Trainer:
                 # full_state_dict=True: every value is a plain tensor
                 tensors = cast(dict[str, torch.Tensor], model_state)
                 save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "model.safetensors"))
+                follow_umask(tmp / "model.safetensors")
                 enc = {k[len("encoder.") :]: v.contiguous() for k, v in tensors.items() if k.startswith("encoder.")}
                 meta = {
                     "format_version": 1,
@@ -443,6 +680,7 @@ class Trainer:
                     "extra": {"step": self.step},
                 }
                 save_file(enc, str(tmp / "encoder.safetensors"), metadata={"fm_engine": json.dumps(meta)})
+                follow_umask(tmp / "encoder.safetensors")
             torch.save(
                 {
                     "version": STATE_VERSION,
@@ -450,41 +688,48 @@ class Trainer:
                     "epoch": self.epoch,
                     "batch_in_epoch": self.batch_in_epoch,
                     "skipped": self.skipped,
+                    "skipped_files": sorted(self.skipped_files.items()),
                     "world_size": self.dist.world,
                     "optimizer": optim_state,
                     "scheduler": self.scheduler.state_dict(),
                     "rng": all_rng,
                     "config": self.cfg.to_dict(),
+                    "run_id": self.run_id,
                     "tuning": self.tuning,
                 },
                 tmp / "state.pt",
             )
             final = self.ckpt_dir / name
-            if final.exists():
+            if final.exists():  # this run's own checkpoint of this step (a resume repeats it)
                 shutil.rmtree(final)
             os.replace(tmp, final)
             _atomic_write_text(self.ckpt_dir / "latest", name + "\n")
-            done = sorted(p for p in self.ckpt_dir.glob("step_*") if p.is_dir())
-            for old in done[: -self.cfg.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
+            self.write_skipped()
+            # keep the newest keep_checkpoints of this run (by step number); `latest` names the newest
+            done = _checkpoint_steps(self.ckpt_dir, self.run_id)
+            for _, old in done[: -self.cfg.keep_checkpoints]:
+                if old != final:
+                    shutil.rmtree(old, ignore_errors=True)
             path = final
         if self.dist.world > 1:
             dist.barrier()
         return path
 
     def load_state(self) -> None:
-        """Restore the latest checkpoint under ``out`` (nothing to do when there is none)."""
+        """Restore the latest checkpoint under ``out`` (ValueError when there is none)."""
         from safetensors.torch import load_file
 
         folder = latest_checkpoint(self.out)
         if folder is None:
-            return
+            raise ValueError(f"resume: {self.out} holds no checkpoint to resume from")
         state = torch.load(folder / "state.pt", map_location="cpu", weights_only=False)
         if state.get("world_size", 1) != self.dist.world:
             raise ValueError(
                 f"resume: {folder} was written by {state['world_size']} processes, this run has "
                 f"{self.dist.world} (the data order would differ)"
             )
+        saved_cfg = state.get("config", {})
+        changed = self._check_resume_config(saved_cfg, folder)
         weights = load_file(str(folder / "model.safetensors"))
         if self.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
@@ -516,8 +761,62 @@ class Trainer:
                 stacklevel=2,
             )
         self.step, self.epoch = state["step"], state["epoch"]
+        if "lr" in changed:  # every one-cycle value is proportional to the peak: rescale the saved schedule
+            ratio = self.cfg.lr / float(saved_cfg["lr"])
+            for g in self.optimizer.param_groups:
+                for key in ("lr", "initial_lr", "max_lr", "min_lr"):
+                    if key in g:
+                        g[key] *= ratio
+            self.scheduler.base_lrs = [b * ratio for b in self.scheduler.base_lrs]
+            self.scheduler._last_lr = [float(g["lr"]) for g in self.optimizer.param_groups]  # type: ignore[attr-defined]
+        if "weight_decay" in changed:
+            for g in self.optimizer.param_groups:
+                if g.get("weight_decay", 0.0) > 0:
+                    g["weight_decay"] = self.cfg.weight_decay
+        if "batch_size" in changed:  # the data position is kept in examples: batches of the new size from there
+            state["batch_in_epoch"] = state["batch_in_epoch"] * int(saved_cfg["batch_size"]) // self.cfg.batch_size
+        # checkpoints written before run ids existed have none: the resumed run adopts the folder's name
+        self.run_id = state.get("run_id") or f"legacy-{folder.name}"
         self.batch_in_epoch, self.skipped = state["batch_in_epoch"], state["skipped"]
+        for path, reason in state.get("skipped_files", []):
+            self.skipped_files.setdefault(path, reason)
         _set_rng_state(state["rng"][self.dist.rank], self.device, self.aug_gen)
+
+    # options that may differ on resume without a word (output and progress), and those that cannot change
+    _RESUME_FREE: tuple[str, ...] = ("resume", "overwrite", "stop_after", "progress", "workers", "tensorboard")
+    _RESUME_FREE += ("log_every", "out", "checkpoint_every", "keep_checkpoints")
+
+    def _check_resume_config(self, saved: dict[str, Any], folder: Path) -> dict[str, tuple[Any, Any]]:
+        """Compare this run's options with the saved run's: ``steps`` / ``pct_start`` cannot change (the
+        one-cycle schedule is fixed at the start: ValueError saying how to train on); any other difference
+        overrides the saved value and is warned about. Returns {option: (saved, now)}."""
+        now = self.cfg.to_dict()
+        changed = {
+            k: (saved[k], now[k])
+            for k in now
+            if k in saved and k not in self._RESUME_FREE and k != "data" and saved[k] != now[k]
+        }
+        if saved.get("data") is not None and os.path.abspath(str(saved["data"])) != os.path.abspath(str(now["data"])):
+            changed["data"] = (saved["data"], now["data"])
+        for k in ("steps", "pct_start"):
+            if k in changed:
+                raise ValueError(
+                    f"{k} (--{k.replace('_', '-')}): the run in {self.out} was planned with {k} {changed[k][0]} "
+                    f"and its one-cycle schedule is fixed at the start, so --resume cannot change it to "
+                    f"{changed[k][1]}. To train on, start a new run from its weights: --init "
+                    f"{folder / 'encoder.safetensors'} --out NEW_FOLDER --{k.replace('_', '-')} {changed[k][1]} "
+                    "(a fresh one-cycle schedule)"
+                )
+        if changed and self.dist.main:
+            import warnings
+
+            text = ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in changed.items()))
+            warnings.warn(
+                f"resume: these options override the saved run's values: {text} (the resumed run is no longer "
+                "the one an uninterrupted run would have been)",
+                stacklevel=3,
+            )
+        return changed
 
     # -- loop -----------------------------------------------------------------------------------------
     def _update_ema(self) -> None:
@@ -566,7 +865,7 @@ class Trainer:
         gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip)  # FSDP: DTensor grads, norm over all shards
         if hasattr(gnorm, "full_tensor"):
             gnorm = gnorm.full_tensor()
-        lr = self.scheduler.get_last_lr()[0]
+        lr = float(self.optimizer.param_groups[0]["lr"])  # the lr this step uses
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -579,7 +878,7 @@ class Trainer:
             lr=lr,
             grad_norm=float(gnorm),
             images_per_s=n_img * self.dist.world / dt,
-            memory=_memory(self.device),
+            memory_gib=_memory_gib(self.device),
             skipped=self.skipped + len(self.dataset.skipped_files),
         )
         return row
@@ -592,9 +891,11 @@ class Trainer:
 
         cfg = self.cfg
         if self.dist.main:
+            if cfg.overwrite and not cfg.resume:
+                move_run_aside(self.out)
             self.out.mkdir(parents=True, exist_ok=True)
-            with open(self.out / "config.yaml", "w") as f:
-                yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+            _atomic_write_text(self.out / "config.yaml", dump_config(cfg))
+            self.write_skipped()
         writer = (
             MetricsWriter(self.out, cfg.tensorboard, append=self.step > 0, keep_until=self.step)
             if self.dist.main
@@ -619,26 +920,51 @@ class Trainer:
                 while self.step < cfg.steps and (cfg.stop_after is None or run_steps < cfg.stop_after):
                     last = self._optimizer_step(params)
                     run_steps += 1
+                    at_checkpoint = self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps
+                    if self.probe_set is not None:  # a column of every row, measured at checkpoints
+                        last["probe_acc_heldout"] = self.heldout_probe_accuracy() if at_checkpoint else None
                     if writer is not None and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
                         writer.write(last)
                     bar.update(1)
-                    bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{last['images_per_s']:.1f}", mem=last["memory"])
-                    if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                    bar.set_postfix(
+                        loss=f"{last['loss']:.4f}",
+                        img_s=f"{last['images_per_s']:.1f}",
+                        mem=f"{last['memory_gib']:.2f}GiB",
+                    )
+                    if at_checkpoint:
                         self.save_state()
+                        if writer is not None:
+                            self.write_curves()
         finally:
             bar.close()
             if writer is not None:
                 writer.close()
+                self.write_skipped()
+                self.write_curves()
         return last
+
+    def write_curves(self) -> Path | None:
+        """``out/curves.png`` from ``out/metrics.csv`` (None, with one warning, without matplotlib)."""
+        from fm_engine.train.curves import plot_curves
+
+        if not (self.out / "metrics.csv").is_file():
+            return None
+        try:
+            return plot_curves(self.out / "metrics.csv", self.out / "curves.png")
+        except ImportError:
+            if not getattr(self, "_warned_curves", False):
+                log.warning("curves.png needs matplotlib: pip install 'fm_engine[train]'")
+                self._warned_curves = True
+            return None
 
 
 def train_mjepa(cfg: TrainConfig) -> dict[str, Any]:
     """Build a :class:`Trainer` and run it; returns the last metrics row (with ``checkpoint``: the latest
-    checkpoint folder, and ``skipped_files``: the number of files left out)."""
+    checkpoint folder, and ``skipped_files``: the number of files left out, listed in ``out/skipped.csv``)."""
     trainer = Trainer(cfg)
     last = trainer.train()
     ckpt = latest_checkpoint(cfg.out)
     last["checkpoint"] = str(ckpt) if ckpt else None
-    last["skipped_files"] = len(trainer.dataset.skipped_files)
+    last["skipped_files"] = len(trainer.skipped_files)
     last["trainer"] = trainer
     return last

@@ -1,4 +1,4 @@
-"""Pooled grouped-query cross-attention benchmarks (KERNELS.md K4), at the AViT shape.
+"""Pooled grouped-query cross-attention benchmarks (docs/KERNELS.md K4), at the AViT shape.
 
 q [B, Hq, Nq, D], k / v [B, Hkv, Nk, D]; AViT: Nq 768, Nk 27,648, Hq 8, Hkv 4, D 64, bf16, B 1 / 4 / 8.
   FLOP  fwd = 4·B·Hq·Nq·Nk·D            (QKᵀ and PV)

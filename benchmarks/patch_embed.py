@@ -1,4 +1,4 @@
-"""Full-precision stem benchmarks (KERNELS.md K5), at the AViT shape.
+"""Full-precision stem benchmarks (docs/KERNELS.md K5), at the AViT shape.
 
 image [B, C, H, W] uint16, patch p, T_conv = (H/p)·(W/p) conv tokens, K = C·p², output T tokens of width D.
 AViT: B 1 / 4, 1 x 3072 x 2304, p 16 (T_conv 27,648, K 256); query path D 512 pooled to 32 x 24

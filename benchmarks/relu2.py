@@ -1,4 +1,4 @@
-"""ReLU² benchmarks (KERNELS.md K3): the element-wise relu2 and the ReLU² MLP.
+"""ReLU² benchmarks (docs/KERNELS.md K3): the element-wise relu2 and the ReLU² MLP.
 
 relu2_mlp, tokens M, widths D -> H -> D; labels: reference (eager), compile, compile-max (torch.compile
 max-autotune, which K3's target names), triton (fused GEMMs), hybrid (cuBLAS GEMMs + Triton element-wise

@@ -1,4 +1,4 @@
-"""ST-CNNT temporal attention benchmarks (KERNELS.md K2) on [B, T, C, H, W].
+"""ST-CNNT temporal attention benchmarks (docs/KERNELS.md K2) on [B, T, C, H, W].
 
 Shapes: the production MRI shape (B 16, T 12, C 32, 64x64, 32 heads, stride_t 2: Q/K at 32x32, so
 D_qk = 1024 and D_v = 4096 per head), cosine scores, causal and not, bf16 and fp32; T 64 (B 4) in bf16.

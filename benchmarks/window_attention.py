@@ -1,4 +1,4 @@
-"""ST-CNNT local / global attention benchmarks (KERNELS.md K1) on [B, T, C, H, W].
+"""ST-CNNT local / global attention benchmarks (docs/KERNELS.md K1) on [B, T, C, H, W].
 
 Shapes: the production MRI shape (B 16, T 12, C 32, 64x64, window 8, patch 2, 32 heads: hc 4, cosine, no
 bias), local and global, bf16 and fp32; the parser-default shape (window 64, patch 16, 32 heads: hc 256,

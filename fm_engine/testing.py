@@ -1,7 +1,7 @@
-"""Test support: the parity rule of KERNELS.md, the Triton interpreter patch, and stand-in spill reports
+"""Test support: the parity rule of docs/KERNELS.md, the Triton interpreter patch, and stand-in spill reports
 for the autotuner's register-spill check (:func:`reported_spills`).
 
-Parity rule (KERNELS.md, "Numerics and the parity rule"): compare the fast backend and the
+Parity rule (docs/KERNELS.md, "Numerics and the parity rule"): compare the fast backend and the
 reference computed in the same low precision against a reference computed in fp64 on upcast
 inputs. For fp16 / bf16 the fast backend's max abs error must be at most
 
@@ -239,7 +239,7 @@ def interpreter_unusable_reason(triton_version: str | None = None, numpy_version
 
     Triton 3.6 and older call ``int()`` on 1-element arrays inside the interpreter, which new numpy refuses
     (``TypeError: only 0-dimensional arrays can be converted to Python scalars``, seen with numpy 2.4 and
-    2.5), so every interpreted kernel fails; ARCHITECTURE.md pins numpy < 2.3 for Triton 3.6's interpreter.
+    2.5), so every interpreted kernel fails; docs/ARCHITECTURE.md pins numpy < 2.3 for Triton 3.6's interpreter.
     Newer Triton converts explicitly (3.8 with numpy 2.4, CI's newest leg, and 3.9 are known to work). The versions
     default to the installed ones.
     """

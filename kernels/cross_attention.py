@@ -1,4 +1,4 @@
-"""Triton kernels for grouped-query cross-attention (KERNELS.md K4), not causal, Nq != Nk.
+"""Triton kernels for grouped-query cross-attention (docs/KERNELS.md K4), not causal, Nq != Nk.
 
 q: [B, Hq, Nq, D]; k, v: [B, Hkv, Nk, D]; query head h reads KV head h // (Hq // Hkv). D is a power
 of two in 16..128. fp16 / bf16 use tensor-core dots with fp32 accumulation; fp32 uses ieee dots

@@ -1,4 +1,4 @@
-"""Triton kernels for the full-precision stem (KERNELS.md K5, MODELS.md 1.2 / 1.4).
+"""Triton kernels for the full-precision stem (docs/KERNELS.md K5, docs/MODELS.md 1.2 / 1.4).
 
 fp32 products on tensor cores: the 3xTF32 split
 -----------------------------------------------

@@ -110,7 +110,7 @@ def device() -> torch.device:
 def no_tf32() -> Iterator[None]:
     """fp32 matrix products and cuDNN convolutions in full fp32 during the test. PyTorch lets cuDNN use TF32
     by default on a GPU, which would put errors of 1e-3 into the eager (non-op) layers of both runs of a model
-    parity test; KERNELS.md's fp32 rule is 1e-5. No effect on a CPU."""
+    parity test; docs/KERNELS.md's fp32 rule is 1e-5. No effect on a CPU."""
     prev = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:

@@ -1,4 +1,4 @@
-"""cross_attention (KERNELS.md K4): Triton backend vs the reference, outputs and every gradient.
+"""cross_attention (docs/KERNELS.md K4): Triton backend vs the reference, outputs and every gradient.
 
 Sequence lengths are written for the interpreter's 16-key tiles (kernels/cross_attention.py): 1, 15, 16,
 17, 33 cover single, partial and multiple tiles, and the forward / dQ key splits (up to 3 in the

@@ -23,7 +23,7 @@ from fm_engine.models.mitub import (
 )
 from fm_engine.models.registry import get_spec
 
-# the table of MODELS.md 1.1: name -> (in_ch, dim, patch, depth, heads, kv_heads, head_dim, AViT part, input size)
+# the table of docs/MODELS.md 1.1: name -> (in_ch, dim, patch, depth, heads, kv_heads, head_dim, AViT part, input size)
 TABLE = {
     "vit-i1-p16-d512": (1, 512, 16, 12, 8, 4, 64, None, (512, 384)),
     "vit-i1-p16-d512-a16_12": (1, 512, 16, 12, 8, 4, 64, (256, (16, 12), 4), (3072, 2304)),
@@ -47,7 +47,7 @@ def _reference_ops():
 
 
 def expected_params(in_ch, dim, patch, depth, heads, kv_heads, head_dim, avit) -> int:
-    """Parameter count written out from MODELS.md 1.1-1.4."""
+    """Parameter count written out from docs/MODELS.md 1.1-1.4."""
     stem = dim * in_ch * patch * patch + dim + 2 * dim + 3 * dim  # conv (+bias), LayerNorm, Linear(2, dim)
     attn = dim * heads * head_dim * 2 + 2 * dim * kv_heads * head_dim  # q, out; k, v
     mlp = 2 * dim * 4 * dim
@@ -300,7 +300,7 @@ def test_reduced_sizes_keep_grids_divisible():
             assert math.prod(grid) > 0
 
 
-# --- the AViT's context keys/values (MODELS.md 1.5 step 4) ------------------------------------------------
+# --- the AViT's context keys/values (docs/MODELS.md 1.5 step 4) ------------------------------------------------
 
 
 def _kv_inside_cells(token_index, grid, kv_grid) -> list[list[int]]:

@@ -1,6 +1,6 @@
 """Weight-for-weight parity of the MiT-UB ViT and AViT on the test device: the Triton backend (named; in the
 interpreter on CPU) vs the reference backend in the same dtype vs the reference in fp64, outputs and
-every parameter gradient, under the parity rule of KERNELS.md (fm_engine.testing)."""
+every parameter gradient, under the parity rule of docs/KERNELS.md (fm_engine.testing)."""
 
 from __future__ import annotations
 

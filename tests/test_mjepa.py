@@ -1,4 +1,4 @@
-"""M-JEPA (MODELS.md 1.5): masks, EMA, predictor input, losses, padding invariance, training steps."""
+"""M-JEPA (docs/MODELS.md 1.5): masks, EMA, predictor input, losses, padding invariance, training steps."""
 
 from __future__ import annotations
 
@@ -271,7 +271,7 @@ def test_contrastive_loss_gathers_across_ranks():
         torch.testing.assert_close(got_grad, local.grad)
 
 
-# --- the context pass sees nothing outside the context cells (MODELS.md 1.5 step 4) -----------------------
+# --- the context pass sees nothing outside the context cells (docs/MODELS.md 1.5 step 4) -----------------------
 
 
 def _leak_objective(kind: str) -> MJEPA:

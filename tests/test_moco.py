@@ -226,7 +226,7 @@ def test_registry_entries() -> None:
 
 
 def _check(name: str, fast: torch.Tensor, ref: torch.Tensor, hi: torch.Tensor, scale: float | None = None) -> None:
-    """KERNELS.md parity rule for fp32 (normwise relative error <= 1e-5 against fp64), applied to a whole model.
+    """docs/KERNELS.md parity rule for fp32 (normwise relative error <= 1e-5 against fp64), applied to a whole model.
 
     Through a composite model, cancellation can put even the same-dtype (fp32) reference above 1e-5 on a
     small gradient; the bound is then the low-precision form of the rule: 2x the fp32 reference's own error

@@ -1,4 +1,4 @@
-"""patch_embed (KERNELS.md K5): the Triton stem vs the reference, outputs and every parameter gradient.
+"""patch_embed (docs/KERNELS.md K5): the Triton stem vs the reference, outputs and every parameter gradient.
 
 The stem must match an fp64 reference to fp32 rounding (normwise relative error <= 1e-5) for raw
 integer images at full range, whatever TF32 and autocast say. Interpreter tiles: 16 tokens x 16 of

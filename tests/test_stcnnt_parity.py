@@ -1,6 +1,6 @@
 """Weight-for-weight parity of tiny ST-CNNT models on the test device: the Triton backend (named; in the
 interpreter on CPU) vs the eager reference in the same dtype vs the reference in float64, on outputs and
-every parameter gradient (the parity rule of KERNELS.md, fm_engine.testing)."""
+every parameter gradient (the parity rule of docs/KERNELS.md, fm_engine.testing)."""
 
 from __future__ import annotations
 

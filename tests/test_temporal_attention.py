@@ -1,4 +1,4 @@
-"""temporal_attention (KERNELS.md K2): the reference against a literal loop, validation, and (when the
+"""temporal_attention (docs/KERNELS.md K2): the reference against a literal loop, validation, and (when the
 Triton backend is present) parity of the Triton kernels, forward and every gradient."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""window_attention (KERNELS.md K1): the reference against a literal per-token loop, input validation,
+"""window_attention (docs/KERNELS.md K1): the reference against a literal per-token loop, input validation,
 and (when the Triton backend is present) parity of the Triton kernels, forward and every gradient."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Convolutions on the ST-CNNT layout [B, T, C, H, W] (MODELS.md 2.1).
+"""Convolutions on the ST-CNNT layout [B, T, C, H, W] (docs/MODELS.md 2.1).
 
 ``Conv2DExt`` folds B*T into the batch and applies one Conv2d per frame (weights shared over T);
 ``Conv3DExt`` applies a Conv3d over (T, H, W). Both honour ``bias`` (one old version of the original

@@ -1,4 +1,4 @@
-"""Low-rank adaptation (LoRA) of linear layers, for fine-tuning MiT-UB backbones (MODELS.md 1.6).
+"""Low-rank adaptation (LoRA) of linear layers, for fine-tuning MiT-UB backbones (docs/MODELS.md 1.6).
 
 ``LoRALinear`` wraps an ``nn.Linear`` (``base``, frozen by :func:`freeze_except_lora`) with factors
 ``lora_A`` [rank, in] and ``lora_B`` [out, rank]: y = base(x) + (alpha / rank) * x A^T B^T.

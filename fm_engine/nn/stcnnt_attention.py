@@ -1,4 +1,4 @@
-"""ST-CNNT attention modules on [B, T, C, H, W] (MODELS.md 2.2-2.6).
+"""ST-CNNT attention modules on [B, T, C, H, W] (docs/MODELS.md 2.2-2.6).
 
 Constructor contract (every module maps x: [B, T, C_in, H, W] -> [B, T, C_out, H, W]):
 
@@ -288,28 +288,28 @@ class _SpatialAttention(_STCNNTAttentionBase):
 
 
 class SpatialLocalAttention(_SpatialAttention):
-    """Local window attention (L): the patches of one window attend to each other (MODELS.md 2.3)."""
+    """Local window attention (L): the patches of one window attend to each other (docs/MODELS.md 2.3)."""
 
     mode = "local"
 
 
 class SpatialGlobalAttention(_SpatialAttention):
     """Global grid attention (G, MaxViT-style): the same patch position in every window attends across
-    windows (MODELS.md 2.4). Height and width keep their own window counts (**fixed**)."""
+    windows (docs/MODELS.md 2.4). Height and width keep their own window counts (**fixed**)."""
 
     mode = "global"
 
 
 class SpatialViTAttention(_SpatialAttention):
     """ViT-style attention (V): a token is a whole window (wh, ww, C); all windows of a frame attend to each
-    other (MODELS.md 2.5). ``patch_size`` / ``num_patch`` are ignored (the patch is the window)."""
+    other (docs/MODELS.md 2.5). ``patch_size`` / ``num_patch`` are ignored (the patch is the window)."""
 
     mode = "vit"
 
 
 class TemporalAttention(_STCNNTAttentionBase):
     """Temporal attention (T): T x T attention per (batch, head), a head being C_out / n_head whole channel
-    maps (MODELS.md 2.6). ``stride_qk`` is the original's ``stride_t`` (default 2: Q, K at H/2 x W/2).
+    maps (docs/MODELS.md 2.6). ``stride_qk`` is the original's ``stride_t`` (default 2: Q, K at H/2 x W/2).
     ``is_causal``: frame i attends to frames <= i."""
 
     def __init__(

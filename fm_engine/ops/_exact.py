@@ -1,6 +1,6 @@
 """Convolution in IEEE fp32 whatever the TF32 settings, as a custom op that ``torch.compile`` traces.
 
-The full-precision stems (KERNELS.md K5) must not let cuDNN round 16-bit pixel values to TF32's 10-bit
+The full-precision stems (docs/KERNELS.md K5) must not let cuDNN round 16-bit pixel values to TF32's 10-bit
 mantissa. ``torch.backends.cudnn.flags(allow_tf32=False)`` does that for a region, but dynamo cannot
 enter that context manager: every frame above it broke the graph, so ``torch.compile`` of a whole
 AViT M-JEPA step fell apart into dozens of graphs. As a custom op the flag lives inside an opaque call:

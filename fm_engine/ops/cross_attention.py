@@ -1,4 +1,4 @@
-"""Grouped-query attention with Nq != Nk, not causal: the AViT pooled cross-attention (KERNELS.md K4).
+"""Grouped-query attention with Nq != Nk, not causal: the AViT pooled cross-attention (docs/KERNELS.md K4).
 
 ``cross_attention(q, k, v, *, kv_heads, scale=None, dropout_p=0.0, key_padding_mask=None)``
 q: [B, Hq, Nq, D]; k, v: [B, Hkv, Nk, D] with Hkv == kv_heads and Hq a multiple of Hkv (query head h

@@ -1,4 +1,4 @@
-"""Full-precision patch embedding with fractional factorized positions (KERNELS.md K5, MODELS.md 1.2/1.4).
+"""Full-precision patch embedding with fractional factorized positions (docs/KERNELS.md K5, docs/MODELS.md 1.2/1.4).
 
 ``patch_embed(image, weight, bias, norm_weight, norm_bias, pos_weight, pos_bias, *, patch,
 pool_to=None, intensity_scale=1.0, intensity_offset=0.0, out_dtype=None, eps=1e-5)``

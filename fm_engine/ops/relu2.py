@@ -1,4 +1,4 @@
-"""ReLU² (``relu(x)**2``) and the ReLU² MLP of MiT-UB (KERNELS.md K3).
+"""ReLU² (``relu(x)**2``) and the ReLU² MLP of MiT-UB (docs/KERNELS.md K3).
 
 ``relu2(x)``: element-wise; backward ``2 * relu(x) * dy``.
 ``relu2_mlp(x, w1, w2, dropout_p)`` = ``dropout(relu(x @ w1.T) ** 2) @ w2.T``, no biases.

@@ -1,4 +1,4 @@
-"""Temporal attention on [B, T, C, H, W]: ST-CNNT "T" attention (KERNELS.md K2, MODELS.md 2.6).
+"""Temporal attention on [B, T, C, H, W]: ST-CNNT "T" attention (docs/KERNELS.md K2, docs/MODELS.md 2.6).
 
 ``temporal_attention(q, k, v, *, n_head, scale=None, cosine=False, normalize_qk=False, causal=False,
 dropout_p=0.0)`` -> o: [B, T, C, H, W].

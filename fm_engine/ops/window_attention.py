@@ -1,9 +1,9 @@
-"""Spatial patch-token attention on [B, T, C, H, W]: ST-CNNT local and global attention (KERNELS.md K1).
+"""Spatial patch-token attention on [B, T, C, H, W]: ST-CNNT local and global attention (docs/KERNELS.md K1).
 
 ``window_attention(q, k, v, *, mode, num_patches | num_windows, patch_size, n_head, scale=None,
 cosine=False, normalize_qk=False, rel_pos_bias=None, dropout_p=0.0)`` -> o: [B, T, C, H, W].
 
-Geometry (MODELS.md 2.3, 2.4). Each frame axis is cut as ``H = nWh * nPh * ph`` (windows, patches per
+Geometry (docs/MODELS.md 2.3, 2.4). Each frame axis is cut as ``H = nWh * nPh * ph`` (windows, patches per
 window, patch pixels; W likewise), windows outermost. A token is one patch flattened in (ph, pw, C)
 order with C fastest; head h is the contiguous chunk ``[h*hc, (h+1)*hc)`` of that vector.
 

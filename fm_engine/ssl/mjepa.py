@@ -1,4 +1,4 @@
-"""M-JEPA pre-training objective of MiT-UB (MODELS.md 1.5).
+"""M-JEPA pre-training objective of MiT-UB (docs/MODELS.md 1.5).
 
 ``MJEPA(encoder)`` wraps a MiT-UB backbone (``ViT`` or ``AViT``) with an EMA target copy, a predictor
 and the loss. A training step is::
@@ -149,7 +149,7 @@ class MJEPA(nn.Module):
     * target: the EMA encoder on the full image, no grad, after its final norm, at target positions.
     * context: the online encoder on the context tokens only: ``encoder(images, ..., token_index=context)``.
       The AViT restricts both of its inputs there: the pooled queries to the context cells and the
-      high-resolution keys/values to the tokens inside those cells (MODELS.md 1.5 step 4; see
+      high-resolution keys/values to the tokens inside those cells (docs/MODELS.md 1.5 step 4; see
       :meth:`fm_engine.models.mitub.AViT.forward`), so nothing outside the context reaches it.
     * predictor: ``predictor_depth`` fresh encoder layers of the backbone width over context ∪ target
       positions. Target positions carry the learned ``query_token`` (trunc-normal std 1) plus the

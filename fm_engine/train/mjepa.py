@@ -1,4 +1,4 @@
-"""M-JEPA pre-training loop (``fm-engine train mjepa``), MODELS.md 1.5.
+"""M-JEPA pre-training loop (``fm-engine train mjepa``), docs/MODELS.md 1.5.
 
 One optimiser step: ``MJEPA.update_ema()`` (before the forward), then ``grad_accum`` micro-batches of
 (GPU augmentation -> stem inputs -> forward under autocast -> backward), gradient-norm clipping,

@@ -1,4 +1,4 @@
-"""Adam / Eden (MODELS.md 5): anatomy-driven MoCo v2 on ResNet-50.
+"""Adam / Eden (docs/MODELS.md 5): anatomy-driven MoCo v2 on ResNet-50.
 
 * Backbone: ResNet-50 with torchvision names; MoCo v2 ``fc`` = Linear(2048, 2048) -> ReLU ->
   Linear(2048, 128) (no BN), so ``encoder_q.*`` loads into torchvision's resnet50 apart from ``fc``.

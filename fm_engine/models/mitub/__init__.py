@@ -1,6 +1,6 @@
-"""MiT-UB models (MODELS.md 1): ViT, Adaptive ViT, heads, ViT -> AViT conversion.
+"""MiT-UB models (docs/MODELS.md 1): ViT, Adaptive ViT, heads, ViT -> AViT conversion.
 
-Importing this package registers the configurations of MODELS.md 1.1 (see ``configs.py``).
+Importing this package registers the configurations of docs/MODELS.md 1.1 (see ``configs.py``).
 """
 
 from fm_engine.models.mitub import configs  # noqa: F401  (registers the models)

@@ -1,4 +1,4 @@
-"""MiT-UB Adaptive ViT (MODELS.md 1.4) and the explicit ViT -> AViT conversion."""
+"""MiT-UB Adaptive ViT (docs/MODELS.md 1.4) and the explicit ViT -> AViT conversion."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ class AViT(nn.Module):
     tokens, ReLU² MLP; LayerScale ``layer_scale`` = 1e-5 on each branch), then the output norm.
     Attention dropout acts in training only (**fixed**).
 
-    M-JEPA context (``forward(image, token_index=idx)``, MODELS.md 1.5 step 4): the queries are kept at
+    M-JEPA context (``forward(image, token_index=idx)``, docs/MODELS.md 1.5 step 4): the queries are kept at
     the cells ``idx`` and the decoder layers cross-attend only to the high-resolution keys/values inside
     those cells (a nearest resize of the cell mask to the key/value grid), so no region outside the
     context reaches the output at any resolution. The original restricted the keys/values the same way

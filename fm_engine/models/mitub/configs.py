@@ -1,4 +1,4 @@
-"""Registry entries of the MiT-UB configurations (MODELS.md 1.1).
+"""Registry entries of the MiT-UB configurations (docs/MODELS.md 1.1).
 
 Every entry's ``loss`` hook runs the M-JEPA objective; the wrapper (EMA copy, predictor) is built once
 per model instance and cached on it.

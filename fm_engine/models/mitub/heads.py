@@ -1,4 +1,4 @@
-"""Task heads for MiT-UB backbones (MODELS.md 1.6) and a linear-probe utility.
+"""Task heads for MiT-UB backbones (docs/MODELS.md 1.6) and a linear-probe utility.
 
 Heads take backbone tokens [B, N, dim] (after the backbone's final norm) and average-pool them:
 the backbones have no CLS token.

@@ -1,4 +1,4 @@
-"""MiT-UB transformer layers (MODELS.md 1.3): pre-norm encoder and decoder layers, LayerScale, 3-D stem.
+"""MiT-UB transformer layers (docs/MODELS.md 1.3): pre-norm encoder and decoder layers, LayerScale, 3-D stem.
 
 All matrix work goes through ``fm_engine.nn`` (``Attention`` -> op ``cross_attention``, ``ReLU2MLP`` -> op
 ``relu2_mlp``), so one model runs on the reference or a fast backend with the same weights.

@@ -1,4 +1,4 @@
-"""MiT-UB Vision Transformer (MODELS.md 1.2, 1.3): full-precision stem, pre-norm GQA / ReLU² layers, no CLS token."""
+"""MiT-UB Vision Transformer (docs/MODELS.md 1.2, 1.3): full-precision stem, pre-norm GQA / ReLU² layers, no CLS."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Hybrid ConvStem ViT of the MoCo chest X-ray study (MODELS.md 4).
+"""Hybrid ConvStem ViT of the MoCo chest X-ray study (docs/MODELS.md 4).
 
 Stem: three Conv2d 3x3 / stride 2 / padding 1 with bias and ReLU (channels in -> D/2 -> D -> D, no norm),
 overall stride 8 (224 -> 28x28 = 784 tokens); learned CLS and position embedding [1, 785, D]

@@ -1,4 +1,4 @@
-"""MoCo chest X-ray models (MODELS.md 4) and their registry entries.
+"""MoCo chest X-ray models (docs/MODELS.md 4) and their registry entries.
 
 * ``moco-resnet50``: ResNet-50 (2048-d) -> projector Linear(2048, 2048) -> BatchNorm1d -> ReLU ->
   Linear(2048, 128); momentum 0.99 (0.999 as an option), queue 65,536, temperature 0.2, queue updated

@@ -1,4 +1,4 @@
-"""Patch-scoring head (MoCo chest X-ray, MODELS.md 4): per-patch scores, supervised softmax pooling
+"""Patch-scoring head (MoCo chest X-ray, docs/MODELS.md 4): per-patch scores, supervised softmax pooling
 and the top-K contrastive variant (the README's idea, which the original code never built).
 
 A backbone here is any module with ``forward_tokens(images) -> [B, 1 + N, D]`` (CLS first) and a

@@ -1,4 +1,4 @@
-"""RadDiffusion evaluation (MODELS.md 3.5): CheXpert labels, pos_weight, study-level linear probe."""
+"""RadDiffusion evaluation (docs/MODELS.md 3.5): CheXpert labels, pos_weight, study-level linear probe."""
 
 from __future__ import annotations
 

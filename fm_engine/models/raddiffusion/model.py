@@ -1,4 +1,4 @@
-"""RadDiffusion (MODELS.md 3): multi-view chest X-ray ViT with a bottleneck-cls token, MAE and diffusion MAE.
+"""RadDiffusion (docs/MODELS.md 3): multi-view chest X-ray ViT with a bottleneck-cls token, MAE and diffusion MAE.
 
 Encoder sizes (256x256, 1 channel): xs (patch 32, 256/6/8/1024, decoder 128/2/4/512, mask 0.5),
 s (patch 32, 768/6/12/3072, decoder 512/4/16/2048, mask 0.75), b (patch 16, 768/12/12/3072,

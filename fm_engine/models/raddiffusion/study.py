@@ -1,4 +1,4 @@
-"""Studies in a flat batch and the bottleneck-cls study mean (MODELS.md 3.2).
+"""Studies in a flat batch and the bottleneck-cls study mean (docs/MODELS.md 3.2).
 
 A batch is every image of every study, flat [ΣN_i, ...], plus ``lengths`` (images per study, in
 order). Study ids are computed once per forward; the per-layer mean uses ``index_add`` and a

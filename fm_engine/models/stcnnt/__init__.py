@@ -1,8 +1,8 @@
-"""FM-Imaging ST-CNNT models (MODELS.md 2) on the [B, T, C, H, W] layout.
+"""FM-Imaging ST-CNNT models (docs/MODELS.md 2) on the [B, T, C, H, W] layout.
 
 Cells and blocks of local / global / temporal / ViT attention (block strings such as "L1G1T1"), the
 U-Net, HR-Net and "LLM" backbones, the MRI denoising and classification models, and the MRI losses.
-Importing this package registers the configurations of MODELS.md 2.10 (see ``configs.py``).
+Importing this package registers the configurations of docs/MODELS.md 2.10 (see ``configs.py``).
 """
 
 from fm_engine.models.stcnnt import configs  # noqa: F401  (registers the models)

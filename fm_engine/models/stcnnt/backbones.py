@@ -1,4 +1,4 @@
-"""ST-CNNT backbones (MODELS.md 2.9): U-Net with attention gates, HR-Net (2-5 levels) and "LLM".
+"""ST-CNNT backbones (docs/MODELS.md 2.9): U-Net with attention gates, HR-Net (2-5 levels) and "LLM".
 
 All take x: [B, T, C_in, H, W] (T = time for 2D+T, slices for 3-D, 1 for 2-D images). Level l runs at
 H / 2**l x W / 2**l; its window / patch sizes come from :func:`~fm_engine.models.stcnnt.windows.level_windows`

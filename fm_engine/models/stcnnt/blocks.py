@@ -1,4 +1,4 @@
-"""ST-CNNT blocks from block strings (MODELS.md 2.8), on [B, T, C, H, W].
+"""ST-CNNT blocks from block strings (docs/MODELS.md 2.8), on [B, T, C, H, W].
 
 ``STCNNTBlock("L1G1T1", C_in, C_out, spec, cfg)`` stacks one cell per letter pair: the first cell
 maps C_in -> C_out, the others C_out -> C_out. With dense connections (default) cell c > 0 takes the

@@ -1,4 +1,4 @@
-"""ST-CNNT cells (MODELS.md 2.7): one attention module plus an optional mixer, on [B, T, C, H, W].
+"""ST-CNNT cells (docs/MODELS.md 2.7): one attention module plus an optional mixer, on [B, T, C, H, W].
 
 * ``input_proj`` = Conv2DExt(C_in -> C_out, 3x3) when C_in != C_out, else identity.
 * Conv mixer: Conv2DExt(C -> r*C_out, k, pad) -> GELU(tanh) -> Conv2DExt(r*C_out -> C_out, k, pad).

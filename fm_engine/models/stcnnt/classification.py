@@ -1,4 +1,4 @@
-"""ST-CNNT classification model (MODELS.md 2.10).
+"""ST-CNNT classification model (docs/MODELS.md 2.10).
 
 x: [B, T, C_in, H, W] -> logits [B, num_classes]:
 

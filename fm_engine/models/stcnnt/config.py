@@ -1,4 +1,4 @@
-"""Options shared by every ST-CNNT cell, block and backbone (MODELS.md 2.2-2.10)."""
+"""Options shared by every ST-CNNT cell, block and backbone (docs/MODELS.md 2.2-2.10)."""
 
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ QKV_TYPES = ("conv", "lin")
 
 @dataclasses.dataclass(frozen=True)
 class CellConfig:
-    """Cell options; the defaults are the parser defaults of MODELS.md 2.10.
+    """Cell options; the defaults are the parser defaults of docs/MODELS.md 2.10.
 
     n_head: attention heads of every cell; cell_type: "sequential" (pre-norm) or "parallel";
     norm_mode: see :mod:`fm_engine.models.stcnnt.norms`; a_type: "conv" or "lin" Q/K/V;
     cosine_att / normalize_qk / att_with_rel_pos_bias / att_with_output_proj / att_dropout_p: attention
-    options (MODELS.md 2.2); stride_qk: stride of the spatial Q/K convs; stride_t: stride of the
+    options (docs/MODELS.md 2.2); stride_qk: stride of the spatial Q/K convs; stride_t: stride of the
     temporal Q/K convs; is_causal: causal temporal attention; mixer, mixer_kernel, mixer_padding,
-    scale_ratio_in_mixer: the mixer (MODELS.md 2.7); dropout_p: stochastic-depth probability ("row" mode);
+    scale_ratio_in_mixer: the mixer (docs/MODELS.md 2.7); dropout_p: stochastic-depth probability ("row" mode);
     separable_conv: separable Conv2DExt in input_proj and conv mixers; block_dense_connection: dense cells in a block.
     """
 

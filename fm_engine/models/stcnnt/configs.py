@@ -1,4 +1,4 @@
-"""Registry entries of the ST-CNNT family (MODELS.md 2.10).
+"""Registry entries of the ST-CNNT family (docs/MODELS.md 2.10).
 
 * ``stcnnt-mri-hrnet-production``: the production MRI denoising model (HR-Net, C 32, 2 levels, block strings
   "T1L1G1" / "T1L1G1T1L1G1", parallel cells, cosine attention, no relative-position bias, batch2d norm,

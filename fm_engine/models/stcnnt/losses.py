@@ -1,4 +1,4 @@
-"""MRI image losses for ST-CNNT denoising (MODELS.md 2.10), on [B, T, C, H, W] tensors.
+"""MRI image losses for ST-CNNT denoising (docs/MODELS.md 2.10), on [B, T, C, H, W] tensors.
 
 Every function takes ``pred`` and ``target`` of the same shape [B, T, C, H, W] and returns a scalar.
 For complex MRI images C = 2 holds [real, imag]; :class:`MRILoss` then evaluates the image-quality

@@ -1,4 +1,4 @@
-"""ST-CNNT MRI denoising model (MODELS.md 2.10) and synthetic noisy / clean pairs for it.
+"""ST-CNNT MRI denoising model (docs/MODELS.md 2.10) and synthetic noisy / clean pairs for it.
 
 x: [B, T, 3, H, W] = [real, imag, g-factor] -> [B, T, 2, H, W] = [real, imag]:
 
@@ -20,7 +20,7 @@ from fm_engine.models.stcnnt.backbones import STCNNTHRNet
 from fm_engine.models.stcnnt.config import CellConfig
 from fm_engine.nn.conv import Conv2DExt
 
-#: the production MRI denoising cell options (MODELS.md 2.10)
+#: the production MRI denoising cell options (docs/MODELS.md 2.10)
 PRODUCTION_CELL = CellConfig(
     n_head=32,
     cell_type="parallel",

@@ -1,4 +1,4 @@
-"""Normalisation and stochastic depth for ST-CNNT on the [B, T, C, H, W] layout (MODELS.md 2.1, 2.7).
+"""Normalisation and stochastic depth for ST-CNNT on the [B, T, C, H, W] layout (docs/MODELS.md 2.1, 2.7).
 
 Norm modes (``norm_mode``):
 

@@ -1,4 +1,4 @@
-"""Block strings and window sizing across resolution levels for ST-CNNT (MODELS.md 2.8).
+"""Block strings and window sizing across resolution levels for ST-CNNT (docs/MODELS.md 2.8).
 
 A block string such as ``"L1G1T1"`` is read in pairs: a letter for the attention (L local, G global,
 T temporal, V ViT-style) and a digit for the mixer (1 on, 0 off).

@@ -398,11 +398,13 @@ def _compile_facts(launch: Launch) -> dict[str, Any]:
     from triton.compiler import ASTSource
 
     src = ASTSource(fn=launch.fn, signature=launch.signature, constexprs=launch.constexprs, attrs=launch.attrs)
+    t0 = time.perf_counter()
     try:
         k = triton.compile(src, target=GPUTarget("cuda", launch.arch, 32), options=dict(launch.options))
     except Exception as e:  # a launch that does not compile is a row with an error
         msg = str(e).strip().splitlines()
         return {"error": f"{type(e).__name__}: {msg[-1] if msg else ''}"}
+    seconds = time.perf_counter() - t0  # Triton's own cache makes a repeat fast: only a cold compile is kept
     use = resource_usage(k)
     tiles = contraction_tiles(k.asm["ttir"])
     return {
@@ -413,7 +415,26 @@ def _compile_facts(launch: Launch) -> dict[str, Any]:
         "tiles": tiles,
         "reduce": '"tt.reduce"' in k.asm["ttir"],
         "atomic_in_loop": atomic_in_loop(k.asm["ttgir"]),
+        "compile_s": round(seconds, 3),
     }
+
+
+def compile_seconds(
+    launches: list[Launch], facts: dict[str, dict[str, Any]]
+) -> dict[tuple[str, int], tuple[int, float, int]]:
+    """Per (op, architecture): (distinct compilations, their summed single-process compile seconds, how many of
+    them have no timing). What a first call costs on a GPU when it tunes every candidate of the headline cases
+    with a cold Triton cache (before the parallel precompile of the autotuner divides it by its threads). A
+    compilation whose timing came from Triton's warm cache understates it: the facts cache keeps the first
+    timing, so clear it (``~/.cache/fm_engine/kernel_report``) and Triton's to measure afresh."""
+    seen: dict[tuple[str, int], set[str]] = {}
+    for ln in launches:
+        seen.setdefault((ln.op, ln.arch), set()).add(ln.spec_key())
+    out = {}
+    for key, specs in seen.items():
+        timed = [facts[s]["compile_s"] for s in specs if "compile_s" in facts.get(s, {})]
+        out[key] = (len(specs), float(sum(timed)), len(specs) - len(timed))
+    return out
 
 
 _POOL_LAUNCHES: list[Launch] = []
@@ -648,15 +669,22 @@ def gate_failures(rows: list[dict[str, Any]], facts: dict[str, dict[str, Any]]) 
 
 
 def generate(
-    archs: list[int], jobs: int = 1, match: str = "", progress: Callable[[str], None] | None = None
+    archs: list[int],
+    jobs: int = 1,
+    match: str = "",
+    progress: Callable[[str], None] | None = None,
+    timings: dict[tuple[str, int], tuple[int, float, int]] | None = None,
 ) -> dict[str, Any]:
-    """A fresh report: ``{"triton", "archs", "rows", "facts"}`` (see :func:`public_rows`)."""
+    """A fresh report: ``{"triton", "archs", "rows", "facts"}`` (see :func:`public_rows`). ``timings``, when
+    given, receives :func:`compile_seconds` (kept out of the report, which must not change from run to run)."""
     import triton
 
     launches: list[Launch] = []
     for arch in archs:
         launches += record(arch, match, progress)
     found = analyse(launches, jobs, progress)
+    if timings is not None:
+        timings.update(compile_seconds(launches, found))
     rows, facts = public_rows(rows_of(launches, found))
     return {"triton": triton.__version__, "archs": [f"sm_{a}" for a in archs], "rows": rows, "facts": facts}
 
@@ -683,8 +711,13 @@ def main(a: Any) -> int:
     def progress(msg: str) -> None:
         print(f"[{time.perf_counter() - t0:5.0f} s] {msg}", file=sys.stderr, flush=True)
 
-    report = generate(sorted(archs), a.jobs, a.match, progress)
+    timings: dict[tuple[str, int], tuple[int, float, int]] = {}
+    report = generate(sorted(archs), a.jobs, a.match, progress, timings)
     rows, facts = report["rows"], report["facts"]
+    print("compiling every candidate of the headline cases (a first call that tunes them all, cold Triton cache):")
+    for (op, arch), (n, sec, untimed) in sorted(timings.items()):
+        extra = f" ({untimed} compiled before timings were kept)" if untimed else ""
+        print(f"  {op} sm_{arch}: {n} compilations, {sec:.0f} s single-process{extra}")
     fails = gate_failures(rows, facts)
     viol = violations(rows, facts)
     for op in sorted({r["op"] for r in rows}):

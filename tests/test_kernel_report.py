@@ -168,3 +168,20 @@ def test_recording_gives_the_runtime_specialisation_and_gpu_grids() -> None:
             block = int(config.split("BLOCK=")[1].split()[0])
             assert grid == [-(-49152 * 2048 // block), 1, 1] and dtype == "bf16"
             assert "(0,)" in hinted  # the 16-aligned x pointer carries the divisibility hint
+
+
+def test_compile_seconds_sums_each_distinct_compilation_once_per_op_and_arch() -> None:
+    """The printed cost of compiling every candidate of the headline cases: a compilation launched by two
+    cases counts once, architectures apart, and compilations without a timing are counted as such."""
+
+    class L:
+        def __init__(self, op: str, arch: int, key: str) -> None:
+            self.op, self.arch, self.key = op, arch, key
+
+        def spec_key(self) -> str:
+            return self.key
+
+    launches = [L("a", 90, "k1"), L("a", 90, "k1"), L("a", 90, "k2"), L("a", 80, "k3"), L("b", 90, "k4")]
+    facts = {"k1": {"compile_s": 1.5}, "k2": {"compile_s": 2.0}, "k3": {"compile_s": 0.25}, "k4": {"registers": 1}}
+    got = _report.compile_seconds(launches, facts)  # type: ignore[arg-type]
+    assert got == {("a", 90): (2, 3.5, 0), ("a", 80): (1, 0.25, 0), ("b", 90): (1, 0.0, 1)}

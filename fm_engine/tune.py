@@ -161,8 +161,9 @@ _PEER_LABELS = ("compile", "compile-max")
 def _nothing_runs_here(ops: list[str], device: torch.device) -> str:
     """Why ``fm-engine tune --op`` measured nothing on ``device``: per op, the backends that run here and those
     that need something else (a GPU, or Triton's CPU interpreter), with the reason each one gives."""
-    lines = [f"nothing measured on {device.type}: no fast backend of {', '.join(ops)} runs here (the reference"]
-    lines[0] += " is all automatic dispatch can pick, with or without a table)"
+    lines = [f"nothing measured on {device.type}: the benchmark cases of {', '.join(ops)} reach the op only through"]
+    lines[0] += " a hand-written backend, and none runs here (to time the compile backend against the reference"
+    lines[0] += " on this machine, record a training step through the ops: `fm-engine tune --model NAME`)"
     for op in ops:
         here: list[str] = []
         elsewhere: list[str] = []

@@ -73,6 +73,11 @@ def test_temporal_attention_is_tuned(device: torch.device) -> None:
     )
 
 
+def _with_dq(c: dict[str, int]) -> dict[str, int]:
+    """A backward candidate: the dK / dV kernel's tile ``c`` and the dQ kernel's (16 x 16, 4 warps)."""
+    return {**c, "DQ_M": 16, "DQ_N": 16, "dq_warps": 4, "dq_stages": 1}
+
+
 def test_cross_attention_is_tuned(device: torch.device) -> None:
     q = torch.randn(2, 4, 20, 16, device=device)
     k, v = (torch.randn(2, 2, 70, 16, device=device) for _ in range(2))
@@ -84,7 +89,7 @@ def test_cross_attention_is_tuned(device: torch.device) -> None:
     ]
     kw = {"kv_heads": 2, "key_padding_mask": mask}
     _check_tuned(
-        {KC.FWD_TUNER: cands, KC.BWD_TUNER: cands},
+        {KC.FWD_TUNER: cands, KC.BWD_TUNER: [_with_dq(c) for c in cands]},
         lambda q, k, v: cross_attention(q, k, v, backend="triton", **kw),
         lambda q, k, v: cross_attention(q, k, v, backend="reference", **kw),
         [q, k, v],
@@ -112,19 +117,19 @@ def test_window_attention_is_tuned(kind: str, device: torch.device) -> None:
 
 
 def test_cross_attention_backward_skips_a_spilling_candidate(device: torch.device) -> None:
-    """The second backward candidate would win, but its fused backward kernel spills (as a newer Triton may
+    """The second backward candidate would win, but its dK / dV kernel spills (as a newer Triton may
     compile it; a stand-in for the compiled kernel reports the spill): the tuner keeps the first, times only
     that one, and the gradients still match the reference."""
     q = torch.randn(2, 4, 20, 16, device=device)
     k, v = (torch.randn(2, 2, 70, 16, device=device) for _ in range(2))
     cands = [
-        {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1},
-        {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1},
+        _with_dq({"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}),
+        _with_dq({"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}),
     ]
     timer = SecondWins()
     with (
         KC.BWD_TUNER.override(cands, timer),
-        reported_spills(KC._bwd_kernel, lambda a: 8 * (a["BLOCK_N"] == 32)),
+        reported_spills(KC._bwd_dkdv_kernel, lambda a: 8 * (a["BLOCK_N"] == 32)),
     ):
         assert_parity(
             lambda q, k, v: cross_attention(q, k, v, kv_heads=2, backend="triton"),

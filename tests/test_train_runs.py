@@ -354,7 +354,8 @@ def test_tune_op_on_a_cpu_names_what_needs_a_gpu():
     out = r.stdout + r.stderr
     assert r.returncode == 0, out
     assert "nothing to tune: pass --model" not in out
-    assert "relu2: runs here: reference; cannot run here:" in out and "triton (" in out and "relu2_mlp" in out
+    assert "relu2: runs here: compile, reference; cannot run here:" in out and "triton (" in out and "relu2_mlp" in out
+    assert "fm-engine tune --model NAME" in out
 
 
 def test_info_reports_optional_packages():

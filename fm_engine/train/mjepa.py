@@ -546,10 +546,9 @@ class Trainer:
     def _tuning_step(self) -> None:
         """One micro-step (forward + backward) on the first examples, for the op recorder of tune_step: no
         optimizer step, gradients cleared, and the RNG streams and data order left as they were."""
-        from fm_engine.data import collate_frames
         from fm_engine.ops._dispatch import use_backend
 
-        batch = collate_frames([self.dataset[i] for i in range(self.cfg.batch_size)])
+        batch = self.data.collate([self.dataset[i] for i in range(self.cfg.batch_size)])
         aug_state = self.aug_gen.get_state()
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             with use_backend(self.cfg.backend):

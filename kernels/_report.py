@@ -78,9 +78,7 @@ RULES = {
 
 # Ops whose kernels are known to break rules while their rewrite is under way: their violations are
 # listed but do not fail the gate, and the gate fails once an op here has none (drop it from here then).
-PENDING: dict[str, str] = {
-    "window_attention": "FFMA contractions and bias-gradient atomics until the tensor-core rewrite",
-}
+PENDING: dict[str, str] = {}
 
 # Which fast-path labels of a benchmark case launch fm_engine's Triton kernels.
 FAST_LABELS = ("triton", "hybrid")

@@ -19,6 +19,7 @@ from ._launch import (
     _plane_constexprs,
     _warps,
     bias_grad_plan,
+    general_stages,
     long_configs,
     long_tile,
     plane_configs,
@@ -49,12 +50,12 @@ def register_gate(mode: int, cases: list[tuple[str, dict]]) -> None:
     for dt, cfg in cases:
         full = {"MODE": mode, "SCORE": 0, "HAS_BIAS": False, "DROPOUT": False, "VEC_QK": 1, "VEC_V": 1, **cfg}
         full["num_warps"] = _warps(full["BLOCK_N"])
-        full["num_stages"] = STAGES["general"]
         for kernel, fn in (("fwd", stcnnt_attn_fwd_kernel), ("bwd", stcnnt_attn_bwd_kernel)):
+            stages = general_stages(kernel, 4 if dt == "fp32" else 2)
             _aot.register(
                 fn,
                 signatures=[_signature(kernel, dt)],
-                configs=[full],
+                configs=[{**full, "num_stages": stages}],
                 name=f"stcnnt_attn_{kernel}[mode{mode}]",
                 strict=STRICT,
             )

@@ -22,6 +22,12 @@ MAX_BLOCK_D = 64  # head-dim chunk of the general kernels
 STAGES = {"general": 3, "plane": 3, "long": 3, "bias_grad": 2}
 
 
+def general_stages(kernel: str, element_size: int) -> int:
+    """Pipelining depth of the general kernels: ``STAGES["general"]``, except the 16-bit backward, which spilled
+    8 B at 3 on sm_80 (hc 256, patch 16: BLOCK_D 64, 16 tokens) and runs at 2 (the kernel report)."""
+    return 2 if kernel == "bwd" and element_size == 2 else STAGES["general"]
+
+
 def _interpreting() -> bool:
     from fm_engine.ops._dispatch import interpreting
 
@@ -81,28 +87,34 @@ def _launch_args(geo: dict, mode: int, hpp: int) -> list:
 
 
 # Channel-plane kernels: one function per kernel with the candidate configs (the first is the default; the
-# same on sm_80 and sm_90) and the interpreter's. GB groups, RYB pixel rows and RXB pixel columns of the patch
+# backward's differ between sm_80 and sm_90) and the interpreter's. GB groups, RYB pixel rows and RXB pixel columns of the patch
 # form a sub-block of heads, shrunk (GB first, then RYB, RXB) until its [heads, NP, max(NP, DP)] tiles hold at
 # most ``budget`` elements; GBI group blocks per program; warps = tile elements / (32 * ept), 4..8 (at 16 warps a
 # thread gets at most 128 registers: the 64-token backward spilled there). A sub-block of one head runs 2-D
 # products (wgmma on sm_90 at 64 tokens), several heads batched 3-D ones (mma.sync). Register counts from
 # sm_90 cubins at the production shape (hc 4, bf16, cosine): local (16 tokens) forward 108..198, backward
-# 120..214; global (64 tokens) forward 128..223, backward 200 (255 with standardised scores, bias and dropout),
-# no spills.
+# 120..214; global (64 tokens) forward 128..223, backward 200 (255 with standardised scores, bias and dropout).
+# benchmarks/kernel_report.md lists every candidate's registers and spills at the benchmark cases, all dtypes.
 PLANE_INTERPRETER_CONFIG = {"GB": 2, "RYB": 1, "RXB": 2, "GBI": 2, "budget": 4096, "ept": 16}
 
 
 def plane_configs(kind: str, arch: int) -> list[dict[str, int]]:
+    # Candidates that spilled at the production shapes (fp32, cosine, hc 4; the kernel report) are gone: forward
+    # GB 4 / budget 8192 / ept 16 (56 B on sm_90), backward budget 4096 / ept 4 and budget 8192 / ept 8 (16 to
+    # 128 B on sm_80 and sm_90): several heads of a backward sub-block hold at most 2048 elements.
     if kind == "fwd":
         return [
-            {"GB": 4, "RYB": 2, "RXB": 8, "GBI": 2, "budget": 8192, "ept": 16},
             {"GB": 2, "RYB": 1, "RXB": 8, "GBI": 4, "budget": 4096, "ept": 8},
             {"GB": 8, "RYB": 2, "RXB": 8, "GBI": 1, "budget": 16384, "ept": 16},
+            {"GB": 2, "RYB": 2, "RXB": 8, "GBI": 2, "budget": 4096, "ept": 8},
         ]
+    # sm_80 keeps the backward's sub-block at 2048 elements: one 64-token head (4096) spilled 56 B there in fp32,
+    # so the global groups run the general kernels on sm_80 and the plane kernels on sm_90.
+    budget = 4096 if arch >= 90 else 2048
     return [
-        {"GB": 2, "RYB": 2, "RXB": 8, "GBI": 2, "budget": 4096, "ept": 4},
-        {"GB": 1, "RYB": 1, "RXB": 8, "GBI": 4, "budget": 2048, "ept": 4},
-        {"GB": 4, "RYB": 2, "RXB": 8, "GBI": 1, "budget": 8192, "ept": 8},
+        {"GB": 1, "RYB": 1, "RXB": 8, "GBI": 4, "budget": budget, "ept": 4},
+        {"GB": 1, "RYB": 1, "RXB": 8, "GBI": 2, "budget": budget, "ept": 4},
+        {"GB": 2, "RYB": 1, "RXB": 8, "GBI": 2, "budget": 2048, "ept": 4},
     ]
 
 
@@ -301,7 +313,7 @@ def forward(
     stcnnt_attn_fwd_kernel[(geo["programs"] // hpp,)](
         q, k, v, o, bias if bias is not None else q, *_launch_args(geo, mode, hpp), float(scale), eps, seed,
         float(dropout_p), **flags, BLOCK_N=block_n, BLOCK_D=block_d, **vectors(geo, q.element_size(), block_d),
-        num_warps=_warps(block_n), num_stages=STAGES["general"],
+        num_warps=_warps(block_n), num_stages=general_stages("fwd", q.element_size()),
     )  # fmt: skip
     return o, lse
 
@@ -374,7 +386,7 @@ def backward(
             stcnnt_attn_bwd_kernel[(geo["programs"] // hpp,)](
                 *ptrs, *_launch_args(geo, mode, hpp), float(scale), eps, seed, float(dropout_p), **flags,
                 BLOCK_N=block_n, BLOCK_D=block_d, **vectors(geo, q.element_size(), block_d),
-                num_warps=_warps(block_n), num_stages=STAGES["general"],
+                num_warps=_warps(block_n), num_stages=general_stages("bwd", q.element_size()),
             )  # fmt: skip
     dbias = dbias32.to(bias.dtype) if dbias32 is not None and bias is not None else None
     return dq, dk, dv, dbias

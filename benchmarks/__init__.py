@@ -168,8 +168,15 @@ def run_args(a: argparse.Namespace) -> int:
         if not a.setting:
             settings = ("defaults",)
             print("CPU smoke test: the model defaults only (--setting 'dropout 0' adds the other setting)")
+        smoke = True
+    else:
+        smoke = False
     for name in a.model or []:
-        cases += models.cases(name, device, quick, batch_size=a.batch, settings=settings)
+        over = models.smoke_overrides(name) if smoke else {}
+        if over:
+            print(f"CPU smoke test: {name} with {', '.join(f'{k}={v}' for k, v in over.items())} (every kind of layer "
+                  "runs once; --full times the registered size)")  # fmt: skip
+        cases += models.cases(name, device, quick, batch_size=a.batch, settings=settings, overrides=over)
     harness.run(cases, device, quick, out_dir=a.out, labels=labels, budget_s=a.budget)
     if a.out:
         print(f"wrote {a.out}/results.json, results.md")

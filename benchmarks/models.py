@@ -36,6 +36,15 @@ def amp(device: torch.device) -> contextlib.AbstractContextManager:
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
+# Layer-stack depths a CPU smoke test cuts to one: the step still runs every kind of layer the model has.
+SMOKE_DEPTHS = ("depth", "high_res_depth")
+
+
+def smoke_overrides(name: str) -> dict[str, int]:
+    """Depth overrides of a CPU smoke test of ``name``: each of :data:`SMOKE_DEPTHS` the model has, set to 1."""
+    return {k: 1 for k in SMOKE_DEPTHS if k in (get_spec(name).defaults or {})}
+
+
 def build(name: str, device: torch.device, setting: str = "defaults", **overrides: Any) -> torch.nn.Module:
     spec = get_spec(name)
     if setting == "dropout 0":
@@ -79,14 +88,17 @@ def cases(
     quick: bool,
     batch_size: int | None = None,
     settings: tuple[str, ...] = SETTINGS,
+    overrides: dict[str, Any] | None = None,
 ) -> list[Case]:
+    """One training-step case per setting. ``overrides``: model arguments on top of the setting's (the CPU smoke
+    test's shallow stacks, :func:`smoke_overrides`)."""
     spec = get_spec(name)
     b = batch_size or default_batch(quick)
     out = []
     for setting in settings:
         if setting == "dropout 0" and spec.dropout_off is None:
             continue
-        model = build(name, device, setting)
+        model = build(name, device, setting, **(overrides or {}))
         batch = spec.example(model, b, device, quick)
         ref_model = copy.deepcopy(model)  # the compiled step gets its own copy (and its own cached objective)
         params = [p for p in model.parameters() if p.requires_grad]

@@ -87,6 +87,8 @@ def test_bench_model_training_step(tmp_path: Path) -> None:
                 env={"TRITON_INTERPRET": "0", "CUDA_VISIBLE_DEVICES": ""})  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
     assert "CPU smoke test: the compile label is left out" in r.stdout
+    # shallow stacks: every kind of layer runs once, so even the big registry AViTs finish in well under a minute
+    assert "CPU smoke test: vit-cifar10 with depth=1 (every kind of layer runs once" in r.stdout
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert [(row["case"], row["backend"]) for row in rows] == [
         ("train step B1 16x16 defaults (small)", "reference"),
@@ -141,3 +143,11 @@ def test_bench_selects_one_op_by_name(tmp_path: Path) -> None:
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert {row["op"] for row in rows} == {"relu2_mlp"}
     assert {row["backend"]: row["status"] for row in rows}["triton"] == "ok"
+
+
+def test_smoke_overrides_cut_every_stack_the_model_has() -> None:
+    from fm_engine.benchmarks import models  # type: ignore[import-not-found]
+
+    assert models.smoke_overrides("vit-i1-p16-d768-a32_24") == {"depth": 1, "high_res_depth": 1}
+    assert models.smoke_overrides("vit-cifar10") == {"depth": 1}
+    assert models.smoke_overrides("stcnnt-mri-hrnet-production") == {}

@@ -118,6 +118,8 @@ def test_shard_sampler_disjoint_chunks_and_resume():
 
 
 def test_training_from_prepared_dataset_resumes_bit_for_bit(tmp_path):
+    from trainkit import tiny_run
+
     from fm_engine.train.config import TrainConfig
     from fm_engine.train.mjepa import Trainer, latest_checkpoint, train_mjepa
 
@@ -127,28 +129,8 @@ def test_training_from_prepared_dataset_resumes_bit_for_bit(tmp_path):
     prepare(src, (64, 64), cache, part_frames=2, label_tag="ViewPosition", progress=False)
 
     def cfg(out, **kw):
-        base = dict(
-            data=str(cache),
-            out=str(tmp_path / out),
-            model="vit-i1-p16-d512",
-            size="64x64",
-            model_overrides=dict(dim=32, depth=1, heads=2, kv_heads=1, head_dim=16, patch=8),
-            predictor_depth=1,
-            steps=4,
-            batch_size=2,
-            grad_accum=1,
-            lr=1e-3,
-            workers=0,
-            device="cpu",
-            amp="fp32",
-            checkpoint_every=2,
-            label_tag="ViewPosition",
-            progress=False,
-            seed=3,
-            backend="reference",
-        )
-        base.update(kw)
-        return TrainConfig(**base).validate()
+        run = tiny_run(cache, tmp_path / out, **{"grad_accum": 1, "checkpoint_every": 2, "seed": 3, **kw})
+        return TrainConfig(**run).validate()
 
     full = train_mjepa(cfg("full"))
     assert full["step"] == 4 and isinstance(full["trainer"].dataset, PreparedDataset)

@@ -12,12 +12,12 @@ import yaml
 
 pytest.importorskip("pydicom")
 
+from trainkit import TINY, tiny_run
+
 from fm_engine.data.synthetic import write_demo_dataset
 from fm_engine.train.cli import main
 from fm_engine.train.config import FIELDS, TrainConfig, make_config
 from fm_engine.train.mjepa import Trainer, latest_checkpoint, train_mjepa
-
-TINY = dict(dim=32, depth=1, heads=2, kv_heads=1, head_dim=16, patch=8)
 
 
 @pytest.fixture(scope="module")
@@ -28,28 +28,7 @@ def data_dir(tmp_path_factory) -> Path:
 
 
 def tiny_config(data: Path, out: Path, **kw) -> TrainConfig:
-    base = dict(
-        data=str(data),
-        out=str(out),
-        model="vit-i1-p16-d512",
-        size="64x64",
-        model_overrides=dict(TINY),
-        predictor_depth=1,
-        steps=4,
-        batch_size=2,
-        grad_accum=2,
-        lr=1e-3,
-        workers=0,
-        device="cpu",
-        amp="fp32",
-        checkpoint_every=2,
-        label_tag="ViewPosition",
-        progress=False,
-        seed=5,
-        backend="reference",  # the Triton interpreter (TRITON_INTERPRET=1 in the tests) is far too slow here
-    )
-    base.update(kw)
-    return TrainConfig(**base).validate()
+    return TrainConfig(**tiny_run(data, out, **{"grad_accum": 2, "checkpoint_every": 2, **kw})).validate()
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:

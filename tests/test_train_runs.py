@@ -15,11 +15,11 @@ import yaml
 
 pytest.importorskip("pydicom")
 
+from trainkit import TINY, tiny_run
+
 from fm_engine.data.synthetic import write_demo_dataset
 from fm_engine.train.config import TrainConfig
 from fm_engine.train.mjepa import latest_checkpoint, train_mjepa
-
-TINY = dict(dim=32, depth=1, heads=2, kv_heads=1, head_dim=16, patch=8)
 
 
 @pytest.fixture(scope="module")
@@ -30,28 +30,7 @@ def data_dir(tmp_path_factory) -> Path:
 
 
 def tiny(data: Path, out: Path, **kw) -> dict:
-    base = dict(
-        data=str(data),
-        out=str(out),
-        model="vit-i1-p16-d512",
-        size="64x64",
-        model_overrides=dict(TINY),
-        predictor_depth=1,
-        steps=4,
-        batch_size=2,
-        lr=1e-3,
-        workers=0,
-        device="cpu",
-        amp="fp32",
-        checkpoint_every=1,
-        keep_checkpoints=2,
-        label_tag="ViewPosition",
-        progress=False,
-        seed=5,
-        backend="reference",
-    )
-    base.update(kw)
-    return base
+    return tiny_run(data, out, **{"checkpoint_every": 1, "keep_checkpoints": 2, **kw})
 
 
 def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -120,15 +120,17 @@ def test_objective_reduces_loss() -> None:
     x1 = torch.rand(8, 3, 32, 32)
     x2 = x1 + 0.05 * torch.randn_like(x1)
     queue = m.queue.clone()
-    opt = torch.optim.Adam(m.encoder_q.parameters(), lr=1e-4)
+    # lr 1e-3 x 10 steps: the fitted loss fell to at most 0.59x in 201 seeds; 1e-4 x 5 rose 6% in one (the
+    # pruner's negative set moves with the query encoder, so a few tiny steps need not lower the loss)
+    opt = torch.optim.Adam(m.encoder_q.parameters(), lr=1e-3)
     before = m.loss(x1, x2, update=False).item()
-    for _ in range(5):
+    for _ in range(10):
         loss = m.loss(x1, x2)
         opt.zero_grad()
         loss.backward()
         opt.step()
         m.queue.copy_(queue)  # fixed negatives: before / after measure the same objective
-    assert m.loss(x1, x2, update=False).item() < before
+    assert m.loss(x1, x2, update=False).item() < 0.9 * before
 
 
 def test_registry() -> None:

@@ -495,12 +495,14 @@ _FWD_TILES: dict[tuple[str, int, int, bool, bool], tuple[tuple[int, int, int, in
 # keep the dots pipelined within the register budget; the compile gate checks every entry for spills. sm_80
 # (mma.sync, accumulators in registers) has one candidate: 64x128 dK / dV tiles spill 8-456 B there and a
 # 64x64 dQ tile 8-152 B (the kernel report at the AViT shape). fp32 (ieee dots) has one candidate, 8 warps, or 4 where 8
-# keep an 8-byte stack frame (dK / dV masked on sm_80, dQ with dropout on sm_90; 4 warps spill elsewhere).
+# keep an 8-byte stack frame (dK / dV masked on sm_80, dQ with dropout on sm_90 or at head dim 128; 4 warps spill
+# elsewhere). With both mask and dropout on sm_80 the 16-bit tiles shrink or drop a stage (D 16 dK / dV one stage,
+# D 128 dK / dV 32 keys, D 128 dQ two stages: the others keep an 8-32 B frame).
 _DKDV_TILES: dict[tuple[str, int, int, bool, bool], tuple[tuple[int, int, int, int], ...]] = {
     ("half", 16, 80, False, False): ((32, 128, 8, 2),),
     ("half", 16, 80, False, True): ((32, 128, 8, 2),),
     ("half", 16, 80, True, False): ((32, 128, 8, 2),),
-    ("half", 16, 80, True, True): ((32, 128, 8, 2),),
+    ("half", 16, 80, True, True): ((32, 128, 8, 1),),
     ("half", 16, 90, False, False): ((64, 128, 8, 2), (32, 128, 8, 2)),
     ("half", 16, 90, False, True): ((64, 128, 8, 2), (32, 128, 8, 2)),
     ("half", 16, 90, True, False): ((64, 128, 8, 2), (32, 128, 8, 2)),
@@ -524,7 +526,7 @@ _DKDV_TILES: dict[tuple[str, int, int, bool, bool], tuple[tuple[int, int, int, i
     ("half", 128, 80, False, False): ((32, 64, 8, 1),),
     ("half", 128, 80, False, True): ((32, 64, 8, 1),),
     ("half", 128, 80, True, False): ((32, 64, 8, 1),),
-    ("half", 128, 80, True, True): ((32, 64, 8, 1),),
+    ("half", 128, 80, True, True): ((32, 32, 8, 1),),
     ("half", 128, 90, False, False): ((32, 64, 8, 2), (16, 64, 8, 2)),
     ("half", 128, 90, False, True): ((32, 64, 8, 2), (16, 64, 8, 2)),
     ("half", 128, 90, True, False): ((32, 64, 8, 2), (16, 64, 8, 2)),
@@ -590,13 +592,13 @@ _DQ_TILES: dict[tuple[str, int, int, bool, bool], tuple[tuple[int, int, int, int
     ("half", 128, 80, False, False): ((64, 32, 8, 1),),
     ("half", 128, 80, False, True): ((64, 32, 8, 1),),
     ("half", 128, 80, True, False): ((64, 32, 8, 1),),
-    ("half", 128, 80, True, True): ((64, 32, 8, 1),),
+    ("half", 128, 80, True, True): ((64, 32, 8, 2),),
     ("half", 128, 90, False, False): ((64, 32, 8, 2), (32, 32, 8, 2)),
     ("half", 128, 90, False, True): ((64, 32, 8, 2), (32, 32, 8, 2)),
     ("half", 128, 90, True, False): ((64, 32, 8, 2), (32, 32, 8, 2)),
     ("half", 128, 90, True, True): ((64, 32, 8, 2), (32, 32, 8, 2)),
     ("fp32", 16, 80, False, False): ((32, 32, 8, 2),),
-    ("fp32", 16, 80, False, True): ((32, 32, 8, 2),),
+    ("fp32", 16, 80, False, True): ((32, 32, 4, 2),),
     ("fp32", 16, 80, True, False): ((32, 32, 8, 2),),
     ("fp32", 16, 80, True, True): ((32, 32, 8, 2),),
     ("fp32", 16, 90, False, False): ((32, 32, 8, 2),),
@@ -604,7 +606,7 @@ _DQ_TILES: dict[tuple[str, int, int, bool, bool], tuple[tuple[int, int, int, int
     ("fp32", 16, 90, True, False): ((32, 32, 8, 2),),
     ("fp32", 16, 90, True, True): ((32, 32, 8, 2),),
     ("fp32", 32, 80, False, False): ((32, 32, 8, 2),),
-    ("fp32", 32, 80, False, True): ((32, 32, 8, 2),),
+    ("fp32", 32, 80, False, True): ((32, 32, 8, 1),),
     ("fp32", 32, 80, True, False): ((32, 32, 8, 2),),
     ("fp32", 32, 80, True, True): ((32, 32, 8, 2),),
     ("fp32", 32, 90, False, False): ((32, 32, 8, 2),),
@@ -619,12 +621,12 @@ _DQ_TILES: dict[tuple[str, int, int, bool, bool], tuple[tuple[int, int, int, int
     ("fp32", 64, 90, False, True): ((32, 32, 4, 2),),
     ("fp32", 64, 90, True, False): ((32, 32, 8, 2),),
     ("fp32", 64, 90, True, True): ((32, 32, 8, 2),),
-    ("fp32", 128, 80, False, False): ((16, 32, 8, 2),),
+    ("fp32", 128, 80, False, False): ((16, 32, 4, 2),),
     ("fp32", 128, 80, False, True): ((16, 32, 8, 2),),
     ("fp32", 128, 80, True, False): ((16, 32, 8, 2),),
     ("fp32", 128, 80, True, True): ((16, 32, 8, 2),),
-    ("fp32", 128, 90, False, False): ((16, 32, 8, 2),),
-    ("fp32", 128, 90, False, True): ((16, 32, 8, 2),),
+    ("fp32", 128, 90, False, False): ((16, 32, 4, 2),),
+    ("fp32", 128, 90, False, True): ((16, 32, 4, 2),),
     ("fp32", 128, 90, True, False): ((16, 32, 8, 2),),
     ("fp32", 128, 90, True, True): ((16, 32, 8, 2),),
 }

@@ -14,7 +14,14 @@ pytest.importorskip("pydicom")
 pytest.importorskip("litdata")
 
 from fm_engine.data import DicomFrameDataset, collate_frames
-from fm_engine.data.prepared import PreparedDataset, ShardSampler, collate_prepared, is_prepared, prepare
+from fm_engine.data.prepared import (
+    RING_SLOTS,
+    PreparedDataset,
+    ShardSampler,
+    collate_prepared,
+    is_prepared,
+    prepare,
+)
 from fm_engine.data.synthetic import write_demo_dataset, write_mammogram, write_mr_cine
 from fm_engine.data.train_data import open_training_data
 
@@ -58,7 +65,8 @@ def test_prepare_writes_model_size_samples_equal_to_the_reader(folder, tmp_path)
         probe.view(torch.int16), ds[4]["image"].view(torch.int16)
     )
     want = collate_frames([ds[4], ds[0], ds[2]])
-    assert want.keys() == batch.keys()
+    assert want.keys() == batch.keys() - {"ring"}  # outside a DataLoader worker the batch is not in the ring
+    assert torch.equal(batch["ring"], torch.tensor([[-1, -1, 0]] * 3))
     for k in want:
         assert torch.equal(want[k].to(torch.int32), batch[k].to(torch.int32)), k
     with open(out / "skipped.csv", newline="") as f:
@@ -73,6 +81,39 @@ def test_prepare_writes_model_size_samples_equal_to_the_reader(folder, tmp_path)
     # other settings into the same folder are refused
     with pytest.raises(ValueError, match="other settings"):
         prepare(folder, (32, 32), out, part_frames=2, progress=False)
+
+
+def test_worker_batch_buffers_reused_only_once_handed_back(folder, tmp_path):
+    out = tmp_path / "cache"
+    prepare(folder, SIZE, out, part_frames=2, progress=False)
+    ds = PreparedDataset(out)
+    want = {i: ds[i]["image"].clone() for i in range(len(ds))}
+    order = [i % len(ds) for i in range(40)]  # 20 batches of 2, 10 per worker
+
+    def batches():
+        return torch.utils.data.DataLoader(ds, batch_size=2, sampler=order, num_workers=2, collate_fn=collate_prepared)
+
+    def same(batch) -> bool:
+        return all(torch.equal(batch["image"][j], want[int(i)]) for j, i in enumerate(batch["index"]))
+
+    # handed back after use: each worker refills its RING_SLOTS buffers instead of allocating afresh
+    seen = 0
+    for batch in batches():
+        assert same(batch) and batch["ring"][0, 0] in (0, 1)
+        ds.release(batch)
+        seen += 1
+    reused, fresh = ds.ring_counts
+    assert seen == 20 and reused + fresh == 20 and fresh <= 2 * RING_SLOTS and reused >= 20 - 2 * RING_SLOTS
+    # never handed back: no buffer is refilled while a batch holds it, every batch keeps its images
+    ds = PreparedDataset(out)
+    held = list(batches())
+    assert ds.ring_counts == (0, 20) and all(same(b) for b in held)
+    # a stale hand-back (a token the slot no longer holds) leaves the slot's current batch alone
+    ds._ring_state[0, 1] = 7
+    ds.release({"ring": torch.tensor([[0, 1, 12345]])})
+    assert int(ds._ring_state[0, 1]) == 7
+    ds.release([{"ring": torch.tensor([0, 1, 7])}])
+    assert int(ds._ring_state[0, 1]) == 0
 
 
 def test_prepare_resumes_and_runs_parallel(folder, tmp_path):
@@ -132,8 +173,10 @@ def test_training_from_prepared_dataset_resumes_bit_for_bit(tmp_path):
         run = tiny_run(cache, tmp_path / out, **{"grad_accum": 1, "checkpoint_every": 2, "seed": 3, **kw})
         return TrainConfig(**run).validate()
 
-    full = train_mjepa(cfg("full"))
+    # two loader workers (batches in their reused shared buffers) here, none in the interrupted and resumed run
+    full = train_mjepa(cfg("full", workers=2))
     assert full["step"] == 4 and isinstance(full["trainer"].dataset, PreparedDataset)
+    assert sum(full["trainer"].dataset.ring_counts) >= 4  # every batch came through a worker's ring
     killed = train_mjepa(cfg("killed", stop_after=3))
     assert killed["step"] == 3 and latest_checkpoint(tmp_path / "killed").name == "step_0000002"
     resumed = Trainer(cfg("killed", resume=True))

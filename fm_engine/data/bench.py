@@ -2,7 +2,10 @@
 
 Each of ``workers`` processes (what one DataLoader worker does) reads its share of the examples in a loop
 and times its stages after one untimed batch (reader set-up, intensity tables); the files are read once
-before timing, so the figures are for page-cached files.
+before timing, so the figures are for page-cached files. Batches are allocated in shared memory, as a
+DataLoader worker allocates them (its page faults are part of the ``read`` / ``collate`` time); a prepared
+dataset's worker refills its reused buffers, each handed back after its batch is collated, as the training
+loop hands a batch back after its step.
 
 * DICOM folder (``source = "dicom"``): ``read`` (open the file, parse the header, read the bytes),
   ``decode`` (pixel data -> stored values, intensity table), ``collate`` (the batch tensor);
@@ -78,8 +81,12 @@ def _worker(args: tuple[str, tuple[int, int], list[int], float, Any]) -> dict[st
     data, size, indices, min_seconds, q = args
     torch.set_num_threads(1)
     source, ds = _examples(data, size)
+    from fm_engine.data import device, prepared
     from fm_engine.data.device import collate_stored, read_stored, stored_example
     from fm_engine.data.prepared import collate_prepared
+
+    device._SHARED_BATCHES = True  # batches in shared memory, as a DataLoader worker allocates them
+    prepared._STANDIN_WORKER = 0  # and a prepared dataset's in its worker's reused buffers
 
     stages = {"read": 0.0, "decode": 0.0, "collate": 0.0} if source == "dicom" else {"read": 0.0, "collate": 0.0}
     # one untimed batch first: opening the reader and building the intensity tables happen once per worker
@@ -87,7 +94,7 @@ def _worker(args: tuple[str, tuple[int, int], list[int], float, Any]) -> dict[st
     if source == "dicom":
         collate_stored([stored_example(read_stored(ds.files[ds.frames[i][0]]), ds.frames[i][1]) for i in first])
     else:
-        collate_prepared(ds.__getitems__(first))
+        ds.release(collate_prepared(ds.__getitems__(first)))
     n = 0
     t_start = time.perf_counter()
     c_start = time.process_time()
@@ -107,8 +114,10 @@ def _worker(args: tuple[str, tuple[int, int], list[int], float, Any]) -> dict[st
                 items = ds.__getitems__(indices[k : k + BATCH])
                 stages["read"] += time.perf_counter() - t0
             t0 = time.perf_counter()
-            (collate_stored if source == "dicom" else collate_prepared)(items)
+            batch = (collate_stored if source == "dicom" else collate_prepared)(items)
             stages["collate"] += time.perf_counter() - t0
+            if source == "prepared":  # the training step hands the buffer back once the batch is on the device
+                ds.release(batch)
             n += len(items)
         wall = time.perf_counter() - t_start
         if wall >= min_seconds:

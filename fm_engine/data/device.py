@@ -300,10 +300,16 @@ def _common_dtype(dtypes: Collection[torch.dtype]) -> torch.dtype:
     return torch.int32
 
 
+# True in a process that stands in for a DataLoader worker without being one (the data benchmark's workers), so
+# that its batches are allocated as a worker's are
+_SHARED_BATCHES = False
+
+
 def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An empty tensor; in a DataLoader worker it lives in shared memory, so that sending the batch to the
-    training process copies nothing (what torch's default collate does)."""
-    if torch.utils.data.get_worker_info() is None:
+    training process copies nothing (what torch's default collate does). Fresh shared memory costs its page
+    faults at the first write (on a 2-core VM about 4x a copy of the image into memory written before)."""
+    if torch.utils.data.get_worker_info() is None and not _SHARED_BATCHES:
         return torch.empty(shape, dtype=dtype)
     numel = int(np.prod(shape))
     storage = torch.UntypedStorage._new_shared(numel * dtype.itemsize)  # type: ignore[attr-defined]

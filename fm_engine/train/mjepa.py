@@ -342,6 +342,12 @@ class ReportingDataset(torch.utils.data.Dataset):
             out["skipped_files"] = [self._reason((index + k) % len(self)) for k in range(n)]
         return out
 
+    def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
+        """A batch in one call where the dataset reads batches (a prepared dataset: one reused shared buffer per
+        batch, see :meth:`~fm_engine.data.prepared.PreparedDataset.__getitems__`), else example by example."""
+        many = getattr(self.dataset, "__getitems__", None)
+        return many(indices) if many is not None else [self[i] for i in indices]
+
     def _reason(self, index: int) -> tuple[str, str]:
         from fm_engine.data.dicom import DicomReadError
 
@@ -861,6 +867,8 @@ class Trainer:
             self.skipped += int(batch["skipped"].sum())
             n_img += batch["index"].shape[0]
             rows.append(self._micro_step(batch, sync=k == cfg.grad_accum - 1))
+            if hasattr(self.dataset, "release"):  # its buffer is read no more: the loader may refill it
+                self.dataset.release(batch)
         gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip)  # FSDP: DTensor grads, norm over all shards
         if hasattr(gnorm, "full_tensor"):
             gnorm = gnorm.full_tensor()

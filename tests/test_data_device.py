@@ -3,6 +3,8 @@ the CPU path (read_dicom -> resize_pad -> collate_frames) within one uint16 unit
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -194,6 +196,27 @@ def test_dataset_stored_mode_equals_default_mode(tmp_path, device):
     # through a DataLoader with a worker process and pinned memory
     loader = torch.utils.data.DataLoader(st_ds, batch_size=n, num_workers=1, collate_fn=collate_stored)
     assert_same(cpu, device_transform(next(iter(loader)), (32, 24), device))
+
+
+def test_worker_batches_in_reused_buffers_equal_fresh_ones(tmp_path):
+    write_mammogram(tmp_path / "a.dcm", size=(64, 48), view="CC", seed=1)
+    write_mr_cine(tmp_path / "cine.dcm", frames=2, size=(16, 16))
+    ds = DicomFrameDataset(tmp_path, (32, 24), progress=False, stored=True)
+    order = [i % len(ds) for i in range(36)]  # 18 batches of 2 (sizes mixed: padded), 9 per worker
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=2, sampler=order, num_workers=2, collate_fn=functools.partial(collate_stored, ring=ds.ring)
+    )
+    n = 0
+    for batch in loader:
+        want = collate_stored([ds[int(i)] for i in batch["index"]])  # fresh memory, main process
+        assert want.keys() == batch.keys() - {"ring"} and int(batch["ring"][0]) in (0, 1)
+        for k in want:
+            assert torch.equal(torch.as_tensor(want[k]), torch.as_tensor(batch[k])), k
+        ds.release(batch)  # its worker may now refill the buffer
+        n += 1
+    reused, fresh = ds.ring.counts
+    slots = ds.ring.state.shape[1]
+    assert n == 18 and reused + fresh == 18 and fresh <= 2 * slots and reused >= 18 - 2 * slots
 
 
 def test_stored_values_are_not_transformed_in_the_worker(tmp_path):

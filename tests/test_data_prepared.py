@@ -14,14 +14,7 @@ pytest.importorskip("pydicom")
 pytest.importorskip("litdata")
 
 from fm_engine.data import DicomFrameDataset, collate_frames
-from fm_engine.data.prepared import (
-    RING_SLOTS,
-    PreparedDataset,
-    ShardSampler,
-    collate_prepared,
-    is_prepared,
-    prepare,
-)
+from fm_engine.data.prepared import PreparedDataset, ShardSampler, collate_prepared, is_prepared, prepare
 from fm_engine.data.synthetic import write_demo_dataset, write_mammogram, write_mr_cine
 from fm_engine.data.train_data import open_training_data
 
@@ -96,24 +89,25 @@ def test_worker_batch_buffers_reused_only_once_handed_back(folder, tmp_path):
     def same(batch) -> bool:
         return all(torch.equal(batch["image"][j], want[int(i)]) for j, i in enumerate(batch["index"]))
 
-    # handed back after use: each worker refills its RING_SLOTS buffers instead of allocating afresh
+    # handed back after use: each worker refills its 4 buffers instead of allocating afresh
+    slots = ds.ring.state.shape[1]
     seen = 0
     for batch in batches():
         assert same(batch) and batch["ring"][0, 0] in (0, 1)
         ds.release(batch)
         seen += 1
-    reused, fresh = ds.ring_counts
-    assert seen == 20 and reused + fresh == 20 and fresh <= 2 * RING_SLOTS and reused >= 20 - 2 * RING_SLOTS
+    reused, fresh = ds.ring.counts
+    assert seen == 20 and reused + fresh == 20 and fresh <= 2 * slots and reused >= 20 - 2 * slots
     # never handed back: no buffer is refilled while a batch holds it, every batch keeps its images
     ds = PreparedDataset(out)
     held = list(batches())
-    assert ds.ring_counts == (0, 20) and all(same(b) for b in held)
+    assert ds.ring.counts == (0, 20) and all(same(b) for b in held)
     # a stale hand-back (a token the slot no longer holds) leaves the slot's current batch alone
-    ds._ring_state[0, 1] = 7
+    ds.ring.state[0, 1] = 7
     ds.release({"ring": torch.tensor([[0, 1, 12345]])})
-    assert int(ds._ring_state[0, 1]) == 7
+    assert int(ds.ring.state[0, 1]) == 7
     ds.release([{"ring": torch.tensor([0, 1, 7])}])
-    assert int(ds._ring_state[0, 1]) == 0
+    assert int(ds.ring.state[0, 1]) == 0
 
 
 def test_prepare_resumes_and_runs_parallel(folder, tmp_path):
@@ -176,7 +170,7 @@ def test_training_from_prepared_dataset_resumes_bit_for_bit(tmp_path):
     # two loader workers (batches in their reused shared buffers) here, none in the interrupted and resumed run
     full = train_mjepa(cfg("full", workers=2))
     assert full["step"] == 4 and isinstance(full["trainer"].dataset, PreparedDataset)
-    assert sum(full["trainer"].dataset.ring_counts) >= 4  # every batch came through a worker's ring
+    assert sum(full["trainer"].dataset.ring.counts) >= 4  # every batch came through a worker's ring
     killed = train_mjepa(cfg("killed", stop_after=3))
     assert killed["step"] == 3 and latest_checkpoint(tmp_path / "killed").name == "step_0000002"
     resumed = Trainer(cfg("killed", resume=True))

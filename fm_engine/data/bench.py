@@ -81,18 +81,21 @@ def _worker(args: tuple[str, tuple[int, int], list[int], float, Any]) -> dict[st
     data, size, indices, min_seconds, q = args
     torch.set_num_threads(1)
     source, ds = _examples(data, size)
-    from fm_engine.data import device, prepared
+    from fm_engine.data import device
     from fm_engine.data.device import collate_stored, read_stored, stored_example
     from fm_engine.data.prepared import collate_prepared
 
-    device._SHARED_BATCHES = True  # batches in shared memory, as a DataLoader worker allocates them
-    prepared._STANDIN_WORKER = 0  # and a prepared dataset's in its worker's reused buffers
+    device._STANDIN_WORKER = 0  # batches in the dataset's reused shared buffers, as a DataLoader worker's
 
     stages = {"read": 0.0, "decode": 0.0, "collate": 0.0} if source == "dicom" else {"read": 0.0, "collate": 0.0}
     # one untimed batch first: opening the reader and building the intensity tables happen once per worker
     first = indices[:BATCH]
     if source == "dicom":
-        collate_stored([stored_example(read_stored(ds.files[ds.frames[i][0]]), ds.frames[i][1]) for i in first])
+        ds.release(
+            collate_stored(
+                [stored_example(read_stored(ds.files[ds.frames[i][0]]), ds.frames[i][1]) for i in first], ds.ring
+            )
+        )
     else:
         ds.release(collate_prepared(ds.__getitems__(first)))
     n = 0
@@ -114,10 +117,9 @@ def _worker(args: tuple[str, tuple[int, int], list[int], float, Any]) -> dict[st
                 items = ds.__getitems__(indices[k : k + BATCH])
                 stages["read"] += time.perf_counter() - t0
             t0 = time.perf_counter()
-            batch = (collate_stored if source == "dicom" else collate_prepared)(items)
+            batch = collate_stored(items, ds.ring) if source == "dicom" else collate_prepared(items)
             stages["collate"] += time.perf_counter() - t0
-            if source == "prepared":  # the training step hands the buffer back once the batch is on the device
-                ds.release(batch)
+            ds.release(batch)  # as the training step hands its batch back (once the batch is on the device)
             n += len(items)
         wall = time.perf_counter() - t_start
         if wall >= min_seconds:

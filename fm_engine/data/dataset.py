@@ -105,6 +105,12 @@ class DicomFrameDataset(torch.utils.data.Dataset):
             raise ValueError(f"data: no readable DICOM image under {root} ({len(self.skipped_files)} files skipped)")
         self.classes = sorted({v for v in values if v is not None})
         self._labels = [self.classes.index(v) if v is not None else -1 for v in values]
+        # stored=True: the workers' reused batch buffers, for collate_stored(batch, ring=self.ring)
+        self.ring = None
+        if stored:
+            from fm_engine.data.device import BatchRing
+
+            self.ring = BatchRing()
 
     def __len__(self) -> int:
         return len(self.frames)
@@ -159,6 +165,12 @@ class DicomFrameDataset(torch.utils.data.Dataset):
             out["skipped"] = torch.tensor(skipped, dtype=torch.int64)
             return out
         raise ValueError(f"data: every one of the {len(self)} examples is unreadable")
+
+    def release(self, batch: Any) -> None:
+        """Hand back a batch collated with ``collate_stored(..., ring=self.ring)`` once nothing reads its stored
+        values any more, so that its worker may refill the buffer (a no-op for other batches)."""
+        if self.ring is not None:
+            self.ring.release(batch)
 
 
 def collate_frames(batch: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:

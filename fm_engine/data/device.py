@@ -300,30 +300,114 @@ def _common_dtype(dtypes: Collection[torch.dtype]) -> torch.dtype:
     return torch.int32
 
 
-# True in a process that stands in for a DataLoader worker without being one (the data benchmark's workers), so
-# that its batches are allocated as a worker's are
-_SHARED_BATCHES = False
+# the worker index of a process that stands in for a DataLoader worker without being one (the data benchmark's
+# workers), so that its batches are allocated as a worker's are
+_STANDIN_WORKER: int | None = None
+
+
+def _worker_index() -> int | None:
+    """This DataLoader worker's index (None in the main process)."""
+    info = torch.utils.data.get_worker_info()
+    return info.id if info is not None else _STANDIN_WORKER
 
 
 def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An empty tensor; in a DataLoader worker it lives in shared memory, so that sending the batch to the
     training process copies nothing (what torch's default collate does). Fresh shared memory costs its page
-    faults at the first write (on a 2-core VM about 4x a copy of the image into memory written before)."""
-    if torch.utils.data.get_worker_info() is None and not _SHARED_BATCHES:
+    faults at the first write (on a 2-core VM about 4x a copy of the image into memory written before): see
+    :class:`BatchRing` for buffers that are reused."""
+    if _worker_index() is None:
         return torch.empty(shape, dtype=dtype)
     numel = int(np.prod(shape))
     storage = torch.UntypedStorage._new_shared(numel * dtype.itemsize)  # type: ignore[attr-defined]
+    return _on(storage, shape, dtype)
+
+
+def _on(storage: torch.UntypedStorage, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(0, dtype=dtype).set_(storage, 0, shape, torch.empty(shape, device="meta").stride())
 
 
-def collate_stored(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
+NO_RING = (-1, -1, 0)  # the ring record of a batch outside any ring
+
+
+class BatchRing:
+    """Batch buffers that DataLoader workers reuse instead of allocating fresh shared memory for every batch.
+
+    Each worker keeps ``slots`` buffers (enough for the batches it has in flight at prefetch_factor 2, the one
+    the training step holds and one being pinned). :meth:`tensor` hands out a free one, marked with a token;
+    the batch carries its ring record ``[3]`` int64 (worker, slot, token) and the consumer hands it back with
+    :meth:`release` once nothing reads it (after the step, or after its pinned copy). A buffer whose batch was
+    not handed back is never overwritten: a worker with no free slot allocates afresh. In the main process
+    (no workers) nothing is reused. The slot states live in shared memory, created where the ring is built
+    (the main process) and seen by every worker; each worker process allocates its own buffers."""
+
+    def __init__(self, slots: int = 4, workers: int = 64) -> None:
+        if slots < 1 or workers < 1:
+            raise ValueError(f"slots, workers: expected at least 1 each, got {slots}, {workers}")
+        # state[w, k]: 0 (free) or the token of the batch in worker w's slot k
+        self.state = torch.zeros(workers, slots, dtype=torch.int64).share_memory_()
+        self._counts = torch.zeros(2, dtype=torch.int64).share_memory_()  # [refilled, fresh]
+        self._buffers: list[torch.UntypedStorage | None] = [None] * slots
+        self._seq = 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_buffers"] = [None] * len(self._buffers)  # each worker process allocates its own
+        return state
+
+    def tensor(self, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(empty batch tensor of ``shape`` / ``dtype``, its ring record [3] int64): a free slot of this
+        worker (its buffer reallocated when too small), else fresh memory (:func:`_batch_tensor`)."""
+        w = _worker_index()
+        if w is not None and w < self.state.shape[0]:
+            nbytes = int(np.prod(shape)) * dtype.itemsize
+            row = self.state[w]
+            for k in range(row.shape[0]):
+                if int(row[k]) != 0:
+                    continue
+                buf = self._buffers[k]
+                if buf is None or buf.nbytes() < nbytes:
+                    buf = torch.UntypedStorage._new_shared(nbytes)  # type: ignore[attr-defined]
+                    self._buffers[k] = buf
+                    self._counts[1] += 1
+                else:
+                    self._counts[0] += 1
+                self._seq += 1
+                token = (os.getpid() << 24) | (self._seq & 0xFFFFFF) or 1
+                row[k] = token
+                return _on(buf, shape, dtype), torch.tensor([w, k, token], dtype=torch.int64)
+        if w is not None:
+            self._counts[1] += 1
+        return _batch_tensor(shape, dtype), torch.tensor(NO_RING, dtype=torch.int64)
+
+    def release(self, batch: Any) -> None:
+        """Hand back the buffer of ``batch`` (a collated batch, a list of examples or a ring record): its
+        worker may refill it. Outside the ring, or released before: nothing happens."""
+        if isinstance(batch, list):
+            batch = batch[0] if batch else {}
+        ring = batch.get("ring") if isinstance(batch, dict) else batch
+        if ring is None:
+            return
+        w, k, token = (int(v) for v in (ring[0] if ring.dim() == 2 else ring))
+        if 0 <= w < self.state.shape[0] and 0 <= k < self.state.shape[1] and int(self.state[w, k]) == token:
+            self.state[w, k] = 0  # only this batch's own token is cleared, never a later batch's in the slot
+
+    @property
+    def counts(self) -> tuple[int, int]:
+        """(batches written into a reused buffer, batches that needed fresh memory), over every worker."""
+        return int(self._counts[0]), int(self._counts[1])
+
+
+def collate_stored(batch: Sequence[dict[str, Any]], ring: BatchRing | None = None) -> dict[str, Any]:
     """Examples of ``DicomFrameDataset(..., stored=True)`` -> one batch (pad to the batch maximum + sizes).
 
     Each example holds ``stored [C, H, W]``, ``lut`` (tensor or None), ``lut_lo``, ``kind``, ``scale``,
     ``offset`` and the usual ``label`` / ``index`` / ``skipped``. The batch holds:
     stored [B, C, H_max, W_max] (uint8 / uint16 / int32 / float32: the common dtype, zero padded),
     sizes [B, 2] int64, lut [L] float32 (the distinct tables concatenated), lut_base / lut_len / lut_lo /
-    kind [B] int64, scale / offset [B] float64, and every other key stacked."""
+    kind [B] int64, scale / offset [B] float64, and every other key stacked. With ``ring`` (the dataset's
+    :class:`BatchRing`) ``stored`` is one of its reused buffers and the batch carries ``ring`` [3] int64:
+    hand it back with ``ring.release(batch)`` (the dataset's ``release``) once it is no longer read."""
     if not batch:
         raise ValueError("batch: expected at least one example")
     imgs: list[Any] = [b["stored"] for b in batch]
@@ -333,7 +417,8 @@ def collate_stored(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
     dtype = _common_dtype({x.dtype for x in imgs})
     hs, ws = [int(x.shape[-2]) for x in imgs], [int(x.shape[-1]) for x in imgs]
     hm, wm = max(hs), max(ws)
-    stored = _batch_tensor((len(imgs), chans.pop(), hm, wm), dtype)
+    shape = (len(imgs), chans.pop(), hm, wm)
+    stored, record = ring.tensor(shape, dtype) if ring is not None else (_batch_tensor(shape, dtype), None)
     if all(x.dtype == dtype and tuple(x.shape[-2:]) == (hm, wm) for x in imgs):
         for i, x in enumerate(imgs):
             if isinstance(x, PixelSource):
@@ -380,6 +465,8 @@ def collate_stored(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
             out[k] = torch.stack([torch.as_tensor(b[k]) for b in batch])
     if "path" in batch[0]:
         out["path"] = [b["path"] for b in batch]
+    if record is not None:
+        out["ring"] = record
     return out
 
 

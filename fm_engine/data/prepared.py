@@ -50,11 +50,6 @@ INDEX_FILE = "index.json"  # LitData's index of the chunk files
 META_FILE = "prepared.json"
 SKIPPED_FILE = "skipped.csv"
 FORMAT_VERSION = 1
-# Batch buffers a DataLoader worker reuses (PreparedDataset.__getitems__): per worker, enough for the batches it
-# has in flight (prefetch_factor 2), the one the training step holds and one being pinned; at most RING_WORKERS
-# workers use them (any further worker allocates every batch afresh)
-RING_SLOTS = 4
-RING_WORKERS = 64
 
 
 def is_prepared(path: str | os.PathLike[str]) -> bool:
@@ -349,16 +344,6 @@ def collate_prepared(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-# the worker index of a process that stands in for a DataLoader worker without being one (the data benchmark)
-_STANDIN_WORKER: int | None = None
-
-
-def _worker_slot_row() -> int | None:
-    """This DataLoader worker's index (None in the main process)."""
-    info = torch.utils.data.get_worker_info()
-    return info.id if info is not None else _STANDIN_WORKER
-
-
 class PreparedDataset(torch.utils.data.Dataset):
     """Random access to a prepared dataset (``litdata.StreamingDataset`` over its index).
 
@@ -383,12 +368,9 @@ class PreparedDataset(torch.utils.data.Dataset):
         self._ends = np.cumsum(self.chunk_sizes)
         self._layout: dict[str, Any] | None = None
         self._files: dict[int, Any] = {}
-        # the batch-buffer ring: state[w, k] is 0 (free) or the token of the batch in worker w's slot k; counts:
-        # [batches from the ring, batches allocated afresh]; both in shared memory, seen by every worker
-        self._ring_state = torch.zeros(RING_WORKERS, RING_SLOTS, dtype=torch.int64).share_memory_()
-        self._ring_counts = torch.zeros(2, dtype=torch.int64).share_memory_()
-        self._ring: list[torch.UntypedStorage | None] = [None] * RING_SLOTS  # this process's buffers
-        self._ring_seq = 0
+        from fm_engine.data.device import BatchRing
+
+        self.ring = BatchRing()  # the workers' reused batch buffers (see __getitems__)
 
     def __len__(self) -> int:
         return sum(self.chunk_sizes)
@@ -433,19 +415,22 @@ class PreparedDataset(torch.utils.data.Dataset):
     def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
         """A batch: every image is copied once, from the chunk straight into one batch tensor; :func:`collate_prepared`
         then stacks nothing. In a DataLoader worker the batch tensor lives in shared memory, in one of the
-        worker's :data:`RING_SLOTS` reused buffers when one is free (fresh shared memory costs page faults
-        worth several copies of the image). Each example then carries ``ring`` [3] int64 (worker, slot, token;
-        -1, -1, 0 outside the ring): hand the batch back with :meth:`release` once it is no longer read, or the
-        slot stays taken (a worker whose slots are all taken allocates afresh; nothing is overwritten)."""
+        worker's reused buffers when one is free (``self.ring``, a :class:`~fm_engine.data.device.BatchRing`;
+        fresh shared memory costs page faults worth several copies of the image). Each example carries ``ring``
+        [3] int64 (worker, slot, token; -1, -1, 0 outside the ring): hand the batch back with :meth:`release`
+        once it is no longer read, or the slot stays taken (a worker whose slots are all taken allocates afresh;
+        nothing is overwritten)."""
+        from fm_engine.data.device import NO_RING
+
         out: list[dict[str, Any]] = []
         batch: torch.Tensor | None = None
-        ring = torch.tensor([-1, -1, 0], dtype=torch.int64)
+        ring = torch.tensor(NO_RING, dtype=torch.int64)
         for k, index in enumerate(indices):
             s = self._sample(index)
             arr = s.pop("image")
             dtype = _TORCH_DTYPES[arr.dtype]
             if batch is None:
-                batch, ring = self._batch_buffer((len(indices), *arr.shape), dtype)
+                batch, ring = self.ring.tensor((len(indices), *arr.shape), dtype)
             if batch.dtype == dtype and tuple(batch.shape[1:]) == arr.shape:
                 img = batch[k]
             else:  # mixed precisions or shapes: this example gets its own tensor
@@ -456,48 +441,10 @@ class PreparedDataset(torch.utils.data.Dataset):
             out.append({**self._example(s, index, img), "ring": ring})
         return out
 
-    def _batch_buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(empty batch tensor, ring record): a free ring slot of this worker (its buffer reallocated when too
-        small), else a fresh tensor (:func:`fm_engine.data.device._batch_tensor`)."""
-        from fm_engine.data import device
-
-        w = _worker_slot_row()
-        nbytes = int(np.prod(shape)) * dtype.itemsize
-        if w is not None and w < RING_WORKERS:
-            row = self._ring_state[w]
-            for k in range(RING_SLOTS):
-                if int(row[k]) != 0:
-                    continue
-                buf = self._ring[k]
-                if buf is None or buf.nbytes() < nbytes:
-                    buf = torch.UntypedStorage._new_shared(nbytes)  # type: ignore[attr-defined]
-                    self._ring[k] = buf
-                    self._ring_counts[1] += 1
-                else:
-                    self._ring_counts[0] += 1
-                self._ring_seq += 1
-                token = (os.getpid() << 24) | (self._ring_seq & 0xFFFFFF) or 1
-                row[k] = token
-                t = torch.empty(0, dtype=dtype).set_(buf, 0, shape, torch.empty(shape, device="meta").stride())
-                return t, torch.tensor([w, k, token], dtype=torch.int64)
-        self._ring_counts[1] += 1
-        return device._batch_tensor(shape, dtype), torch.tensor([-1, -1, 0], dtype=torch.int64)
-
-    def release(self, batch: dict[str, Any]) -> None:
-        """Hand a batch from :meth:`__getitems__` (collated or a list of examples) back once nothing reads its
-        images any more (after the step; a pinned copy counts as a copy): its worker may then refill the
-        buffer. A batch from outside the ring, or one released before, is ignored."""
-        ring = batch[0]["ring"] if isinstance(batch, list) else batch.get("ring")
-        if ring is None:
-            return
-        w, k, token = (int(v) for v in (ring[0] if ring.dim() == 2 else ring))
-        if 0 <= w < RING_WORKERS and 0 <= k < RING_SLOTS and int(self._ring_state[w, k]) == token:
-            self._ring_state[w, k] = 0  # only the batch's own token is cleared (not a later batch's in the slot)
-
-    @property
-    def ring_counts(self) -> tuple[int, int]:
-        """(batches written into a reused ring buffer, batches that needed fresh memory), over every worker."""
-        return int(self._ring_counts[0]), int(self._ring_counts[1])
+    def release(self, batch: Any) -> None:
+        """Hand a batch from :meth:`__getitems__` (collated, or its list of examples) back once nothing reads
+        its images any more: its worker may refill the buffer (:meth:`fm_engine.data.device.BatchRing.release`)."""
+        self.ring.release(batch)
 
     def _read_image_into(self, index: int, arr: np.ndarray, out: torch.Tensor) -> bool:
         """Read sample ``index``'s image bytes from its chunk file straight into ``out`` (a plain read: one
@@ -539,7 +486,6 @@ class PreparedDataset(torch.utils.data.Dataset):
         state = dict(self.__dict__)
         state["_ds"] = None  # each worker process opens its own reader
         state["_files"] = {}
-        state["_ring"] = [None] * RING_SLOTS  # and allocates its own batch buffers
         return state
 
 

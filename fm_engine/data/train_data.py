@@ -11,6 +11,7 @@ the other entries on the device.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Callable, Collection
 from typing import Any
@@ -90,4 +91,6 @@ def open_training_data(
         progress=progress,
         stored=True,
     )
-    return TrainData(dicom, collate_stored, tuple(size), "dicom")  # type: ignore[arg-type]
+    # batches in the dataset's reused worker buffers, handed back by the training loop (dataset.release)
+    collate = functools.partial(collate_stored, ring=dicom.ring)
+    return TrainData(dicom, collate, tuple(size), "dicom")  # type: ignore[arg-type]

@@ -37,8 +37,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from fm_engine.models.mitub.layers import EncoderLayer, grid_positions
-from fm_engine.models.mitub.vit import gather_tokens
+from fm_engine.nn.tokens import gather_tokens, grid_positions
+from fm_engine.nn.transformer import EncoderLayer
 
 
 def coarse_mask(

@@ -10,6 +10,9 @@ from torch import nn
 
 from fm_engine.models.mitub.layers import EncoderLayer, PatchEmbed3d
 from fm_engine.nn import PatchEmbed2d
+from fm_engine.nn.tokens import gather_tokens  # re-exported: its home was this module
+
+__all__ = ["ViT", "check_token_index", "gather_tokens"]
 
 
 def check_token_index(token_index: torch.Tensor | None, batch: int, tokens: int) -> None:
@@ -27,11 +30,6 @@ def check_token_index(token_index: torch.Tensor | None, batch: int, tokens: int)
     on_host = token_index.device.type == "cpu" and not torch.compiler.is_compiling()
     if on_host and token_index.numel() and (int(token_index.min()) < 0 or int(token_index.max()) >= tokens):
         raise ValueError(f"token_index: positions must lie in [0, {tokens})")
-
-
-def gather_tokens(x: torch.Tensor, token_index: torch.Tensor) -> torch.Tensor:
-    """x: [B, N, D], token_index: [B, K] -> [B, K, D]."""
-    return torch.gather(x, 1, token_index[..., None].expand(-1, -1, x.shape[-1]))
 
 
 class ViT(nn.Module):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
@@ -37,7 +37,13 @@ class AViT(nn.Module):
     context reaches the output at any resolution. The original restricted the keys/values the same way
     but padded ragged counts with zeros that were attended to (**fixed**: exact counts without padding
     when the key/value grid is a multiple of the target grid, else padding behind a key-padding mask).
+
+    ``fsdp_units`` / ``checkpoint_units``: the module classes a trainer shards as FSDP units and
+    recomputes under activation checkpointing (the encoder and the decoder layers).
     """
+
+    fsdp_units: ClassVar[tuple[type[nn.Module], ...]] = (EncoderLayer, DecoderLayer)
+    checkpoint_units: ClassVar[tuple[type[nn.Module], ...]] = (EncoderLayer, DecoderLayer)
 
     def __init__(
         self,

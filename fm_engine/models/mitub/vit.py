@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -47,7 +47,14 @@ class ViT(nn.Module):
     with hidden dropout ``dropout``, no biases), output LayerNorm ``norm``. Attention dropout
     ``attn_dropout`` acts in training only (**fixed**). Positions are fractional, so any image size
     divisible by ``patch`` runs without rebuilding.
+
+    ``fsdp_units`` / ``checkpoint_units``: the module classes a trainer shards as FSDP units and
+    recomputes under activation checkpointing (the encoder layers), read from the model so that the
+    trainer names no model class.
     """
+
+    fsdp_units: ClassVar[tuple[type[nn.Module], ...]] = (EncoderLayer,)
+    checkpoint_units: ClassVar[tuple[type[nn.Module], ...]] = (EncoderLayer,)
 
     def __init__(
         self,

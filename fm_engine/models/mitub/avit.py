@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from fm_engine.models.mitub.layers import DecoderLayer, EncoderLayer
-from fm_engine.models.mitub.vit import ViT, check_token_index, gather_tokens
+from fm_engine.models.mitub.vit import ViT, check_token_index
 from fm_engine.nn import AdaptiveStem2d
+from fm_engine.nn.tokens import gather_tokens
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,7 @@
 """nn.Module wrappers over fm_engine.ops; state_dict names match the reference models.
 
-Each module takes ``backend=None`` (automatic) or a backend name, passed to its ops.
+Each module that calls an op takes ``backend=None`` (automatic) or a backend name, passed to its ops.
+``tokens`` holds the token-grid helpers (``grid_positions``, ``gather_tokens``).
 """
 
 from fm_engine.nn.attention import Attention
@@ -14,12 +15,16 @@ from fm_engine.nn.stcnnt_attention import (
     TemporalAttention,
 )
 from fm_engine.nn.stems import AdaptiveStem2d, PatchEmbed2d
+from fm_engine.nn.tokens import gather_tokens, grid_positions
+from fm_engine.nn.transformer import EncoderLayer, LayerScale
 
 __all__ = [
     "AdaptiveStem2d",
     "Attention",
     "Conv2DExt",
     "Conv3DExt",
+    "EncoderLayer",
+    "LayerScale",
     "LoRALinear",
     "PatchEmbed2d",
     "ReLU2",
@@ -30,6 +35,8 @@ __all__ = [
     "TemporalAttention",
     "apply_lora",
     "freeze_except_lora",
+    "gather_tokens",
+    "grid_positions",
     "lora_state_dict",
     "merge_lora",
 ]

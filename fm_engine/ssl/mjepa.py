@@ -37,8 +37,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from fm_engine.models.mitub.layers import EncoderLayer, grid_positions
-from fm_engine.models.mitub.vit import gather_tokens
+from fm_engine.nn.tokens import gather_tokens, grid_positions
+from fm_engine.nn.transformer import EncoderLayer
 
 
 def coarse_mask(
@@ -135,13 +135,19 @@ def adamw_param_groups(module: nn.Module, weight_decay: float = 0.05) -> list[di
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def _units(*groups: Sequence[type[nn.Module]]) -> tuple[type[nn.Module], ...]:
+    """The classes of ``groups`` in order, each once."""
+    return tuple(dict.fromkeys(c for g in groups for c in g))
+
+
 class MJEPA(nn.Module):
     """M-JEPA objective around a MiT-UB backbone.
 
     encoder: a ``ViT`` or ``AViT`` (anything with ``dim``, ``config`` (heads, kv_heads, head_dim, mlp_ratio,
     dropout, attn_dropout), ``spatial_dims``, ``mask_grid(spatial_size)`` and
     ``forward(images, intensity_scale, intensity_offset, token_index=None) -> [B, N | K, dim]`` after its
-    final norm).
+    final norm; optionally ``fsdp_units`` / ``checkpoint_units``, tuples of its layer classes, which
+    :attr:`fsdp_units` and :attr:`checkpoint_units` pass on to a trainer).
 
     * ``ema_encoder``: a frozen copy, always in eval mode, updated only by :meth:`update_ema`
       (``ema = m * ema + (1 - m) * online``, m = ``ema_momentum``; deterministic, so identical on every
@@ -218,6 +224,19 @@ class MJEPA(nn.Module):
         self.probe = (
             nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, probe_classes)) if probe_classes is not None else None
         )
+
+    @property
+    def fsdp_units(self) -> tuple[type[nn.Module], ...]:
+        """Module classes to shard as FSDP units: the encoder's ``fsdp_units`` (they occur in the online and the
+        EMA encoder; an encoder that declares none adds none) and the predictor's encoder layer."""
+        return _units(getattr(self.encoder, "fsdp_units", ()), (EncoderLayer,))
+
+    @property
+    def checkpoint_units(self) -> tuple[type[nn.Module], ...]:
+        """Module classes to recompute under activation checkpointing: the encoder's ``checkpoint_units`` and
+        the predictor's encoder layer (a trainer applies them to the online encoder and the predictor only:
+        the EMA pass runs without grad)."""
+        return _units(getattr(self.encoder, "checkpoint_units", ()), (EncoderLayer,))
 
     def train(self, mode: bool = True) -> MJEPA:
         super().train(mode)

@@ -376,18 +376,31 @@ def collate_reported(
     return out
 
 
+def declared_units(model: torch.nn.Module, attr: str) -> tuple[type[torch.nn.Module], ...]:
+    """The module classes ``model`` declares in ``attr`` (``fsdp_units`` or ``checkpoint_units``): the layers a
+    trainer shards as FSDP units or recomputes in the backward pass. The trainer reads them from the model
+    (:class:`fm_engine.ssl.mjepa.MJEPA` passes on its encoder's) and names no model class itself."""
+    units = getattr(model, attr, None)
+    if not isinstance(units, tuple) or not all(isinstance(u, type) and issubclass(u, torch.nn.Module) for u in units):
+        raise ValueError(f"{attr}: {type(model).__name__} declares no tuple of module classes, got {units!r}")
+    return units
+
+
+def unit_modules(roots: Iterable[torch.nn.Module], units: tuple[type[torch.nn.Module], ...]) -> list[torch.nn.Module]:
+    """Every module under ``roots`` (each root included, in ``modules()`` order) that is an instance of ``units``."""
+    return [m for root in roots for m in root.modules() if isinstance(m, units)]
+
+
 def shard_fsdp(objective: torch.nn.Module, device: torch.device, world: int) -> torch.nn.Module:
-    """FSDP2 (``torch.distributed.fsdp.fully_shard``): each transformer layer (online, EMA and predictor) is
-    its own unit, the rest (stems, norms, query token, probe) the root unit. Works on CPU (gloo) and CUDA."""
+    """FSDP2 (``torch.distributed.fsdp.fully_shard``): each transformer layer (online, EMA and predictor; the
+    classes the objective declares in ``fsdp_units``) is its own unit, the rest (stems, norms, query token,
+    probe) the root unit. Works on CPU (gloo) and CUDA."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from fm_engine.models.mitub.layers import DecoderLayer, EncoderLayer
-
     mesh = init_device_mesh(device.type, (world,))
-    for m in objective.modules():
-        if isinstance(m, EncoderLayer | DecoderLayer):
-            fully_shard(m, mesh=mesh)
+    for m in unit_modules([objective], declared_units(objective, "fsdp_units")):
+        fully_shard(m, mesh=mesh)
     fully_shard(objective, mesh=mesh)
     return objective
 
@@ -503,14 +516,8 @@ class Trainer:
             probe_classes=probe,
         ).to(self.device)
         if cfg.activation_checkpointing:  # the online encoder and the predictor (the EMA pass has no grad)
-            enc = self.objective.encoder
-            enable_activation_checkpointing(
-                [
-                    *cast(Iterable[torch.nn.Module], enc.blocks),
-                    *getattr(enc, "high_res_blocks", []),
-                    *self.objective.predictor,
-                ]
-            )
+            units = declared_units(self.objective, "checkpoint_units")
+            enable_activation_checkpointing(unit_modules([self.objective.encoder, self.objective.predictor], units))
         self.model: torch.nn.Module = self.objective
         self.fsdp = cfg.strategy == "fsdp" and self.dist.world > 1
         if self.dist.world > 1:

@@ -5,14 +5,15 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
 
 from fm_engine.models.mitub.layers import DecoderLayer, EncoderLayer
-from fm_engine.models.mitub.vit import ViT, check_token_index, gather_tokens
+from fm_engine.models.mitub.vit import ViT, check_token_index
 from fm_engine.nn import AdaptiveStem2d
+from fm_engine.nn.tokens import gather_tokens
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,13 @@ class AViT(nn.Module):
     context reaches the output at any resolution. The original restricted the keys/values the same way
     but padded ragged counts with zeros that were attended to (**fixed**: exact counts without padding
     when the key/value grid is a multiple of the target grid, else padding behind a key-padding mask).
+
+    ``fsdp_units`` / ``checkpoint_units``: the module classes a trainer shards as FSDP units and
+    recomputes under activation checkpointing (the encoder and the decoder layers).
     """
+
+    fsdp_units: ClassVar[tuple[type[nn.Module], ...]] = (EncoderLayer, DecoderLayer)
+    checkpoint_units: ClassVar[tuple[type[nn.Module], ...]] = (EncoderLayer, DecoderLayer)
 
     def __init__(
         self,

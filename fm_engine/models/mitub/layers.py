@@ -1,7 +1,9 @@
 """MiT-UB transformer layers (docs/MODELS.md 1.3): pre-norm encoder and decoder layers, LayerScale, 3-D stem.
 
 All matrix work goes through ``fm_engine.nn`` (``Attention`` -> op ``cross_attention``, ``ReLU2MLP`` -> op
-``relu2_mlp``), so one model runs on the reference or a fast backend with the same weights.
+``relu2_mlp``), so one model runs on the reference or a fast backend with the same weights. The encoder
+layer, LayerScale and ``grid_positions`` live in ``fm_engine.nn`` (the M-JEPA objective builds its
+predictor from them) and are re-exported here under the same names.
 """
 
 from __future__ import annotations
@@ -13,54 +15,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from fm_engine.nn import Attention, ReLU2MLP
-from fm_engine.ops._exact import conv_ieee
-from fm_engine.ops.patch_embed import grid_coords
+from fm_engine.nn.tokens import grid_positions
+from fm_engine.nn.transformer import EncoderLayer, LayerScale
+from fm_engine.ops import conv_ieee
 
-
-class LayerScale(nn.Module):
-    """Per-channel scale ``gamma * x``; x: [..., dim]. ``gamma`` starts at ``init`` (1e-5 in the AViT)."""
-
-    def __init__(self, dim: int, init: float = 1e-5) -> None:
-        super().__init__()
-        self.gamma = nn.Parameter(torch.full((dim,), float(init)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.gamma
-
-
-class EncoderLayer(nn.Module):
-    """Pre-norm encoder layer: ``x = x + attn(norm1(x)); x = x + mlp(norm2(x))``.
-
-    x: [B, N, dim] -> [B, N, dim]. Attention: ``heads`` query heads of ``head_dim``, ``kv_heads`` KV
-    heads (GQA), no biases; MLP: ReLU² with hidden ``mlp_ratio * dim``, hidden dropout ``dropout``,
-    no biases. Attention dropout ``attn_dropout`` acts in training only (**fixed**: the original also
-    applied it in eval mode, including the EMA target pass). ``key_padding_mask``: [B, N] bool,
-    True = padding (those tokens are never attended to).
-    """
-
-    def __init__(
-        self,
-        dim: int,
-        heads: int,
-        kv_heads: int | None = None,
-        head_dim: int = 64,
-        mlp_ratio: int = 4,
-        dropout: float = 0.1,
-        attn_dropout: float = 0.1,
-        layer_scale: float | None = None,
-        backend: str | None = None,
-    ) -> None:
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-5)
-        self.attn = Attention(dim, heads, kv_heads, head_dim=head_dim, dropout=attn_dropout, backend=backend)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-5)
-        self.mlp = ReLU2MLP(dim, mlp_ratio * dim, dropout=dropout, backend=backend)
-        self.ls1 = LayerScale(dim, layer_scale) if layer_scale is not None else nn.Identity()
-        self.ls2 = LayerScale(dim, layer_scale) if layer_scale is not None else nn.Identity()
-
-    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.ls1(self.attn(self.norm1(x), key_padding_mask=key_padding_mask))
-        return x + self.ls2(self.mlp(self.norm2(x)))
+__all__ = ["DecoderLayer", "EncoderLayer", "LayerScale", "PatchEmbed3d", "grid_positions"]
 
 
 class DecoderLayer(nn.Module):
@@ -102,15 +61,6 @@ class DecoderLayer(nn.Module):
         x = x + self.ls1(self.self_attn(self.norm1(x)))
         x = x + self.ls2(self.cross_attn(self.norm2(x), kv, key_padding_mask=kv_padding_mask))
         return x + self.ls3(self.mlp(self.norm3(x)))
-
-
-def grid_positions(grid: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """[-1, 1] coordinates of every cell of ``grid`` in row-major order -> [prod(grid), len(grid)].
-
-    An axis of length 1 sits at 0 (**fixed**: the original divided by zero and produced NaN).
-    """
-    axes = [grid_coords(n, device, dtype) for n in grid]
-    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, len(grid))
 
 
 class PatchEmbed3d(nn.Module):

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from fm_engine.models.mitub.layers import EncoderLayer, PatchEmbed3d
 from fm_engine.nn import PatchEmbed2d
+from fm_engine.nn.tokens import gather_tokens  # re-exported: its home was this module
+
+__all__ = ["ViT", "check_token_index", "gather_tokens"]
 
 
 def check_token_index(token_index: torch.Tensor | None, batch: int, tokens: int) -> None:
@@ -29,11 +32,6 @@ def check_token_index(token_index: torch.Tensor | None, batch: int, tokens: int)
         raise ValueError(f"token_index: positions must lie in [0, {tokens})")
 
 
-def gather_tokens(x: torch.Tensor, token_index: torch.Tensor) -> torch.Tensor:
-    """x: [B, N, D], token_index: [B, K] -> [B, K, D]."""
-    return torch.gather(x, 1, token_index[..., None].expand(-1, -1, x.shape[-1]))
-
-
 class ViT(nn.Module):
     """MiT-UB ViT backbone.
 
@@ -49,7 +47,14 @@ class ViT(nn.Module):
     with hidden dropout ``dropout``, no biases), output LayerNorm ``norm``. Attention dropout
     ``attn_dropout`` acts in training only (**fixed**). Positions are fractional, so any image size
     divisible by ``patch`` runs without rebuilding.
+
+    ``fsdp_units`` / ``checkpoint_units``: the module classes a trainer shards as FSDP units and
+    recomputes under activation checkpointing (the encoder layers), read from the model so that the
+    trainer names no model class.
     """
+
+    fsdp_units: ClassVar[tuple[type[nn.Module], ...]] = (EncoderLayer,)
+    checkpoint_units: ClassVar[tuple[type[nn.Module], ...]] = (EncoderLayer,)
 
     def __init__(
         self,

@@ -79,6 +79,8 @@ from typing import Any
 import torch
 import triton
 
+from fm_engine._env import interpreting  # a module global: tests patch it here
+
 Timer = Callable[[Callable[[], object]], float]
 Bucket = tuple[Any, ...]
 
@@ -96,10 +98,6 @@ def pow2(n: int) -> int:
 def dtype(x: Any) -> str:
     """The dtype of a tensor argument as a short string ("bfloat16"), for a bucket."""
     return str(x.dtype).replace("torch.", "") if isinstance(x, torch.Tensor) else type(x).__name__
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def arch_class(device: torch.device | None) -> int:

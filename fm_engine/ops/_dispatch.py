@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from fm_engine._env import interpreting  # also importable from here, as before
 from fm_engine.ops import _evidence
 
 # hybrid: vendor GEMMs with the Triton element-wise kernels; compile: the reference under torch.compile
@@ -89,11 +90,6 @@ def trace() -> Iterator[list[tuple[str, str]]]:
         yield calls
     finally:
         _trace_stack.pop()
-
-
-def interpreting() -> bool:
-    """True when Triton kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def requested_backend(explicit: str | None = None) -> str:

@@ -53,6 +53,7 @@ from typing import Any
 import torch
 
 from fm_engine import _device
+from fm_engine._env import interpreting  # noqa: F401  (E.interpreting(), as before)
 
 FORMAT = "fm_engine.evidence"
 VERSION = 1
@@ -63,10 +64,6 @@ NEAR = 2  # nearest-bucket search: each size within 2 powers of two (a factor of
 
 class EvidenceWarning(UserWarning):
     """A tuning table was skipped (corrupt, wrong version, or measured on another device class)."""
-
-
-def interpreting() -> bool:
-    return _device._interpreting()
 
 
 def pow2(n: int) -> int:

@@ -80,6 +80,7 @@ import torch
 import triton
 
 from fm_engine._env import interpreting  # a module global: tests patch it here
+from fm_engine._sizes import pow2  # noqa: F401  (the size part of a bucket; kernels import it from here)
 
 Timer = Callable[[Callable[[], object]], float]
 Bucket = tuple[Any, ...]
@@ -87,12 +88,6 @@ Bucket = tuple[Any, ...]
 FORMAT = 1  # version of the JSON layout below
 _TUNED: list[_Tuned] = []
 _lock = threading.Lock()
-
-
-def pow2(n: int) -> int:
-    """``n`` rounded up to a power of two (0 and 1 stay): the size part of a bucket."""
-    n = int(n)
-    return 1 << (n - 1).bit_length() if n > 1 else max(n, 0)
 
 
 def dtype(x: Any) -> str:

@@ -54,6 +54,7 @@ import torch
 
 from fm_engine import _device
 from fm_engine._env import interpreting  # noqa: F401  (E.interpreting(), as before)
+from fm_engine._sizes import pow2
 
 FORMAT = "fm_engine.evidence"
 VERSION = 1
@@ -64,12 +65,6 @@ NEAR = 2  # nearest-bucket search: each size within 2 powers of two (a factor of
 
 class EvidenceWarning(UserWarning):
     """A tuning table was skipped (corrupt, wrong version, or measured on another device class)."""
-
-
-def pow2(n: int) -> int:
-    """The smallest power of two >= n (1 for n <= 1)."""
-    n = int(n)
-    return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
 @dataclasses.dataclass(frozen=True)

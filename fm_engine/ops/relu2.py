@@ -317,8 +317,8 @@ def _relu2_mlp_triton_supports(
         return reason
     if x.dtype not in _FAST_DTYPES:
         return f"x: dtype {x.dtype} (the fast MLPs take float32, float16, bfloat16)"
-    if dropout_p > 0 and x.is_cuda and torch.cuda.is_current_stream_capturing():
-        return "dropout during CUDA graph capture (the seed is drawn on the host and would be frozen in the graph)"
+    if (reason := _checks.dropout_capture(dropout_p, x)) is not None:
+        return reason
     if dropout_p > 0 and x.numel() // max(x.shape[-1], 1) * w1.shape[0] >= 2**31:
         return "dropout with tokens x hidden >= 2^31 elements (the Philox offsets are 32-bit)"
     return None

@@ -386,9 +386,9 @@ def triton_device_ok(*tensors: torch.Tensor) -> str | None:
 
 
 def cuda_ext_available() -> str | None:
-    from fm_engine import _C_status
+    from fm_engine.ops import _cuda
 
-    reason = _C_status()
+    reason = _cuda.status()
     if reason is not None:
         return reason
     if not torch.cuda.is_available():

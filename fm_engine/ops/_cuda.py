@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+from pathlib import Path
 from types import ModuleType
 
 import torch
@@ -51,6 +52,16 @@ def ext() -> ModuleType:
     if module is None:
         raise RuntimeError(reason)
     return module
+
+
+def source(stem: str) -> Path:
+    """What a CUDA backend's version hashes (its registered source): ``csrc/<stem>.cu`` in a source checkout,
+    else the built extension (an installed package has no csrc/)."""
+    csrc = Path(__file__).resolve().parents[2] / "csrc" / f"{stem}.cu"
+    if csrc.exists():
+        return csrc
+    spec = importlib.util.find_spec(EXTENSION)
+    return Path(spec.origin) if spec and spec.origin else csrc
 
 
 def ptr(t: torch.Tensor) -> int:

@@ -265,4 +265,15 @@ def _triton_cross_attention(
     return _fwd(q, k, v, key_padding_mask, kv_heads, s, float(dropout_p))[0]
 
 
-CROSS_ATTENTION.register("triton", _triton_cross_attention, available=triton_available, supports=_triton_supports)
+CROSS_ATTENTION.register(
+    "triton",
+    _triton_cross_attention,
+    available=triton_available,
+    supports=_triton_supports,
+    sources=(
+        "fm_engine.kernels.cross_attention",
+        "fm_engine.kernels._aot",
+        "fm_engine.kernels._attention_dropout",
+        "fm_engine.kernels._autotune",
+    ),
+)

@@ -280,4 +280,15 @@ def _triton_temporal_supports(
     return None
 
 
-TEMPORAL_ATTENTION.register("triton", _triton_temporal, available=triton_available, supports=_triton_temporal_supports)
+TEMPORAL_ATTENTION.register(
+    "triton",
+    _triton_temporal,
+    available=triton_available,
+    supports=_triton_temporal_supports,
+    sources=(
+        "fm_engine.kernels.temporal_attention",
+        "fm_engine.kernels._aot",
+        "fm_engine.kernels._attention_dropout",
+        "fm_engine.kernels._autotune",
+    ),
+)

@@ -655,4 +655,11 @@ def _triton_window_supports(
     return triton_common_supports(tensors, dropout_p, g.n_tokens, v[0, 0].numel(), (g.hc_qk, g.hc_v))
 
 
-WINDOW_ATTENTION.register("triton", _triton_window, available=triton_available, supports=_triton_window_supports)
+# the version covers the package's __init__.py only (the kernel modules below it are not hashed)
+WINDOW_ATTENTION.register(
+    "triton",
+    _triton_window,
+    available=triton_available,
+    supports=_triton_window_supports,
+    sources=("fm_engine.kernels.window_attention",),
+)

@@ -92,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run_args(a: argparse.Namespace) -> int:
-    from fm_engine.ops._dispatch import interpreting
+    from fm_engine._env import interpreting
 
     if interpreting():  # Triton kernels in the CPU interpreter: make its bf16 arithmetic match the GPU's
         from fm_engine.testing import patch_triton_interpreter

@@ -8,29 +8,12 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 
-def _load_extension() -> tuple[object | None, str | None]:
-    import importlib
-    import importlib.util
+# The CUDA extension is optional: built only where nvcc was found at install time. The ops layer loads it
+# (fm_engine.ops._cuda); fm_engine._C and fm_engine._C_status() stay here for users.
+from fm_engine.ops import _cuda as _cuda_loader
 
-    if importlib.util.find_spec("fm_engine._C") is None:
-        return None, (
-            "CUDA extension fm_engine._C was not built (nvcc was not found at install time, or "
-            "FM_ENGINE_BUILD_CUDA=0); reinstall with nvcc on PATH to build it"
-        )
-    try:
-        return importlib.import_module("fm_engine._C"), None
-    except ImportError as e:  # built, but cannot load here (e.g. a driver or ABI mismatch)
-        return None, f"CUDA extension fm_engine._C failed to load: {e}"
-
-
-# The CUDA extension is optional: built only where nvcc was found at install time.
-_C, _C_error = _load_extension()
-
-
-def _C_status() -> str | None:
-    """None when the CUDA extension is importable, else the reason it is not."""
-    return _C_error
-
+_C, _C_error = _cuda_loader.load()
+_C_status = _cuda_loader.status
 
 from fm_engine import nn, ops  # noqa: E402
 from fm_engine.models.registry import create_model, list_models  # noqa: E402

@@ -16,15 +16,13 @@ from pathlib import Path
 
 import torch
 
+from fm_engine._env import interpreting as _interpreting
+
 
 def cache_dir() -> Path:
     """``$FM_ENGINE_CACHE_DIR`` or ``~/.cache/fm_engine`` (not created here)."""
     env = os.environ.get("FM_ENGINE_CACHE_DIR")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "fm_engine"
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def device_class(device: torch.device | str | None = None) -> str:

@@ -34,7 +34,7 @@ def _info(_: argparse.Namespace) -> int:
     print(f"CUDA ext  {'built' if status is None else status}")
     gpu = torch.cuda.is_available()
     print(f"GPU       {torch.cuda.get_device_name(0) if gpu else 'none'}")
-    from fm_engine.ops._dispatch import interpreting
+    from fm_engine._env import interpreting
 
     if interpreting():
         print("TRITON_INTERPRET=1: Triton kernels run in the CPU interpreter")

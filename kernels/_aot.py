@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import os
 import pkgutil
 import re
 import subprocess
@@ -55,6 +54,8 @@ import time
 from typing import Any
 
 import triton
+
+from fm_engine._env import interpreting
 
 # The Triton the candidate lists are chosen for: the GPU machines' and CI's pinned one (.ci/constraints.txt;
 # tests/test_compile_gate.py checks that the two agree). Only here does a register spill fail the gate.
@@ -241,10 +242,6 @@ def sm_count(device: Any) -> int | None:
 
         return int(torch.cuda.get_device_properties(device).multi_processor_count)
     return None
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def runtime_configs(gpu_configs: list[triton.Config], interpreter_config: triton.Config) -> list[triton.Config]:

@@ -79,6 +79,9 @@ from typing import Any
 import torch
 import triton
 
+from fm_engine._env import interpreting  # a module global: tests patch it here
+from fm_engine._sizes import pow2  # noqa: F401  (the size part of a bucket; kernels import it from here)
+
 Timer = Callable[[Callable[[], object]], float]
 Bucket = tuple[Any, ...]
 
@@ -87,19 +90,9 @@ _TUNED: list[_Tuned] = []
 _lock = threading.Lock()
 
 
-def pow2(n: int) -> int:
-    """``n`` rounded up to a power of two (0 and 1 stay): the size part of a bucket."""
-    n = int(n)
-    return 1 << (n - 1).bit_length() if n > 1 else max(n, 0)
-
-
 def dtype(x: Any) -> str:
     """The dtype of a tensor argument as a short string ("bfloat16"), for a bucket."""
     return str(x.dtype).replace("torch.", "") if isinstance(x, torch.Tensor) else type(x).__name__
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def arch_class(device: torch.device | None) -> int:

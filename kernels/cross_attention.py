@@ -50,16 +50,11 @@ from fm_engine.kernels import _aot, _autotune
 from fm_engine.kernels._attention_dropout import dropout_keep_mask, dropout_scale, keep4
 
 from fm_engine import _alloc
+from fm_engine._env import interpreting as _interpreting  # a module global: the kernel report patches it
 
 LOG2E = 1.4426950408889634
 HEAD_DIMS = (16, 32, 64, 128)
 AOT_HELPERS = {"_key_ok", "_live_tiles"}  # a jit helper that takes a pointer (compiled inside the kernels)
-
-
-def _interpreting() -> bool:
-    from fm_engine.ops._dispatch import interpreting
-
-    return interpreting()
 
 
 @triton.jit

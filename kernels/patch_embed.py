@@ -90,12 +90,6 @@ OUT_PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp1
 DWEIGHT_SPLIT_MAX = 32  # most token slices a weight-gradient config may use
 
 
-def _interpreting() -> bool:
-    from fm_engine.ops._dispatch import interpreting
-
-    return interpreting()
-
-
 # --- 3xTF32 ---------------------------------------------------------------------------------------
 
 

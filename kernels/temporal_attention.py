@@ -35,6 +35,7 @@ from fm_engine.kernels import _aot, _autotune
 from fm_engine.kernels._attention_dropout import dropout_keep_mask, dropout_scale, keep4
 
 from fm_engine import _alloc
+from fm_engine._env import interpreting as _interpreting  # a module global: the kernel report patches it
 
 SCORE_DOT, SCORE_COSINE, SCORE_STANDARDIZE = 0, 1, 2
 MAX_T = 64
@@ -400,12 +401,6 @@ _TILES: dict[tuple[str, str, int, int], tuple[tuple[int, int, int], ...]] = {
 }
 
 INTERPRETER_CONFIG = {"BLOCK_D": 16, "num_warps": 4, "num_stages": 1}
-
-
-def _interpreting() -> bool:
-    from fm_engine.ops._dispatch import interpreting
-
-    return interpreting()
 
 
 def configs(kind: str, dtype: torch.dtype, block_t: int, arch: int) -> list[dict[str, int]]:

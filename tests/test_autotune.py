@@ -25,6 +25,7 @@ from fm_engine.kernels import _autotune
 from fm_engine.kernels._autotune import dtype, pow2
 
 from fm_engine import _device
+from fm_engine.ops import _evidence as E
 from fm_engine.testing import reported_spills
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,7 +121,8 @@ def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_pow2_buckets() -> None:
-    assert [pow2(n) for n in (0, 1, 2, 3, 4, 5, 1000, 1024, 1025)] == [0, 1, 2, 4, 4, 8, 1024, 1024, 2048]
+    assert [pow2(n) for n in (0, 1, 2, 3, 4, 5, 1000, 1024, 1025)] == [1, 1, 2, 4, 4, 8, 1024, 1024, 2048]
+    assert pow2 is E.pow2  # one definition: the tuning cache and the evidence tables bucket sizes alike
 
 
 def test_same_bucket_is_tuned_once(cache_dir: Path) -> None:

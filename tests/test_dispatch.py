@@ -117,3 +117,27 @@ def test_cuda_extension_build_status() -> None:
         assert hasattr(fm_engine._C, "relu2_forward") and hasattr(fm_engine._C, "relu2_backward")
     if fm_engine._C is None:
         assert "fm_engine._C" in status
+
+
+def test_dropout_during_graph_capture_is_refused_by_one_helper(monkeypatch) -> None:
+    """The fast backends refuse dropout while a CUDA graph is captured (a host-drawn seed would be frozen in the
+    graph); the rule and its message are written once, in _checks.dropout_capture, and every dropout op uses it."""
+    from pathlib import Path
+
+    from fm_engine.ops import _checks
+
+    class OnCuda:  # stands for a CUDA tensor (only .is_cuda is read)
+        is_cuda = True
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    reason = _checks.dropout_capture(0.1, OnCuda())  # type: ignore[arg-type]
+    assert reason is not None and reason.startswith("dropout during CUDA graph capture")
+    assert _checks.dropout_capture(0.0, OnCuda()) is None  # type: ignore[arg-type]
+    assert _checks.dropout_capture(0.1, torch.zeros(1)) is None  # a CPU tensor: no graph to capture into
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert _checks.dropout_capture(0.1, OnCuda()) is None  # type: ignore[arg-type]
+    ops_dir = Path(_checks.__file__).parent
+    texts = {p.stem: p.read_text() for p in ops_dir.glob("*.py")}
+    assert sum(t.count("CUDA graph capture (the seed") for t in texts.values()) == 1
+    for op in ("cross_attention", "relu2", "temporal_attention", "window_attention"):
+        assert "_checks.dropout_capture(dropout_p, " in texts[op], op

@@ -7,6 +7,7 @@ runs the same on a CPU (interpreter) and on a GPU.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -312,3 +313,65 @@ def test_tune_from_results_makes_entries(tmp_path) -> None:
     assert grad["reference"] == {"fwd_ms": 1.0, "fwd_bwd_ms": 3.0} and "compile" not in grad  # peers are no backends
     assert grad["triton"]["fwd_bwd_ms"] == 1.0 and len(grad["triton"]["version"]) == 12
     assert ops_["relu2"]["dtype=float32,grad=0|n=4096"]["backends"]["triton"]["fwd_ms"] == 0.5
+
+
+# The files each fast backend's version hashed before the sources were declared at registration, as that
+# code derived them (the reference's module for compile; csrc/<op>.cu for cuda; for triton kernels/<op>.py,
+# then the kernel modules it names as fm_engine.kernels.<name>, sorted; window_attention is a package and
+# names its modules relatively, so only its __init__.py). A declaration that drops or adds a file fails here.
+HASHED_FILES = {
+    ("cross_attention", "compile"): ["fm_engine/ops/cross_attention.py"],
+    ("cross_attention", "triton"): [
+        "kernels/cross_attention.py",
+        "kernels/_aot.py",
+        "kernels/_attention_dropout.py",
+        "kernels/_autotune.py",
+    ],
+    ("patch_embed", "compile"): ["fm_engine/ops/patch_embed.py"],
+    ("patch_embed", "triton"): ["kernels/patch_embed.py", "kernels/_aot.py", "kernels/_autotune.py"],
+    ("relu2", "compile"): ["fm_engine/ops/relu2.py"],
+    ("relu2", "triton"): ["kernels/relu2.py", "kernels/_aot.py", "kernels/_autotune.py"],
+    ("relu2", "cuda"): ["csrc/relu2.cu"],
+    ("relu2_mlp", "compile"): ["fm_engine/ops/relu2.py"],
+    ("relu2_mlp", "triton"): ["kernels/relu2.py", "kernels/_aot.py", "kernels/_autotune.py"],
+    ("relu2_mlp", "hybrid"): ["kernels/relu2.py", "kernels/_aot.py", "kernels/_autotune.py"],
+    ("temporal_attention", "compile"): ["fm_engine/ops/temporal_attention.py"],
+    ("temporal_attention", "triton"): [
+        "kernels/temporal_attention.py",
+        "kernels/_aot.py",
+        "kernels/_attention_dropout.py",
+        "kernels/_autotune.py",
+    ],
+    ("window_attention", "compile"): ["fm_engine/ops/window_attention.py"],
+    ("window_attention", "triton"): ["kernels/window_attention/__init__.py"],
+}
+
+
+def test_registered_sources_are_the_files_versions_hash() -> None:
+    from pathlib import Path
+
+    from fm_engine.ops import _dispatch
+
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "csrc" / "relu2.cu").exists():
+        pytest.skip("not a source checkout")
+    found = {}
+    for name, op in _dispatch._OPS.items():
+        for backend in op.backends:
+            if backend != "reference":
+                files = E.source_files(name, backend)
+                found[(name, backend)] = [p.resolve().relative_to(root).as_posix() for p in files]
+    assert found == HASHED_FILES
+    h = hashlib.sha256(b"".join((root / f).read_bytes() for f in HASHED_FILES[("relu2", "triton")]))
+    assert E.backend_version("relu2", "triton") == h.hexdigest()[:12]  # the files, in this order
+
+
+def test_evidence_does_not_import_dispatch() -> None:
+    """Dispatch imports the evidence module, never the other way round (the sources come at registration)."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(E))
+    names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+    assert not [n for n in names if "_dispatch" in n]

@@ -42,3 +42,13 @@ def same_dtype(**tensors: torch.Tensor) -> None:
 def probability(name: str, p: float) -> None:
     if not (0.0 <= float(p) < 1.0):
         raise ValueError(f"{name}: expected a probability in [0, 1), got {p}")
+
+
+def dropout_capture(dropout_p: float, x: torch.Tensor) -> str | None:
+    """A fast backend's refusal of dropout while a CUDA graph is being captured on ``x``'s device, else None.
+
+    The fast kernels draw their dropout seed on the host at each call, so a captured graph would replay one
+    frozen mask; the reference draws on the device and runs instead (under ``auto``)."""
+    if dropout_p > 0.0 and x.is_cuda and torch.cuda.is_current_stream_capturing():
+        return "dropout during CUDA graph capture (the seed is drawn on the host and would be frozen in the graph)"
+    return None

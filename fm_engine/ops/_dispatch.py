@@ -33,11 +33,13 @@ import contextlib
 import dataclasses
 import os
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from fm_engine._env import interpreting  # also importable from here, as before
 from fm_engine.ops import _evidence
 
 # hybrid: vendor GEMMs with the Triton element-wise kernels; compile: the reference under torch.compile
@@ -89,11 +91,6 @@ def trace() -> Iterator[list[tuple[str, str]]]:
         yield calls
     finally:
         _trace_stack.pop()
-
-
-def interpreting() -> bool:
-    """True when Triton kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def requested_backend(explicit: str | None = None) -> str:
@@ -179,6 +176,8 @@ class Op:
         }
         self.compiled = CompiledReference(name, reference)
         self.backends[COMPILE] = Backend(COMPILE, self.compiled, compile_available, lambda *a, **k: None)
+        # the compiled code is the reference's (torch's version is stamped apart in a measurement)
+        _evidence.declare_sources(name, COMPILE, [reference.__module__])
         _OPS[name] = self
 
     def register(
@@ -188,9 +187,17 @@ class Op:
         *,
         available: Callable[[], str | None],
         supports: Callable[..., str | None],
+        sources: Sequence[str | Path] = (),
     ) -> None:
+        """Add backend ``name``: ``fn`` runs it, ``available()`` / ``supports(...)`` say when it cannot.
+
+        ``sources``: the files that implement it, as paths or dotted module names (a package stands for its
+        ``__init__.py``), in a fixed order; the evidence tables key its measurements by their hash, so a
+        measurement of other code is ignored (:func:`fm_engine.ops._evidence.backend_version`). Without
+        sources the backend has no version and its measurements are never treated as stale."""
         _check_backend_name(name, f"{self.name}.register")
         self.backends[name] = Backend(name, fn, available, supports)
+        _evidence.declare_sources(self.name, name, sources)
 
     def verdict(self, name: str, args: tuple, kwargs: dict) -> Verdict:
         b = self.backends.get(name)
@@ -390,9 +397,9 @@ def triton_device_ok(*tensors: torch.Tensor) -> str | None:
 
 
 def cuda_ext_available() -> str | None:
-    from fm_engine import _C_status
+    from fm_engine.ops import _cuda
 
-    reason = _C_status()
+    reason = _cuda.status()
     if reason is not None:
         return reason
     if not torch.cuda.is_available():

@@ -23,9 +23,10 @@ the package entry of the same bucket. A corrupt file, a wrong format version, or
 ``device_class`` is not this device's is skipped with one warning naming the file and the reason.
 
 **Kernel versions.** Each measured fast backend records a short hash of the kernel source that implements
-it (for Triton ``kernels/<op>.py`` and the kernel modules it imports; for CUDA ``csrc/<op>.cu`` or, in an
-installed package, the built extension; for ``compile`` the module of the op's reference). A measurement
-of other code than the one installed is ignored: after a kernel changes, ``auto`` runs the reference there
+it: the files the backend declared when it was registered (``Op.register(..., sources=...)``: for Triton
+``kernels/<op>.py`` and the kernel modules it imports; for CUDA ``csrc/<op>.cu`` or, in an installed
+package, the built extension; for ``compile`` the module of the op's reference, declared by ``Op`` itself).
+A measurement of other code than the one installed is ignored: after a kernel changes, ``auto`` runs the reference there
 until ``fm-engine tune`` measures the new kernel.
 
 **Choice** (:func:`measured_order`): the bucket's entry, else the nearest measured bucket of the same op and
@@ -53,6 +54,8 @@ from typing import Any
 import torch
 
 from fm_engine import _device
+from fm_engine._env import interpreting  # noqa: F401  (E.interpreting(), as before)
+from fm_engine._sizes import pow2
 
 FORMAT = "fm_engine.evidence"
 VERSION = 1
@@ -63,16 +66,6 @@ NEAR = 2  # nearest-bucket search: each size within 2 powers of two (a factor of
 
 class EvidenceWarning(UserWarning):
     """A tuning table was skipped (corrupt, wrong version, or measured on another device class)."""
-
-
-def interpreting() -> bool:
-    return _device._interpreting()
-
-
-def pow2(n: int) -> int:
-    """The smallest power of two >= n (1 for n <= 1)."""
-    n = int(n)
-    return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -353,32 +346,39 @@ def metric(grad: bool) -> str:
 _versions: dict[tuple[str, str], str | None] = {}
 
 
-def _source_files(op: str, backend: str) -> list[Path]:
-    """The kernel sources of a fast backend (found from the op module's name: fm_engine.ops.<stem>)."""
+# The sources each fast backend declared at registration (Op.register(..., sources=...)): file paths, or
+# module names resolved to their file when a version is first asked for.
+_sources: dict[tuple[str, str], tuple[str | Path, ...]] = {}
+
+
+def declare_sources(op: str, backend: str, sources: Iterable[str | Path]) -> None:
+    """Record the files whose text is ``backend`` of ``op``: its kernel version hashes them, in this order.
+
+    Each item is a file path or a dotted module name (``"fm_engine.kernels.relu2"``: its file, a package's
+    ``__init__.py``), resolved when the version is first computed. Declaring again replaces the list."""
+    items = tuple(sources)
+    for item in items:
+        if not isinstance(item, (str, Path)):
+            raise TypeError(f"sources of {op}/{backend}: expected file paths or module names, got {item!r}")
+    _sources[(op, backend)] = items
+    _versions.pop((op, backend), None)
+
+
+def _module_file(name: str) -> Path | None:
     import importlib.util
-    import re
 
-    from fm_engine.ops import _dispatch
+    spec = importlib.util.find_spec(name)
+    return Path(spec.origin) if spec and spec.origin else None
 
-    ref_module = _dispatch.get_op(op).backends[REFERENCE].fn.__module__
-    if backend == _dispatch.COMPILE:  # the compiled code is the reference's (torch's version is stamped apart)
-        spec = importlib.util.find_spec(ref_module)
-        return [Path(spec.origin)] if spec and spec.origin else []
-    stem = ref_module.rsplit(".", 1)[-1]
-    if backend == "cuda":
-        csrc = Path(__file__).resolve().parents[2] / "csrc" / f"{stem}.cu"
-        spec = importlib.util.find_spec("fm_engine._C")
-        return [csrc if csrc.exists() else Path(spec.origin) if spec and spec.origin else csrc]
-    spec = importlib.util.find_spec(f"fm_engine.kernels.{stem}")
-    if spec is None or not spec.origin:
-        return []
-    main = Path(spec.origin)
-    text = main.read_text()
-    names = set(re.findall(r"fm_engine\.kernels\.(\w+)", text))
-    for group in re.findall(r"from fm_engine\.kernels import ([\w, ()\n]+)", text):
-        names |= set(re.findall(r"\w+", group))
-    deps = sorted(main.parent / f"{n}.py" for n in names if n != stem and (main.parent / f"{n}.py").exists())
-    return [main, *deps]
+
+def source_files(op: str, backend: str) -> list[Path]:
+    """The declared sources of ``backend`` of ``op`` as files (module names resolved; ones not found left out)."""
+    files = []
+    for item in _sources.get((op, backend), ()):
+        path = _module_file(item) if isinstance(item, str) else Path(item)
+        if path is not None:
+            files.append(path)
+    return files
 
 
 def backend_version(op: str, backend: str) -> str | None:
@@ -390,7 +390,7 @@ def backend_version(op: str, backend: str) -> str | None:
         else:
             h = hashlib.sha256()
             try:
-                files = _source_files(op, backend)
+                files = source_files(op, backend)
                 for path in files:
                     h.update(path.read_bytes())
                 _versions[key] = h.hexdigest()[:12] if files else None

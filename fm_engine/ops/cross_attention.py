@@ -242,8 +242,8 @@ def _triton_supports(
         return f"dtype {q.dtype} (the Triton kernels take float16, bfloat16, float32)"
     if q.shape[-1] not in _TRITON_HEAD_DIMS:
         return f"head_dim {q.shape[-1]} (the Triton kernels take {_TRITON_HEAD_DIMS})"
-    if dropout_p > 0.0 and q.is_cuda and torch.cuda.is_current_stream_capturing():
-        return "dropout during CUDA graph capture (the seed is drawn on the host and would be frozen in the graph)"
+    if (reason := _checks.dropout_capture(dropout_p, q)) is not None:
+        return reason
     if key_padding_mask is not None and key_padding_mask.device != q.device:
         return f"key_padding_mask on {key_padding_mask.device}, q on {q.device} (the kernels read it on q's device)"
     if k.shape[2] == 0 or q.shape[2] == 0 or q.shape[0] == 0:
@@ -265,4 +265,15 @@ def _triton_cross_attention(
     return _fwd(q, k, v, key_padding_mask, kv_heads, s, float(dropout_p))[0]
 
 
-CROSS_ATTENTION.register("triton", _triton_cross_attention, available=triton_available, supports=_triton_supports)
+CROSS_ATTENTION.register(
+    "triton",
+    _triton_cross_attention,
+    available=triton_available,
+    supports=_triton_supports,
+    sources=(
+        "fm_engine.kernels.cross_attention",
+        "fm_engine.kernels._aot",
+        "fm_engine.kernels._attention_dropout",
+        "fm_engine.kernels._autotune",
+    ),
+)

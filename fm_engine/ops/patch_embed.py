@@ -414,4 +414,10 @@ def _triton_patch_embed(
     )[0]
 
 
-PATCH_EMBED.register("triton", _triton_patch_embed, available=triton_available, supports=_triton_supports)
+PATCH_EMBED.register(
+    "triton",
+    _triton_patch_embed,
+    available=triton_available,
+    supports=_triton_supports,
+    sources=("fm_engine.kernels.patch_embed", "fm_engine.kernels._aot", "fm_engine.kernels._autotune"),
+)

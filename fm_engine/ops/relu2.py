@@ -184,8 +184,19 @@ def _relu2_cuda_supports(x: torch.Tensor) -> str | None:
     return _elementwise_supports(x)
 
 
-RELU2.register("triton", _relu2_triton, available=triton_available, supports=_relu2_triton_supports)
-RELU2.register("cuda", _relu2_cuda, available=cuda_ext_available, supports=_relu2_cuda_supports)
+# the Triton backends' sources: the kernel module and the kernel modules it imports
+_TRITON_SOURCES = ("fm_engine.kernels.relu2", "fm_engine.kernels._aot", "fm_engine.kernels._autotune")
+
+RELU2.register(
+    "triton", _relu2_triton, available=triton_available, supports=_relu2_triton_supports, sources=_TRITON_SOURCES
+)
+RELU2.register(
+    "cuda",
+    _relu2_cuda,
+    available=cuda_ext_available,
+    supports=_relu2_cuda_supports,
+    sources=(_cuda.source("relu2"),),
+)
 
 
 # The MLP: the forward draws a dropout seed from torch's CPU generator (so torch.manual_seed makes it
@@ -317,13 +328,25 @@ def _relu2_mlp_triton_supports(
         return reason
     if x.dtype not in _FAST_DTYPES:
         return f"x: dtype {x.dtype} (the fast MLPs take float32, float16, bfloat16)"
-    if dropout_p > 0 and x.is_cuda and torch.cuda.is_current_stream_capturing():
-        return "dropout during CUDA graph capture (the seed is drawn on the host and would be frozen in the graph)"
+    if (reason := _checks.dropout_capture(dropout_p, x)) is not None:
+        return reason
     if dropout_p > 0 and x.numel() // max(x.shape[-1], 1) * w1.shape[0] >= 2**31:
         return "dropout with tokens x hidden >= 2^31 elements (the Philox offsets are 32-bit)"
     return None
 
 
-RELU2_MLP.register("triton", _relu2_mlp_triton, available=triton_available, supports=_relu2_mlp_triton_supports)
+RELU2_MLP.register(
+    "triton",
+    _relu2_mlp_triton,
+    available=triton_available,
+    supports=_relu2_mlp_triton_supports,
+    sources=_TRITON_SOURCES,
+)
 # The hybrid's GEMMs run anywhere torch does; its element-wise passes need Triton (a GPU, or the interpreter).
-RELU2_MLP.register("hybrid", _relu2_mlp_hybrid, available=triton_available, supports=_relu2_mlp_triton_supports)
+RELU2_MLP.register(
+    "hybrid",
+    _relu2_mlp_hybrid,
+    available=triton_available,
+    supports=_relu2_mlp_triton_supports,
+    sources=_TRITON_SOURCES,
+)

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from fm_engine.ops import _checks
 from fm_engine.ops._dispatch import Op, public, triton_available, triton_device_ok
 from fm_engine.ops.window_attention import FAST_DTYPES, attend, check_flags, check_qkv, default_scale
 
@@ -272,11 +273,22 @@ def _triton_temporal_supports(
         return f"dtype {q.dtype} (the Triton kernels take float32, float16, bfloat16)"
     if v.shape[1] > MAX_TRITON_FRAMES:
         return f"{v.shape[1]} frames > {MAX_TRITON_FRAMES} (a head's T x T scores must fit registers)"
-    if dropout_p > 0.0 and q.is_cuda and torch.cuda.is_current_stream_capturing():
-        return "dropout during CUDA graph capture (the seed is drawn on the host and would be frozen in the graph)"
+    if (reason := _checks.dropout_capture(dropout_p, q)) is not None:
+        return reason
     if v[0].numel() >= 2**31 or q[0].numel() >= 2**31:
         return "more than 2**31 elements per batch item (32-bit in-item offsets)"
     return None
 
 
-TEMPORAL_ATTENTION.register("triton", _triton_temporal, available=triton_available, supports=_triton_temporal_supports)
+TEMPORAL_ATTENTION.register(
+    "triton",
+    _triton_temporal,
+    available=triton_available,
+    supports=_triton_temporal_supports,
+    sources=(
+        "fm_engine.kernels.temporal_attention",
+        "fm_engine.kernels._aot",
+        "fm_engine.kernels._attention_dropout",
+        "fm_engine.kernels._autotune",
+    ),
+)

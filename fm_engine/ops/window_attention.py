@@ -563,8 +563,8 @@ def triton_common_supports(
         return reason
     if tensors[0].dtype not in FAST_DTYPES:
         return f"dtype {tensors[0].dtype} (the Triton kernels take float32, float16, bfloat16)"
-    if dropout_p > 0.0 and tensors[0].is_cuda and torch.cuda.is_current_stream_capturing():
-        return "dropout during CUDA graph capture (the seed is drawn on the host and would be frozen in the graph)"
+    if (reason := _checks.dropout_capture(dropout_p, tensors[0])) is not None:
+        return reason
     if n_tokens > MAX_REGISTER_TOKENS and max(head_dims) > MAX_TRITON_HEAD:
         return (
             f"{n_tokens} tokens per attention group with head dims {head_dims}: groups of more than "
@@ -655,4 +655,11 @@ def _triton_window_supports(
     return triton_common_supports(tensors, dropout_p, g.n_tokens, v[0, 0].numel(), (g.hc_qk, g.hc_v))
 
 
-WINDOW_ATTENTION.register("triton", _triton_window, available=triton_available, supports=_triton_window_supports)
+# the version covers the package's __init__.py only (the kernel modules below it are not hashed)
+WINDOW_ATTENTION.register(
+    "triton",
+    _triton_window,
+    available=triton_available,
+    supports=_triton_window_supports,
+    sources=("fm_engine.kernels.window_attention",),
+)

@@ -29,7 +29,7 @@ def general_stages(kernel: str, element_size: int) -> int:
 
 
 def _interpreting() -> bool:
-    from fm_engine.ops._dispatch import interpreting
+    from fm_engine._env import interpreting
 
     return interpreting()
 

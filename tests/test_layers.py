@@ -53,8 +53,6 @@ BARRED = {"fm_engine.data": ("nn", "ssl", "models", "programs")}
 
 # (importing module, imported module): why the upward import is still there. Remove an entry when it is fixed.
 KNOWN: dict[tuple[str, str], str] = {
-    ("fm_engine.ssl.mjepa", "fm_engine.models.mitub.layers"): "the encoder layer and grid positions move to nn",
-    ("fm_engine.ssl.mjepa", "fm_engine.models.mitub.vit"): "the token gather moves to nn",
     ("fm_engine.kernels._report", "fm_engine.ops._dispatch"): (
         "the kernel report (a program kept beside the kernels) runs the ops on meta tensors, patching dispatch"
     ),

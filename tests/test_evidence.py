@@ -317,8 +317,9 @@ def test_tune_from_results_makes_entries(tmp_path) -> None:
 
 # The files each fast backend's version hashed before the sources were declared at registration, as that
 # code derived them (the reference's module for compile; csrc/<op>.cu for cuda; for triton kernels/<op>.py,
-# then the kernel modules it names as fm_engine.kernels.<name>, sorted; window_attention is a package and
-# names its modules relatively, so only its __init__.py). A declaration that drops or adds a file fails here.
+# then the kernel modules it names as fm_engine.kernels.<name>, sorted), except window_attention's Triton
+# backend: that code hashed only the package's __init__.py (its modules are named relatively); it now declares
+# every module of the package and the shared ones it uses. A declaration that drops or adds a file fails here.
 HASHED_FILES = {
     ("cross_attention", "compile"): ["fm_engine/ops/cross_attention.py"],
     ("cross_attention", "triton"): [
@@ -343,7 +344,16 @@ HASHED_FILES = {
         "kernels/_autotune.py",
     ],
     ("window_attention", "compile"): ["fm_engine/ops/window_attention.py"],
-    ("window_attention", "triton"): ["kernels/window_attention/__init__.py"],
+    ("window_attention", "triton"): [
+        "kernels/window_attention/__init__.py",
+        *(
+            f"kernels/window_attention/{m}.py"
+            for m in ("_common", "_gate", "_launch", "bias_grad", "channel_plane", "general", "long_groups")
+        ),
+        "kernels/_aot.py",
+        "kernels/_attention_dropout.py",
+        "kernels/_autotune.py",
+    ],
 }
 
 
@@ -375,3 +385,18 @@ def test_evidence_does_not_import_dispatch() -> None:
     names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     names |= {f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
     assert not [n for n in names if "_dispatch" in n]
+
+
+def test_a_kernel_package_declares_every_module() -> None:
+    """An edit to any module of the window-attention kernel package changes the backend's version."""
+    from pathlib import Path
+
+    import fm_engine.ops  # noqa: F401  (registers the ops)
+    from fm_engine.ops import _evidence
+
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "kernels" / "window_attention").is_dir():
+        pytest.skip("not a source checkout")
+    declared = {p.resolve() for p in _evidence.source_files("window_attention", "triton")}
+    package = {p.resolve() for p in (root / "kernels" / "window_attention").glob("*.py")}
+    assert package and package <= declared, sorted(str(p) for p in package - declared)

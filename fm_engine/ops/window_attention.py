@@ -655,11 +655,20 @@ def _triton_window_supports(
     return triton_common_supports(tensors, dropout_p, g.n_tokens, v[0, 0].numel(), (g.hc_qk, g.hc_v))
 
 
-# the version covers the package's __init__.py only (the kernel modules below it are not hashed)
+# the version covers every module of the kernel package and the shared kernel modules it uses
 WINDOW_ATTENTION.register(
     "triton",
     _triton_window,
     available=triton_available,
     supports=_triton_window_supports,
-    sources=("fm_engine.kernels.window_attention",),
+    sources=(
+        "fm_engine.kernels.window_attention",
+        *(
+            f"fm_engine.kernels.window_attention.{m}"
+            for m in ("_common", "_gate", "_launch", "bias_grad", "channel_plane", "general", "long_groups")
+        ),
+        "fm_engine.kernels._aot",
+        "fm_engine.kernels._attention_dropout",
+        "fm_engine.kernels._autotune",
+    ),
 )

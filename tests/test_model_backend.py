@@ -8,6 +8,7 @@ themselves keep their ``backend=`` argument, and it wins over the block.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -92,8 +93,6 @@ def test_model_constructor_refuses_backend(name: str) -> None:
 
 def test_model_constructor_without_backend_still_builds() -> None:
     # the refusal wraps __init__ but keeps its signature and its own argument checks
-    import inspect
-
     assert "backend" not in inspect.signature(MiTUBViT).parameters
     assert "depth" in inspect.signature(MiTUBViT).parameters
     with pytest.raises(ValueError, match="depth"):

@@ -32,6 +32,7 @@ import pytest
 import torch
 from torch import nn
 
+import fm_engine
 import fm_engine.nn as fnn
 from fm_engine import ops
 from fm_engine.ops import _record
@@ -106,6 +107,9 @@ SPATIAL = {
     "backend": Backend(),
 }
 VIT_IGNORES = "SpatialViTAttention: the patch is the window (documented), patch_size / num_patch are ignored"
+
+# nn.EncoderLayer and nn.LayerScale build other modules (no backend of their own): one test sets their arguments
+ENCODER_TEST = "test_arguments.py::test_encoder_layer_and_layer_scale_arguments"
 
 MANIFEST: dict[str, dict[str, Any]] = {
     "ops.relu2": {"backend": Backend()},
@@ -212,6 +216,16 @@ MANIFEST: dict[str, dict[str, Any]] = {
         "att_with_output_proj": Case(False),
         "backend": Backend(),
     },
+    "nn.EncoderLayer": {
+        "kv_heads": Elsewhere(ENCODER_TEST, r"kv_heads=2"),
+        "head_dim": Elsewhere(ENCODER_TEST, r"head_dim=8"),
+        "mlp_ratio": Elsewhere(ENCODER_TEST, r"mlp_ratio=2"),
+        "dropout": Elsewhere(ENCODER_TEST, r"dropout=0\.3"),
+        "attn_dropout": Elsewhere(ENCODER_TEST, r"attn_dropout=0\.2"),
+        "layer_scale": Elsewhere(ENCODER_TEST, r"layer_scale=0\.0"),
+    },
+    "nn.EncoderLayer.forward": {"key_padding_mask": Elsewhere(ENCODER_TEST, r"key_padding_mask=mask")},
+    "nn.LayerScale": {"init": Elsewhere(ENCODER_TEST, r"init=0\.5")},
     "nn.apply_lora": {
         "targets": Elsewhere("test_lora.py::test_freeze_options_and_targets", r"apply_lora\(model, targets=\("),
         "rank": Elsewhere("test_lora.py::test_apply_freeze_train_merge", r"apply_lora\(model, rank=4"),
@@ -722,3 +736,40 @@ def test_literal_patch_embed_agrees_at_the_non_default_stem_arguments(device) ->
     kw = dict(patch=4, pool_to=(2, 3), intensity_scale=0.002, intensity_offset=-0.7, eps=0.5)
     got = ops.patch_embed(image, *params, **kw, backend="reference")
     torch.testing.assert_close(got, L.patch_embed(image, *params, **kw))
+
+
+def test_encoder_layer_and_layer_scale_arguments(device) -> None:
+    """``nn.EncoderLayer`` and ``nn.LayerScale`` only build other modules (no backend of their own): each argument
+    shows where it acts, at a value whose omission (the default) would fail the check."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 5, 16, generator=g).to(device)
+    with fm_engine.use_backend("reference"):
+        # kv_heads / head_dim / mlp_ratio size the projections they name (defaults: kv_heads = heads, 64, 4)
+        m = fnn.EncoderLayer(16, 4, kv_heads=2, head_dim=8, mlp_ratio=2)
+        assert (m.attn.kv_heads, m.attn.head_dim) == (2, 8)
+        assert m.attn.k_proj.weight.shape == (2 * 8, 16) and m.attn.q_proj.weight.shape == (4 * 8, 16)
+        assert m.mlp.fc1.weight.shape == (2 * 16, 16)
+        # dropout / attn_dropout reach the ops in training, 0 in eval
+        m = fnn.EncoderLayer(16, 4, head_dim=8, dropout=0.3, attn_dropout=0.2).to(device)
+        for mode, want in (("train", (0.3, 0.2)), ("eval", (0.0, 0.0))):
+            getattr(m, mode)()
+            with _record.record() as rec:
+                m(x)
+            got = {c.op: c for c in rec.calls}
+            assert (got["relu2_mlp"].args[3], got["cross_attention"].kwargs["dropout_p"]) == want, mode
+        # layer_scale scales both branches: at 0 the layer is the identity (without it, it is not)
+        m = fnn.EncoderLayer(16, 4, head_dim=8, layer_scale=0.0).to(device).eval()
+        torch.testing.assert_close(m(x), x, rtol=0, atol=0)
+        m = fnn.EncoderLayer(16, 4, head_dim=8, dropout=0.0, attn_dropout=0.0).to(device).eval()
+        assert not torch.allclose(m(x), x)
+        # key_padding_mask (forward): padded tokens are never attended to
+        mask = torch.zeros(2, 5, dtype=torch.bool, device=device)
+        mask[0, 1:] = True
+        out = m(x, key_padding_mask=mask)
+        moved = x.clone()
+        moved[0, 1:] += 5.0
+        torch.testing.assert_close(m(moved, key_padding_mask=mask)[0, 0], out[0, 0])
+        assert not torch.allclose(out[0, 0], m(x)[0, 0])
+    # LayerScale(init): gamma starts at init (default 1e-5)
+    ls = fnn.LayerScale(16, init=0.5).to(device)
+    torch.testing.assert_close(ls(x), 0.5 * x, rtol=0, atol=0)

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from fm_engine.nn._backend_arg import backend_argument_error
+
 FAMILIES = ("mitub", "stcnnt", "raddiffusion", "moco", "adam")
 
 
@@ -72,6 +74,12 @@ def get_spec(name: str) -> ModelSpec:
 
 
 def create_model(name: str, **overrides: Any) -> torch.nn.Module:
-    """Build the registered model ``name``; keyword ``overrides`` replace config values."""
+    """Build the registered model ``name``; keyword ``overrides`` replace config values.
+
+    No ``backend`` override: the model's ops follow the enclosing ``with fm_engine.use_backend(name):``
+    (else "auto"), so build the model without one and run it inside that context.
+    """
+    if "backend" in overrides:
+        raise backend_argument_error(f"create_model({name!r})")
     spec = get_spec(name)
     return spec.factory(**{**spec.defaults, **overrides})

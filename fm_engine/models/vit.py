@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fm_engine.nn import Attention
+from fm_engine.nn._backend_arg import refuse_backend_argument
 
 
 def sincos_pos_embed_2d(
@@ -70,17 +71,16 @@ class MLP(nn.Module):
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
+@refuse_backend_argument
 class ViTBlock(nn.Module):
     """Pre-LN encoder block; x: [B, N, dim] -> [B, N, dim]."""
 
-    def __init__(
-        self, dim: int, heads: int, mlp_dim: int, eps: float = 1e-6, qkv_bias: bool = True, backend: str | None = None
-    ) -> None:
+    def __init__(self, dim: int, heads: int, mlp_dim: int, eps: float = 1e-6, qkv_bias: bool = True) -> None:
         super().__init__()
         if dim % heads:
             raise ValueError(f"heads: dim {dim} must be divisible by heads {heads}")
         self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.attn = Attention(dim, heads, head_dim=dim // heads, bias=qkv_bias, backend=backend)
+        self.attn = Attention(dim, heads, head_dim=dim // heads, bias=qkv_bias)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = MLP(dim, mlp_dim)
 
@@ -101,6 +101,7 @@ def init_normal_(module: nn.Module, std: float = 0.02) -> None:
             nn.init.zeros_(m.bias)
 
 
+@refuse_backend_argument
 class ViT(nn.Module):
     """ViT encoder with a CLS token.
 
@@ -124,7 +125,6 @@ class ViT(nn.Module):
         pos: str = "learned",
         final_norm: bool = True,
         init_std: float = 0.02,
-        backend: str | None = None,
     ) -> None:
         super().__init__()
         if image_size % patch:
@@ -141,9 +141,7 @@ class ViT(nn.Module):
             self.pos_embed = nn.Parameter(torch.zeros(1, 1 + g * g, dim))
         else:
             self.register_buffer("pos_embed", sincos_pos_embed_2d(dim, g, g)[None], persistent=False)
-        self.blocks = nn.ModuleList(
-            ViTBlock(dim, heads, mlp_dim or 4 * dim, eps=eps, backend=backend) for _ in range(depth)
-        )
+        self.blocks = nn.ModuleList(ViTBlock(dim, heads, mlp_dim or 4 * dim, eps=eps) for _ in range(depth))
         self.norm = nn.LayerNorm(dim, eps=eps) if final_norm else nn.Identity()
         init_normal_(self, init_std)
         nn.init.normal_(self.cls_token, std=init_std)

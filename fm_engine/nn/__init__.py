@@ -1,6 +1,9 @@
 """nn.Module wrappers over fm_engine.ops; state_dict names match the reference models.
 
-Each module that calls an op takes ``backend=None`` (automatic) or a backend name, passed to its ops.
+Each module that calls an op itself (``Attention``, ``ReLU2`` / ``ReLU2MLP``, the stems, the STCNNT attention
+modules) takes ``backend=None`` or a backend name, passed to its ops; None follows the innermost
+``fm_engine.use_backend(name)`` context, else "auto". A module that only builds other modules
+(``EncoderLayer``) takes no ``backend=``: run it inside ``use_backend`` to choose the backend.
 ``tokens`` holds the token-grid helpers (``grid_positions``, ``gather_tokens``).
 """
 

@@ -24,7 +24,8 @@ unused; for TemporalAttention a per-pixel Linear over channels); ``n_head``; ``a
 only); ``cosine_att``; ``normalize_Q_K``; ``att_with_relative_position_bias`` (default True; spatial modules
 only; the bias is added after the softmax, kept from the original); ``att_with_output_proj`` (default True:
 Conv2DExt(C_out, C_out, kernel_size, 1, padding) for "conv", the per-token Linear for "lin");
-``backend`` (None = automatic; passed to fm_engine.ops.window_attention / temporal_attention).
+``backend`` (None = the innermost ``fm_engine.use_backend`` block, else automatic; passed to
+fm_engine.ops.window_attention / temporal_attention).
 
 Head sizes: spatial hc = C_out*ph*pw / n_head (and C_out*(ph/s)*(pw/s) / n_head for Q/K with stride_qk s);
 temporal D = C_out*H*W / n_head (Q/K: C_out*(H/s)*(W/s) / n_head). Sizes that do not divide raise

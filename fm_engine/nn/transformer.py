@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fm_engine.nn._backend_arg import refuse_backend_argument
 from fm_engine.nn.attention import Attention
 from fm_engine.nn.mlp import ReLU2MLP
 
@@ -26,6 +27,7 @@ class LayerScale(nn.Module):
         return x * self.gamma
 
 
+@refuse_backend_argument
 class EncoderLayer(nn.Module):
     """Pre-norm encoder layer: ``x = x + attn(norm1(x)); x = x + mlp(norm2(x))``.
 
@@ -46,13 +48,12 @@ class EncoderLayer(nn.Module):
         dropout: float = 0.1,
         attn_dropout: float = 0.1,
         layer_scale: float | None = None,
-        backend: str | None = None,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-5)
-        self.attn = Attention(dim, heads, kv_heads, head_dim=head_dim, dropout=attn_dropout, backend=backend)
+        self.attn = Attention(dim, heads, kv_heads, head_dim=head_dim, dropout=attn_dropout)
         self.norm2 = nn.LayerNorm(dim, eps=1e-5)
-        self.mlp = ReLU2MLP(dim, mlp_ratio * dim, dropout=dropout, backend=backend)
+        self.mlp = ReLU2MLP(dim, mlp_ratio * dim, dropout=dropout)
         self.ls1 = LayerScale(dim, layer_scale) if layer_scale is not None else nn.Identity()
         self.ls2 = LayerScale(dim, layer_scale) if layer_scale is not None else nn.Identity()
 

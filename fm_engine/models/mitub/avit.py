@@ -13,11 +13,13 @@ from torch import nn
 from fm_engine.models.mitub.layers import DecoderLayer, EncoderLayer
 from fm_engine.models.mitub.vit import ViT, check_token_index
 from fm_engine.nn import AdaptiveStem2d
+from fm_engine.nn._backend_arg import refuse_backend_argument
 from fm_engine.nn.tokens import gather_tokens
 
 log = logging.getLogger(__name__)
 
 
+@refuse_backend_argument
 class AViT(nn.Module):
     """Adaptive ViT for high-resolution 2-D images.
 
@@ -62,7 +64,6 @@ class AViT(nn.Module):
         dropout: float = 0.1,
         attn_dropout: float = 0.1,
         layer_scale: float = 1e-5,
-        backend: str | None = None,
     ) -> None:
         super().__init__()
         target_grid = tuple(int(g) for g in target_grid)
@@ -88,13 +89,12 @@ class AViT(nn.Module):
         self.patch = patch
         self.spatial_dims = 2
         self.target_grid = target_grid
-        self.stem = AdaptiveStem2d(in_channels, dim, kv_dim, patch, target_grid, backend=backend)
+        self.stem = AdaptiveStem2d(in_channels, dim, kv_dim, patch, target_grid)
         self.blocks = nn.ModuleList(
-            EncoderLayer(dim, heads, kv_heads, head_dim, mlp_ratio, dropout, attn_dropout, backend=backend)
-            for _ in range(depth)
+            EncoderLayer(dim, heads, kv_heads, head_dim, mlp_ratio, dropout, attn_dropout) for _ in range(depth)
         )
         self.high_res_blocks = nn.ModuleList(
-            DecoderLayer(dim, kv_dim, heads, kv_heads, head_dim, mlp_ratio, dropout, attn_dropout, layer_scale, backend)
+            DecoderLayer(dim, kv_dim, heads, kv_heads, head_dim, mlp_ratio, dropout, attn_dropout, layer_scale)
             for _ in range(high_res_depth)
         )
         self.norm = nn.LayerNorm(dim, eps=1e-5)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fm_engine.nn import Attention, ReLU2MLP
+from fm_engine.nn._backend_arg import refuse_backend_argument
 from fm_engine.nn.tokens import grid_positions
 from fm_engine.nn.transformer import EncoderLayer, LayerScale
 from fm_engine.ops import conv_ieee
@@ -22,6 +23,7 @@ from fm_engine.ops import conv_ieee
 __all__ = ["DecoderLayer", "EncoderLayer", "LayerScale", "PatchEmbed3d", "grid_positions"]
 
 
+@refuse_backend_argument
 class DecoderLayer(nn.Module):
     """AViT decoder layer: self-attention, cross-attention to high-resolution tokens, MLP.
 
@@ -42,17 +44,14 @@ class DecoderLayer(nn.Module):
         dropout: float = 0.1,
         attn_dropout: float = 0.1,
         layer_scale: float = 1e-5,
-        backend: str | None = None,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-5)
-        self.self_attn = Attention(dim, heads, kv_heads, head_dim=head_dim, dropout=attn_dropout, backend=backend)
+        self.self_attn = Attention(dim, heads, kv_heads, head_dim=head_dim, dropout=attn_dropout)
         self.norm2 = nn.LayerNorm(dim, eps=1e-5)
-        self.cross_attn = Attention(
-            dim, heads, kv_heads, kv_dim=kv_dim, head_dim=head_dim, dropout=attn_dropout, backend=backend
-        )
+        self.cross_attn = Attention(dim, heads, kv_heads, kv_dim=kv_dim, head_dim=head_dim, dropout=attn_dropout)
         self.norm3 = nn.LayerNorm(dim, eps=1e-5)
-        self.mlp = ReLU2MLP(dim, mlp_ratio * dim, dropout=dropout, backend=backend)
+        self.mlp = ReLU2MLP(dim, mlp_ratio * dim, dropout=dropout)
         self.ls1 = LayerScale(dim, layer_scale)
         self.ls2 = LayerScale(dim, layer_scale)
         self.ls3 = LayerScale(dim, layer_scale)

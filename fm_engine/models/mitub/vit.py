@@ -10,6 +10,7 @@ from torch import nn
 
 from fm_engine.models.mitub.layers import EncoderLayer, PatchEmbed3d
 from fm_engine.nn import PatchEmbed2d
+from fm_engine.nn._backend_arg import refuse_backend_argument
 from fm_engine.nn.tokens import gather_tokens  # re-exported: its home was this module
 
 __all__ = ["ViT", "check_token_index", "gather_tokens"]
@@ -32,6 +33,7 @@ def check_token_index(token_index: torch.Tensor | None, batch: int, tokens: int)
         raise ValueError(f"token_index: positions must lie in [0, {tokens})")
 
 
+@refuse_backend_argument
 class ViT(nn.Module):
     """MiT-UB ViT backbone.
 
@@ -69,7 +71,6 @@ class ViT(nn.Module):
         dropout: float = 0.1,
         attn_dropout: float = 0.1,
         spatial_dims: int = 2,
-        backend: str | None = None,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -93,12 +94,11 @@ class ViT(nn.Module):
         self.patch = patch
         self.spatial_dims = spatial_dims
         if spatial_dims == 2:
-            self.stem: nn.Module = PatchEmbed2d(in_channels, dim, patch, backend=backend)
+            self.stem: nn.Module = PatchEmbed2d(in_channels, dim, patch)
         else:
             self.stem = PatchEmbed3d(in_channels, dim, patch)
         self.blocks = nn.ModuleList(
-            EncoderLayer(dim, heads, kv_heads, head_dim, mlp_ratio, dropout, attn_dropout, backend=backend)
-            for _ in range(depth)
+            EncoderLayer(dim, heads, kv_heads, head_dim, mlp_ratio, dropout, attn_dropout) for _ in range(depth)
         )
         self.norm = nn.LayerNorm(dim, eps=1e-5)
 

@@ -15,16 +15,18 @@ from torch import nn
 
 from fm_engine.models.vit import MLP, resample_pos_embed
 from fm_engine.nn import Attention
+from fm_engine.nn._backend_arg import refuse_backend_argument
 
 
+@refuse_backend_argument
 class PostLNLayer(nn.Module):
     """Post-LN encoder layer with dropout after attention and inside/after the MLP; x: [B, N, D]."""
 
-    def __init__(self, dim: int, heads: int, mlp_dim: int, dropout: float = 0.1, backend: str | None = None) -> None:
+    def __init__(self, dim: int, heads: int, mlp_dim: int, dropout: float = 0.1) -> None:
         super().__init__()
         if dim % heads:
             raise ValueError(f"heads: dim {dim} must be divisible by heads {heads}")
-        self.attn = Attention(dim, heads, head_dim=dim // heads, bias=True, backend=backend)
+        self.attn = Attention(dim, heads, head_dim=dim // heads, bias=True)
         self.drop = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(dim, eps=1e-5)
         self.mlp = MLP(dim, mlp_dim, act="relu", dropout=dropout)
@@ -35,6 +37,7 @@ class PostLNLayer(nn.Module):
         return self.norm2(x + self.mlp(x))
 
 
+@refuse_backend_argument
 class ConvStemViT(nn.Module):
     """images [B, in_chans, H, W] (H, W multiples of 8; other sizes than ``image_size`` resample the
     position table bicubically) ->
@@ -50,7 +53,6 @@ class ConvStemViT(nn.Module):
         mlp_ratio: int = 4,
         dropout: float = 0.1,
         out_dim: int = 128,
-        backend: str | None = None,
     ) -> None:
         super().__init__()
         if image_size % 8 or dim % 2:
@@ -70,9 +72,7 @@ class ConvStemViT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + n, dim))
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        self.layers = nn.ModuleList(
-            PostLNLayer(dim, heads, mlp_ratio * dim, dropout, backend=backend) for _ in range(depth)
-        )
+        self.layers = nn.ModuleList(PostLNLayer(dim, heads, mlp_ratio * dim, dropout) for _ in range(depth))
         self.head = nn.Sequential(nn.Linear(dim, out_dim), nn.ReLU(inplace=True), nn.Linear(out_dim, out_dim))
 
     def forward_tokens(self, images: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ from torch import nn
 from fm_engine.models.raddiffusion.study import Studies, make_studies, study_mean_cls
 from fm_engine.models.vit import MLP, ViT, ViTBlock, init_normal_, sincos_pos_embed_2d
 from fm_engine.nn import Attention
+from fm_engine.nn._backend_arg import refuse_backend_argument
 from fm_engine.ssl.diffusion_mae import DiffusionSchedule
 from fm_engine.ssl.mae import masked_mse, norm_pix, patchify, random_masking, unpatchify
 
@@ -81,6 +82,7 @@ class EncoderOutput(NamedTuple):
     grid: tuple[int, int]
 
 
+@refuse_backend_argument
 class RadDiffusionEncoder(ViT):
     """images [ΣN_i, 1, H, W] + lengths [S] -> :class:`EncoderOutput` (``mask_ratio=0``: no masking)."""
 
@@ -92,7 +94,6 @@ class RadDiffusionEncoder(ViT):
         depth: int = 6,
         heads: int = 8,
         mlp_dim: int = 1024,
-        backend: str | None = None,
     ) -> None:
         super().__init__(
             image_size=image_size,
@@ -106,7 +107,6 @@ class RadDiffusionEncoder(ViT):
             pos="sincos",
             final_norm=True,
             init_std=0.02,
-            backend=backend,
         )
 
     def forward(  # type: ignore[override]
@@ -131,6 +131,7 @@ class RadDiffusionEncoder(ViT):
         return EncoderOutput(self.norm(x), mask, ids_restore, ids_shuffle, x.shape[1] - 1, studies, grid)
 
 
+@refuse_backend_argument
 class MAEDecoder(nn.Module):
     """MAE decoder with the study cls mean after every layer.
 
@@ -150,7 +151,6 @@ class MAEDecoder(nn.Module):
         patch: int,
         in_chans: int = 1,
         noisy_embed: bool = False,
-        backend: str | None = None,
     ) -> None:
         super().__init__()
         self.patch, self.dec_dim = patch, dec_dim
@@ -159,7 +159,7 @@ class MAEDecoder(nn.Module):
         # parameter (and DDP rejects those), so it exists only in the plain MAE decoder
         self.mask_token = None if noisy_embed else nn.Parameter(torch.zeros(1, 1, dec_dim))
         self.noise_embed = nn.Conv2d(in_chans, dec_dim, patch, stride=patch) if noisy_embed else None
-        self.blocks = nn.ModuleList(ViTBlock(dec_dim, heads, mlp_dim, eps=EPS, backend=backend) for _ in range(depth))
+        self.blocks = nn.ModuleList(ViTBlock(dec_dim, heads, mlp_dim, eps=EPS) for _ in range(depth))
         self.norm = nn.LayerNorm(dec_dim, eps=EPS)
         self.pred = nn.Linear(dec_dim, patch * patch * in_chans)
         init_normal_(self, 0.02)
@@ -184,18 +184,19 @@ class MAEDecoder(nn.Module):
         return self.pred(self.norm(x))[:, 1:]
 
 
+@refuse_backend_argument
 class CrossSelfLayer(nn.Module):
     """Decoder (b) layer on query tokens x [B, M, d] with context ctx [B, 1 + keep, d], each branch pre-norm:
     ``x += cross(norm1(x), norm_ctx(ctx)); x += self(norm2(x)); x += mlp(norm3(x))``."""
 
-    def __init__(self, dim: int, heads: int, mlp_dim: int, backend: str | None = None) -> None:
+    def __init__(self, dim: int, heads: int, mlp_dim: int) -> None:
         super().__init__()
         hd = dim // heads
         self.norm1 = nn.LayerNorm(dim, eps=EPS)
         self.norm_ctx = nn.LayerNorm(dim, eps=EPS)
-        self.cross_attn = Attention(dim, heads, head_dim=hd, bias=True, backend=backend)
+        self.cross_attn = Attention(dim, heads, head_dim=hd, bias=True)
         self.norm2 = nn.LayerNorm(dim, eps=EPS)
-        self.self_attn = Attention(dim, heads, head_dim=hd, bias=True, backend=backend)
+        self.self_attn = Attention(dim, heads, head_dim=hd, bias=True)
         self.norm3 = nn.LayerNorm(dim, eps=EPS)
         self.mlp = MLP(dim, mlp_dim)
 
@@ -205,6 +206,7 @@ class CrossSelfLayer(nn.Module):
         return x + self.mlp(self.norm3(x))
 
 
+@refuse_backend_argument
 class CrossSelfDecoder(nn.Module):
     """Diffusion decoder (b) "cross-self": queries are the noisy masked patches (own patch embedding +
     sin-cos positions); the context is [cls, visible] decoder tokens (Linear(dim -> dec_dim) + positions).
@@ -223,13 +225,12 @@ class CrossSelfDecoder(nn.Module):
         mlp_dim: int,
         patch: int,
         in_chans: int = 1,
-        backend: str | None = None,
     ) -> None:
         super().__init__()
         self.patch, self.dec_dim = patch, dec_dim
         self.decoder_embed = nn.Linear(dim, dec_dim)
         self.noise_embed = nn.Conv2d(in_chans, dec_dim, patch, stride=patch)
-        self.layers = nn.ModuleList(CrossSelfLayer(dec_dim, heads, mlp_dim, backend) for _ in range(depth))
+        self.layers = nn.ModuleList(CrossSelfLayer(dec_dim, heads, mlp_dim) for _ in range(depth))
         self.norm = nn.LayerNorm(dec_dim, eps=EPS)
         self.pred = nn.Linear(dec_dim, patch * patch * in_chans)
         init_normal_(self, 0.02)
@@ -256,19 +257,18 @@ def _target(images: torch.Tensor, patch: int) -> torch.Tensor:
     return norm_pix(patchify(images, patch))
 
 
+@refuse_backend_argument
 class RadDiffusionMAE(nn.Module):
     """MAE objective. ``forward(images [ΣN, 1, H, W], lengths)`` -> (loss, pred [B, L, p²], mask [B, L]).
 
     Target: norm-pix patches (unbiased var + 1e-6); loss: MSE averaged over masked patches only.
     """
 
-    def __init__(
-        self, size: str = "xs", image_size: int = 256, backend: str | None = None, **overrides: object
-    ) -> None:
+    def __init__(self, size: str = "xs", image_size: int = 256, **overrides: object) -> None:
         super().__init__()
         cfg = _config(size, overrides)
         self.mask_ratio = float(cfg["mask_ratio"])
-        self.encoder = _encoder(cfg, image_size, backend)
+        self.encoder = _encoder(cfg, image_size)
         self.decoder = MAEDecoder(
             cfg["dim"],
             cfg["dec_dim"],
@@ -276,7 +276,6 @@ class RadDiffusionMAE(nn.Module):
             cfg["dec_heads"],
             cfg["dec_mlp_dim"],
             cfg["patch"],
-            backend=backend,
         )
 
     def forward(
@@ -290,6 +289,7 @@ class RadDiffusionMAE(nn.Module):
         return self(images, lengths)[0]
 
 
+@refuse_backend_argument
 class RadDiffusionDiffMAE(nn.Module):
     """Diffusion MAE objective (100 steps, beta = linspace(1e-4, 0.2, 100)², no timestep embedding).
 
@@ -304,7 +304,6 @@ class RadDiffusionDiffMAE(nn.Module):
         size: str = "xs",
         decoder: str = "a",
         image_size: int = 256,
-        backend: str | None = None,
         **overrides: object,
     ) -> None:
         super().__init__()
@@ -313,14 +312,10 @@ class RadDiffusionDiffMAE(nn.Module):
         cfg = _config(size, overrides)
         self.mask_ratio = float(cfg["mask_ratio"])
         self.schedule = DiffusionSchedule(100, 1e-4, 0.2)
-        self.encoder = _encoder(cfg, image_size, backend)
+        self.encoder = _encoder(cfg, image_size)
         args = (cfg["dim"], cfg["dec_dim"], cfg["dec_depth"], cfg["dec_heads"], cfg["dec_mlp_dim"], cfg["patch"])
         self.decoder_kind = decoder
-        self.decoder = (
-            MAEDecoder(*args, noisy_embed=True, backend=backend)
-            if decoder == "a"
-            else CrossSelfDecoder(*args, backend=backend)
-        )
+        self.decoder = MAEDecoder(*args, noisy_embed=True) if decoder == "a" else CrossSelfDecoder(*args)
 
     def _noisy(
         self, images: torch.Tensor, enc: EncoderOutput, t: torch.Tensor, noise: torch.Tensor | None
@@ -373,6 +368,7 @@ class RadDiffusionDiffMAE(nn.Module):
         return unpatchify(est, p, enc.grid), enc.mask
 
 
+@refuse_backend_argument
 class RadDiffusionClassifier(nn.Module):
     """Study-level fine-tuning: encoder without masking -> the final (normed) cls at each study's own first
     image (= the study mean of the final cls) -> Linear(dim, 14). ``forward`` -> logits [S, num_labels]."""
@@ -382,12 +378,11 @@ class RadDiffusionClassifier(nn.Module):
         size: str = "xs",
         num_labels: int = 14,
         image_size: int = 256,
-        backend: str | None = None,
         **overrides: object,
     ) -> None:
         super().__init__()
         cfg = _config(size, overrides)
-        self.encoder = _encoder(cfg, image_size, backend)
+        self.encoder = _encoder(cfg, image_size)
         self.head = nn.Linear(cfg["dim"], num_labels)
         init_normal_(self.head, 0.02)
 
@@ -422,7 +417,5 @@ def _config(size: str, overrides: dict) -> dict:
     return {**SIZES[size], **overrides}
 
 
-def _encoder(cfg: dict, image_size: int, backend: str | None) -> RadDiffusionEncoder:
-    return RadDiffusionEncoder(
-        image_size, cfg["patch"], cfg["dim"], cfg["depth"], cfg["heads"], cfg["mlp_dim"], backend
-    )
+def _encoder(cfg: dict, image_size: int) -> RadDiffusionEncoder:
+    return RadDiffusionEncoder(image_size, cfg["patch"], cfg["dim"], cfg["depth"], cfg["heads"], cfg["mlp_dim"])

@@ -16,9 +16,11 @@ from torch import nn
 
 from fm_engine.models.stcnnt.backbones import STCNNTHRNet
 from fm_engine.models.stcnnt.config import CellConfig
+from fm_engine.nn._backend_arg import refuse_backend_argument
 from fm_engine.nn.conv import Conv2DExt
 
 
+@refuse_backend_argument
 class STCNNTClassifier(nn.Module):
     """Image / series classifier on an HR-Net backbone. ``H``, ``W``: build-time input size (before the
     stride-2 stem, so the backbone is built for H/2 x W/2)."""

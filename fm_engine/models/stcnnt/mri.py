@@ -18,6 +18,7 @@ from torch import nn
 
 from fm_engine.models.stcnnt.backbones import STCNNTHRNet
 from fm_engine.models.stcnnt.config import CellConfig
+from fm_engine.nn._backend_arg import refuse_backend_argument
 from fm_engine.nn.conv import Conv2DExt
 
 #: the production MRI denoising cell options (docs/MODELS.md 2.10)
@@ -33,6 +34,7 @@ PRODUCTION_CELL = CellConfig(
 )
 
 
+@refuse_backend_argument
 class STCNNTMRI(nn.Module):
     """MRI denoising: HR-Net backbone between a 3x3 pre conv and a 3x3 post conv (see the module docstring).
 

@@ -316,7 +316,8 @@ def _accepting(call: Call, device: torch.device) -> list[str]:
     op = get_op(call.op)
     args, kwargs = replay_args(call, device)
     with autocast_context(call, device), torch.set_grad_enabled(call.grad_enabled):
-        return [b for b in op.backends if op.verdict(b, args, kwargs).ok]
+        call_record = op.validate(*args, **kwargs)
+        return [b for b in op.backends if op.verdict_of(b, call_record).ok]
 
 
 def _live(cls: str, call: Call, accepting: list[str]) -> bool:

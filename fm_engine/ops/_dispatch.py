@@ -2,11 +2,18 @@
 
 Each op is an :class:`Op`: a name, one argument validator (run once, before any backend is
 chosen, so every backend rejects the same bad inputs with the same message), the eager
-reference, and any number of fast backends. A backend declares two things as data:
+reference, and any number of fast backends.
+
+The validator resolves the call once: it returns the op's call record, a frozen dataclass (an
+:class:`OpCall`) holding the call's tensors, its flags with their defaults filled in, and whatever it
+derived from them (sizes, geometry). The measurement bucket, every backend's ``supports`` and the
+fast backends take that record, so nothing is derived twice. The reference and ``compile`` backends
+take the public arguments as given (the reference keeps its public signature; ``compile`` keys its
+cache on them). A backend declares two things as data:
 
 * ``available()`` -> ``None`` or the reason it cannot run in this process at all
   (Triton not importable, no GPU and no interpreter, CUDA extension not built, ...);
-* ``supports(*args, **kwargs)`` -> ``None`` or the reason it cannot take these inputs.
+* ``supports(call)`` -> ``None`` or the reason it cannot take this call.
 
 Choice, first match wins: the call's ``backend=`` argument, the innermost
 ``fm_engine.use_backend(...)`` context, the ``FM_ENGINE_BACKEND`` environment variable, else
@@ -104,10 +111,39 @@ def requested_backend(explicit: str | None = None) -> str:
     return _AUTO
 
 
-def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
-    for a in (*args, *kwargs.values()):
-        if isinstance(a, torch.Tensor):
-            return a
+@dataclasses.dataclass(frozen=True)
+class OpCall:
+    """Base of every op's call record: the resolved call its validator returns (see the module docstring).
+
+    A subclass declares the op's arguments as fields, tensors in the order of the public signature, flags
+    with their defaults applied, then what validation derived from them."""
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The call's tensors, in field order (the first one decides the device class)."""
+        out = []
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor):
+                out.append(v)
+        return tuple(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class ArgsCall(OpCall):
+    """The record of an op registered without a validator: its arguments as given."""
+
+    args: tuple[Any, ...]
+    kwargs: tuple[tuple[str, Any], ...]
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return tuple(a for a in (*self.args, *(v for _, v in self.kwargs)) if isinstance(a, torch.Tensor))
+
+
+def _args_call(*args: Any, **kwargs: Any) -> ArgsCall:
+    return ArgsCall(args, tuple(kwargs.items()))
+
+
+def _always(call: OpCall) -> str | None:
     return None
 
 
@@ -120,10 +156,14 @@ class Verdict:
 
 @dataclasses.dataclass
 class Backend:
+    """One implementation of an op. ``fn`` takes the call record, or, with ``public_args``, the public
+    arguments as given (the reference and ``compile``)."""
+
     name: str
     fn: Callable[..., Any]
     available: Callable[[], str | None]
-    supports: Callable[..., str | None]
+    supports: Callable[[Any], str | None]
+    public_args: bool = False
 
 
 @dataclasses.dataclass
@@ -148,34 +188,41 @@ class Explanation:
         return str(self)
 
 
-BucketFn = Callable[..., tuple[dict[str, Any], dict[str, int]]]
+BucketFn = Callable[[Any], tuple[dict[str, Any], dict[str, int]]]
 
 
 class Op:
     """One op family entry point: validation, reference, fast backends, dispatch.
 
-    ``bucket(*args, **kwargs) -> (flags, sizes)``: what a measurement of this call is keyed by
-    (:mod:`fm_engine.ops._evidence`); the ``grad`` flag is added here. Without it ``auto`` always runs
-    the reference.
+    ``validate(*args, **kwargs) -> call``: checks the public arguments (ValueError naming the argument) and
+    returns the call record (an :class:`OpCall`). ``bucket(call) -> (flags, sizes)``: what a measurement of
+    this call is keyed by (:mod:`fm_engine.ops._evidence`); the ``grad`` flag is added here. Without it
+    ``auto`` always runs the reference. ``run_reference(call)``: the reference on the record, for an op whose
+    reference would otherwise derive again what validation did (the reference backend then runs it; ``compile``
+    keeps compiling ``reference`` on the public arguments).
     """
 
     def __init__(
         self,
         name: str,
         reference: Callable[..., Any],
-        validate: Callable[..., None] | None = None,
+        validate: Callable[..., OpCall] | None = None,
         bucket: BucketFn | None = None,
+        run_reference: Callable[[Any], Any] | None = None,
     ) -> None:
         if name in _OPS:
             raise ValueError(f"op {name!r} is registered twice")
         self.name = name
-        self.validate = validate or (lambda *a, **k: None)
+        self.validate: Callable[..., OpCall] = validate or _args_call
         self.bucket_fn = bucket
-        self.backends: dict[str, Backend] = {
-            "reference": Backend("reference", reference, lambda: None, lambda *a, **k: None)
-        }
+        ref = (
+            Backend(REFERENCE, reference, lambda: None, _always, public_args=True)
+            if run_reference is None
+            else Backend(REFERENCE, run_reference, lambda: None, _always)
+        )
+        self.backends: dict[str, Backend] = {REFERENCE: ref}
         self.compiled = CompiledReference(name, reference)
-        self.backends[COMPILE] = Backend(COMPILE, self.compiled, compile_available, lambda *a, **k: None)
+        self.backends[COMPILE] = Backend(COMPILE, self.compiled, compile_available, _always, public_args=True)
         # the compiled code is the reference's (torch's version is stamped apart in a measurement)
         _evidence.declare_sources(name, COMPILE, [reference.__module__])
         _OPS[name] = self
@@ -186,10 +233,11 @@ class Op:
         fn: Callable[..., Any],
         *,
         available: Callable[[], str | None],
-        supports: Callable[..., str | None],
+        supports: Callable[[Any], str | None],
         sources: Sequence[str | Path] = (),
     ) -> None:
-        """Add backend ``name``: ``fn`` runs it, ``available()`` / ``supports(...)`` say when it cannot.
+        """Add backend ``name``: ``fn(call)`` runs it on the call record, ``available()`` / ``supports(call)``
+        say when it cannot.
 
         ``sources``: the files that implement it, as paths or dotted module names (a package stands for its
         ``__init__.py``), in a fixed order; the evidence tables key its measurements by their hash, so a
@@ -199,78 +247,91 @@ class Op:
         self.backends[name] = Backend(name, fn, available, supports)
         _evidence.declare_sources(self.name, name, sources)
 
-    def verdict(self, name: str, args: tuple, kwargs: dict) -> Verdict:
+    def verdict_of(self, name: str, call: OpCall) -> Verdict:
+        """Whether backend ``name`` can run the (validated) call, and why not."""
         b = self.backends.get(name)
         if b is None:
             return Verdict(name, False, f"{self.name} has no {name} implementation")
         reason = b.available()
         if reason is None:
-            reason = b.supports(*args, **kwargs)
+            reason = b.supports(call)
         if reason is None:
             return Verdict(name, True, "supported")
         return Verdict(name, False, reason)
 
-    def bucket(self, args: tuple, kwargs: dict) -> _evidence.Bucket | None:
+    def verdict(self, name: str, args: tuple, kwargs: dict) -> Verdict:
+        """:meth:`verdict_of` for public arguments (validated first: ValueError when they are invalid)."""
+        return self.verdict_of(name, self.validate(*args, **kwargs))
+
+    def bucket_of(self, call: OpCall) -> _evidence.Bucket | None:
         """The measurement bucket of a (validated) call, or None when the op declares none."""
         if self.bucket_fn is None:
             return None
-        flags, sizes = self.bucket_fn(*args, **kwargs)
-        grad = _evidence.requires_grad(*args, *kwargs.values())
+        flags, sizes = self.bucket_fn(call)
+        grad = _evidence.requires_grad(*call.tensors())
         return _evidence.make_bucket({**flags, "grad": grad}, sizes)
 
-    def device_class(self, args: tuple, kwargs: dict) -> str | None:
-        t = _first_tensor(args, kwargs)
-        if t is None:
+    def bucket(self, args: tuple, kwargs: dict) -> _evidence.Bucket | None:
+        """:meth:`bucket_of` for public arguments (validated first)."""
+        return self.bucket_of(self.validate(*args, **kwargs))
+
+    def device_class(self, call: OpCall) -> str | None:
+        tensors = call.tensors()
+        if not tensors:
             return None
+        t = tensors[0]
         return _evidence.device_class_of(t.device.type, -1 if t.device.index is None else t.device.index)
 
-    def _auto(self, args: tuple, kwargs: dict) -> str:
+    def _auto(self, call: OpCall) -> str:
         """The measured-fastest backend that accepts the call (see the module docstring)."""
-        bucket = self.bucket(args, kwargs)
-        cls = self.device_class(args, kwargs)
+        bucket = self.bucket_of(call)
+        cls = self.device_class(call)
         if bucket is None or cls is None:
             return REFERENCE
         for name in _evidence.measured_order(cls, self.name, bucket.key).split(","):
-            if name in self.backends and self.verdict(name, args, kwargs).ok:
+            if name in self.backends and self.verdict_of(name, call).ok:
                 return name
         return REFERENCE
 
-    def choose(self, args: tuple, kwargs: dict, backend: str | None = None) -> str:
+    def choose(self, call: OpCall, backend: str | None = None) -> str:
         req = requested_backend(backend)
         if req != _AUTO:
-            v = self.verdict(req, args, kwargs)
+            v = self.verdict_of(req, call)
             if not v.ok:
                 raise BackendUnsupportedError(f"{self.name}: backend {req!r} cannot run this call: {v.reason}")
             return req
-        return self._auto(args, kwargs)
+        return self._auto(call)
 
     def __call__(self, *args: Any, backend: str | None = None, **kwargs: Any) -> Any:
-        self.validate(*args, **kwargs)
+        call = self.validate(*args, **kwargs)
         if _recorders and _recorders[-1].dry:  # record the call's inputs and stop (see _record.record)
-            _recorders[-1].add(self, None, args, kwargs)
-        name = self.choose(args, kwargs, backend)
+            _recorders[-1].add(self, None, args, kwargs, call)
+        name = self.choose(call, backend)
         if _trace_stack:
             _trace_stack[-1].append((self.name, name))
         if _recorders and not torch.compiler.is_compiling():
             for r in _recorders:
-                r.add(self, name, args, kwargs)
-        return self.backends[name].fn(*args, **kwargs)
+                r.add(self, name, args, kwargs, call)
+        b = self.backends[name]
+        if b.public_args:
+            return b.fn(*args, **kwargs)
+        return b.fn(call)
 
     def explain(self, *args: Any, backend: str | None = None, **kwargs: Any) -> Explanation:
         req = requested_backend(backend)
         try:
-            self.validate(*args, **kwargs)
+            call = self.validate(*args, **kwargs)
         except ValueError as e:
             return Explanation(self.name, [], req, None, str(e))
         names = [*BACKENDS, *(n for n in self.backends if n not in BACKENDS)]
-        verdicts = [self.verdict(n, args, kwargs) for n in names]
+        verdicts = [self.verdict_of(n, call) for n in names]
         try:
-            chosen: str | None = self.choose(args, kwargs, backend)
+            chosen: str | None = self.choose(call, backend)
         except BackendUnsupportedError:
             chosen = None
         evidence: list[str] = []
-        bucket = self.bucket(args, kwargs)
-        cls = self.device_class(args, kwargs)
+        bucket = self.bucket_of(call)
+        cls = self.device_class(call)
         if bucket is None:
             evidence = ["evidence: this op declares no measurement bucket -> automatic dispatch runs the reference"]
         elif cls is not None:

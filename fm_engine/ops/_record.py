@@ -108,7 +108,16 @@ class Recorder:
     def calls(self) -> list[Call]:
         return list(self._by_key.values())
 
-    def add(self, op: _dispatch.Op, backend: str | None, args: tuple, kwargs: dict) -> None:
+    def add(
+        self,
+        op: _dispatch.Op,
+        backend: str | None,
+        args: tuple,
+        kwargs: dict,
+        resolved: _dispatch.OpCall | None = None,
+    ) -> None:
+        """Count one op call: its public arguments and, when the caller has it, its call record (else it is
+        validated here) for the measurement bucket."""
         if backend is not None and self.dry:
             return  # a dry recorder saw this call before the backend was chosen
         t = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
@@ -121,7 +130,7 @@ class Recorder:
         key = (op.name, backend, _key_part(sargs), _key_part(tuple(sorted(skw.items()))), grad, autocast)
         call = self._by_key.get(key)
         if call is None:
-            bucket = op.bucket(args, kwargs)
+            bucket = op.bucket_of(resolved if resolved is not None else op.validate(*args, **kwargs))
             call = Call(op.name, backend or "", sargs, skw, grad, autocast, bucket.key if bucket else None)
             for i, a in (*enumerate(args), *kwargs.items()):
                 if isinstance(a, torch.Tensor) and not a.is_floating_point() and not a.is_meta:

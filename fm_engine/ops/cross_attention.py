@@ -19,13 +19,14 @@ mask through ``dropout_mask``.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from fm_engine.ops import _checks
-from fm_engine.ops._dispatch import Op, public, triton_available, triton_device_ok
+from fm_engine.ops._dispatch import Op, OpCall, public, triton_available, triton_device_ok
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TRITON_HEAD_DIMS = (16, 32, 64, 128)
@@ -63,6 +64,19 @@ def cross_attention_reference(
     return (att * dropout_mask / (1.0 - dropout_p)) @ v
 
 
+@dataclasses.dataclass(frozen=True)
+class CrossAttentionCall(OpCall):
+    """A validated :func:`cross_attention` call."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    kv_heads: int
+    scale: float | None
+    dropout_p: float
+    key_padding_mask: torch.Tensor | None
+
+
 def _validate(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -72,7 +86,7 @@ def _validate(
     scale: float | None = None,
     dropout_p: float = 0.0,
     key_padding_mask: torch.Tensor | None = None,
-) -> None:
+) -> CrossAttentionCall:
     for n, t in (("q", q), ("k", k), ("v", v)):
         _checks.tensor(n, t)
         _checks.floating(n, t)
@@ -97,17 +111,17 @@ def _validate(
                 f"key_padding_mask: expected a bool tensor of shape {(k.shape[0], k.shape[2])}, "
                 f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
             )
+    return CrossAttentionCall(q, k, v, kv_heads, scale, dropout_p, key_padding_mask)
 
 
-def _bucket(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kv_heads: int, dropout_p: float = 0.0, **kw: Any
-) -> tuple[dict, dict]:
+def _bucket(call: CrossAttentionCall) -> tuple[dict, dict]:
+    q, k = call.q, call.k
     flags = {
         "dtype": q.dtype,
         "head_dim": q.shape[-1],
-        "group": q.shape[1] // kv_heads,
-        "mask": kw.get("key_padding_mask") is not None,
-        "dropout": dropout_p > 0,
+        "group": q.shape[1] // call.kv_heads,
+        "mask": call.key_padding_mask is not None,
+        "dropout": call.dropout_p > 0,
     }
     return flags, {"B": q.shape[0], "Hq": q.shape[1], "Nq": q.shape[2], "Nk": k.shape[2]}
 
@@ -225,16 +239,8 @@ def _backward(ctx: Any, do: torch.Tensor, _dlse: torch.Tensor, _dseed: torch.Ten
 _fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _triton_supports(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    kv_heads: int,
-    scale: float | None = None,
-    dropout_p: float = 0.0,
-    key_padding_mask: torch.Tensor | None = None,
-) -> str | None:
+def _triton_supports(call: CrossAttentionCall) -> str | None:
+    q, k, v, key_padding_mask, dropout_p = call.q, call.k, call.v, call.key_padding_mask, call.dropout_p
     reason = triton_device_ok(q, k, v)
     if reason:
         return reason
@@ -251,18 +257,10 @@ def _triton_supports(
     return None
 
 
-def _triton_cross_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    kv_heads: int,
-    scale: float | None = None,
-    dropout_p: float = 0.0,
-    key_padding_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    s = float(q.shape[-1] ** -0.5 if scale is None else scale)
-    return _fwd(q, k, v, key_padding_mask, kv_heads, s, float(dropout_p))[0]
+def _triton_cross_attention(call: CrossAttentionCall) -> torch.Tensor:
+    q = call.q
+    s = float(q.shape[-1] ** -0.5 if call.scale is None else call.scale)
+    return _fwd(q, call.k, call.v, call.key_padding_mask, call.kv_heads, s, float(call.dropout_p))[0]
 
 
 CROSS_ATTENTION.register(

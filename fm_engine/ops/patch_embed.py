@@ -29,13 +29,14 @@ dims up to 4096 and fp32 / bf16 / fp16 outputs; an image that requires grad goes
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from fm_engine.ops import _checks
-from fm_engine.ops._dispatch import Op, autocast_dtype, public, triton_available, triton_device_ok
+from fm_engine.ops._dispatch import Op, OpCall, autocast_dtype, public, triton_available, triton_device_ok
 from fm_engine.ops._exact import conv_ieee
 
 IMAGE_DTYPES = (torch.uint8, torch.uint16, torch.int16, torch.float32, torch.bfloat16, torch.float64)
@@ -104,6 +105,31 @@ def patch_embed_reference(
     return tokens.to(odt)
 
 
+@dataclasses.dataclass(frozen=True)
+class PatchEmbedCall(OpCall):
+    """A validated :func:`patch_embed` call; ``out``: the output dtype it resolves to (``out_dtype``, else the
+    autocast dtype, else the parameters')."""
+
+    image: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor
+    norm_weight: torch.Tensor
+    norm_bias: torch.Tensor
+    pos_weight: torch.Tensor
+    pos_bias: torch.Tensor
+    patch: int
+    pool_to: tuple[int, int] | None
+    intensity_scale: float
+    intensity_offset: float
+    out_dtype: torch.dtype | None
+    eps: float
+    out: torch.dtype
+
+    @property
+    def params(self) -> tuple[torch.Tensor, ...]:
+        return (self.weight, self.bias, self.norm_weight, self.norm_bias, self.pos_weight, self.pos_bias)
+
+
 def _validate(
     image: torch.Tensor,
     weight: torch.Tensor,
@@ -119,7 +145,7 @@ def _validate(
     intensity_offset: float = 0.0,
     out_dtype: torch.dtype | None = None,
     eps: float = 1e-5,
-) -> None:
+) -> PatchEmbedCall:
     _checks.tensor("image", image)
     _checks.floating("image", image, IMAGE_DTYPES)
     _checks.ndim("image", image, 4, "[B, C, H, W]")
@@ -149,22 +175,20 @@ def _validate(
             raise ValueError(f"pool_to: expected two positive ints, got {pool_to}")
         if pool_to[0] > h // patch or pool_to[1] > w // patch:
             raise ValueError(f"pool_to: {tuple(pool_to)} is larger than the token grid {(h // patch, w // patch)}")
+    out = output_dtype(image, weight.dtype, out_dtype)
+    return PatchEmbedCall(
+        image, weight, bias, norm_weight, norm_bias, pos_weight, pos_bias, patch, pool_to, intensity_scale,
+        intensity_offset, out_dtype, eps, out,
+    )  # fmt: skip
 
 
-def _bucket(
-    image: torch.Tensor,
-    weight: torch.Tensor,
-    *params: torch.Tensor,
-    patch: int,
-    pool_to: tuple[int, int] | None = None,
-    out_dtype: torch.dtype | None = None,
-    **_: object,
-) -> tuple[dict, dict]:
+def _bucket(call: PatchEmbedCall) -> tuple[dict, dict]:
+    image, weight, pool_to = call.image, call.weight, call.pool_to
     flags = {
         "image": image.dtype,
-        "out": output_dtype(image, weight.dtype, out_dtype),
+        "out": call.out,
         "param": weight.dtype,
-        "patch": patch,
+        "patch": call.patch,
         "channels": image.shape[1],
         "pool": pool_to is not None,
     }
@@ -340,23 +364,8 @@ def _backward(ctx: Any, dy: torch.Tensor, *_unused: torch.Tensor) -> tuple:
 _fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _triton_supports(
-    image: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor,
-    norm_weight: torch.Tensor,
-    norm_bias: torch.Tensor,
-    pos_weight: torch.Tensor,
-    pos_bias: torch.Tensor,
-    *,
-    patch: int,
-    pool_to: tuple[int, int] | None = None,
-    intensity_scale: float = 1.0,
-    intensity_offset: float = 0.0,
-    out_dtype: torch.dtype | None = None,
-    eps: float = 1e-5,
-) -> str | None:
-    params = (weight, bias, norm_weight, norm_bias, pos_weight, pos_bias)
+def _triton_supports(call: PatchEmbedCall) -> str | None:
+    image, weight, params = call.image, call.weight, call.params
     reason = triton_device_ok(image, *params)
     if reason:
         return reason
@@ -364,9 +373,8 @@ def _triton_supports(
         return f"image dtype {image.dtype} (the Triton stem reads uint8, uint16, int16, float32, bfloat16)"
     if any(p.dtype != torch.float32 for p in params):
         return "parameters not all float32 (the Triton stem keeps fp32 parameters)"
-    odt = output_dtype(image, weight.dtype, out_dtype)
-    if odt not in _TRITON_OUT_DTYPES:
-        return f"output dtype {odt} (the Triton stem writes float32, bfloat16, float16)"
+    if call.out not in _TRITON_OUT_DTYPES:
+        return f"output dtype {call.out} (the Triton stem writes float32, bfloat16, float16)"
     if weight.shape[0] > _TRITON_MAX_DIM:
         return (
             f"dim {weight.shape[0]} > {_TRITON_MAX_DIM} (the LayerNorm kernel keeps a token's feature row in registers)"
@@ -378,39 +386,19 @@ def _triton_supports(
     return None
 
 
-def _triton_patch_embed(
-    image: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor,
-    norm_weight: torch.Tensor,
-    norm_bias: torch.Tensor,
-    pos_weight: torch.Tensor,
-    pos_bias: torch.Tensor,
-    *,
-    patch: int,
-    pool_to: tuple[int, int] | None = None,
-    intensity_scale: float = 1.0,
-    intensity_offset: float = 0.0,
-    out_dtype: torch.dtype | None = None,
-    eps: float = 1e-5,
-) -> torch.Tensor:
-    odt = output_dtype(image, weight.dtype, out_dtype)
+def _triton_patch_embed(call: PatchEmbedCall) -> torch.Tensor:
+    pool_to = call.pool_to
     ph, pw = (int(pool_to[0]), int(pool_to[1])) if pool_to is not None else (0, 0)
     return _fwd(
-        image,
-        weight,
-        bias,
-        norm_weight,
-        norm_bias,
-        pos_weight,
-        pos_bias,
-        patch,
+        call.image,
+        *call.params,
+        call.patch,
         ph,
         pw,
-        float(intensity_scale),
-        float(intensity_offset),
-        odt,
-        float(eps),
+        float(call.intensity_scale),
+        float(call.intensity_offset),
+        call.out,
+        float(call.eps),
     )[0]
 
 

@@ -15,13 +15,14 @@ hidden-sized tensor. kernels/relu2.py has the byte and FLOP model of both design
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from fm_engine.ops import _checks
-from fm_engine.ops._dispatch import Op, autocast_inputs, public
+from fm_engine.ops._dispatch import Op, OpCall, autocast_inputs, public
 
 _FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -43,12 +44,30 @@ def relu2_mlp_reference(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, dro
 # --- validation (once, for every backend) -------------------------------------------------------
 
 
-def _validate_relu2(x: torch.Tensor) -> None:
+@dataclasses.dataclass(frozen=True)
+class Relu2Call(OpCall):
+    """A validated :func:`relu2` call."""
+
+    x: torch.Tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class Relu2MlpCall(OpCall):
+    """A validated :func:`relu2_mlp` call."""
+
+    x: torch.Tensor
+    w1: torch.Tensor
+    w2: torch.Tensor
+    dropout_p: float
+
+
+def _validate_relu2(x: torch.Tensor) -> Relu2Call:
     _checks.tensor("x", x)
     _checks.floating("x", x)
+    return Relu2Call(x)
 
 
-def _validate_mlp(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, dropout_p: float = 0.0) -> None:
+def _validate_mlp(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, dropout_p: float = 0.0) -> Relu2MlpCall:
     for n, t in (("x", x), ("w1", w1), ("w2", w2)):
         _checks.tensor(n, t)
         _checks.floating(n, t)
@@ -68,15 +87,18 @@ def _validate_mlp(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, dropout_p
     _checks.same_device(x=x, w1=w1, w2=w2)
     _checks.same_dtype(x=x, w1=w1, w2=w2)
     _checks.probability("dropout_p", dropout_p)
+    return Relu2MlpCall(x, w1, w2, dropout_p)
 
 
-def _bucket_relu2(x: torch.Tensor) -> tuple[dict, dict]:
-    return {"dtype": x.dtype}, {"n": x.numel()}
+def _bucket_relu2(call: Relu2Call) -> tuple[dict, dict]:
+    return {"dtype": call.x.dtype}, {"n": call.x.numel()}
 
 
-def _bucket_mlp(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, dropout_p: float = 0.0) -> tuple[dict, dict]:
+def _bucket_mlp(call: Relu2MlpCall) -> tuple[dict, dict]:
+    x, w1, w2 = call.x, call.w1, call.w2
     m = x.numel() // max(x.shape[-1], 1)
-    return {"dtype": x.dtype, "dropout": dropout_p > 0}, {"M": m, "D": w1.shape[1], "H": w1.shape[0], "O": w2.shape[0]}
+    flags = {"dtype": x.dtype, "dropout": call.dropout_p > 0}
+    return flags, {"M": m, "D": w1.shape[1], "H": w1.shape[0], "O": w2.shape[0]}
 
 
 RELU2 = Op("relu2", relu2_reference, _validate_relu2, bucket=_bucket_relu2)
@@ -174,25 +196,33 @@ _relu2_triton.register_autograd(lambda ctx, dy: _relu2_bwd_triton(ctx.saved_tens
 _relu2_cuda.register_autograd(lambda ctx, dy: _relu2_bwd_cuda(ctx.saved_tensors[0], dy), setup_context=_save_x)
 
 
-def _relu2_triton_supports(x: torch.Tensor) -> str | None:
-    return triton_device_ok(x) or _elementwise_supports(x)
+def _relu2_triton_supports(call: Relu2Call) -> str | None:
+    return triton_device_ok(call.x) or _elementwise_supports(call.x)
 
 
-def _relu2_cuda_supports(x: torch.Tensor) -> str | None:
-    if x.device.type != "cuda":
-        return f"x: on {x.device} (the CUDA kernel needs a CUDA tensor)"
-    return _elementwise_supports(x)
+def _relu2_cuda_supports(call: Relu2Call) -> str | None:
+    if call.x.device.type != "cuda":
+        return f"x: on {call.x.device} (the CUDA kernel needs a CUDA tensor)"
+    return _elementwise_supports(call.x)
+
+
+def _relu2_triton_call(call: Relu2Call) -> torch.Tensor:
+    return _relu2_triton(call.x)
+
+
+def _relu2_cuda_call(call: Relu2Call) -> torch.Tensor:
+    return _relu2_cuda(call.x)
 
 
 # the Triton backends' sources: the kernel module and the kernel modules it imports
 _TRITON_SOURCES = ("fm_engine.kernels.relu2", "fm_engine.kernels._aot", "fm_engine.kernels._autotune")
 
 RELU2.register(
-    "triton", _relu2_triton, available=triton_available, supports=_relu2_triton_supports, sources=_TRITON_SOURCES
+    "triton", _relu2_triton_call, available=triton_available, supports=_relu2_triton_supports, sources=_TRITON_SOURCES
 )
 RELU2.register(
     "cuda",
-    _relu2_cuda,
+    _relu2_cuda_call,
     available=cuda_ext_available,
     supports=_relu2_cuda_supports,
     sources=(_cuda.source("relu2"),),
@@ -303,12 +333,12 @@ def _mlp_call(fwd: Any, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, p: 
     return y.reshape(*lead, w2.shape[0])
 
 
-def _relu2_mlp_triton(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
-    return _mlp_call(_mlp_fwd_triton, x, w1, w2, dropout_p)
+def _relu2_mlp_triton(call: Relu2MlpCall) -> torch.Tensor:
+    return _mlp_call(_mlp_fwd_triton, call.x, call.w1, call.w2, call.dropout_p)
 
 
-def _relu2_mlp_hybrid(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
-    return _mlp_call(_mlp_fwd_hybrid, x, w1, w2, dropout_p)
+def _relu2_mlp_hybrid(call: Relu2MlpCall) -> torch.Tensor:
+    return _mlp_call(_mlp_fwd_hybrid, call.x, call.w1, call.w2, call.dropout_p)
 
 
 def relu2_mlp_triton_with_seed(
@@ -320,9 +350,8 @@ def relu2_mlp_triton_with_seed(
     return y, int(seed.item())
 
 
-def _relu2_mlp_triton_supports(
-    x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, dropout_p: float = 0.0
-) -> str | None:
+def _relu2_mlp_triton_supports(call: Relu2MlpCall) -> str | None:
+    x, w1, w2, dropout_p = call.x, call.w1, call.w2, call.dropout_p
     reason = triton_device_ok(x, w1, w2)
     if reason:
         return reason

@@ -24,13 +24,13 @@ mask through ``dropout_mask``.
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
 
 import torch
 
 from fm_engine.ops import _checks
-from fm_engine.ops._dispatch import Op, public, triton_available, triton_device_ok
-from fm_engine.ops.window_attention import FAST_DTYPES, attend, check_flags, check_qkv, default_scale
+from fm_engine.ops._dispatch import Op, OpCall, public, triton_available, triton_device_ok
+from fm_engine.ops.window_attention import FAST_DTYPES, attend, check_flags, check_qkv, default_scale, score_form
 
 
 def head_dims(q: torch.Tensor, v: torch.Tensor, n_head: int) -> tuple[int, int]:
@@ -83,6 +83,26 @@ def temporal_attention_reference(
     return o.transpose(1, 2).reshape(v.shape)
 
 
+@dataclasses.dataclass(frozen=True)
+class TemporalAttentionCall(OpCall):
+    """A validated :func:`temporal_attention` call and what it resolves to: the head dims, the softmax scale
+    (``scale`` or its default) and the score form (one of fm_engine.ops.window_attention.SCORES)."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    n_head: int
+    scale: float | None
+    cosine: bool
+    normalize_qk: bool
+    causal: bool
+    dropout_p: float
+    d_qk: int
+    d_v: int
+    softmax_scale: float
+    score: str
+
+
 def _validate(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -94,24 +114,27 @@ def _validate(
     normalize_qk: bool = False,
     causal: bool = False,
     dropout_p: float = 0.0,
-) -> None:
+) -> TemporalAttentionCall:
     check_qkv(q, k, v)
-    d_qk, _ = head_dims(q, v, n_head)
-    check_flags(scale, cosine, normalize_qk, dropout_p, d_qk)
-
-
-def _bucket(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, n_head: int, cosine: bool = False, **kw: Any
-) -> tuple[dict, dict]:
     d_qk, d_v = head_dims(q, v, n_head)
+    check_flags(scale, cosine, normalize_qk, dropout_p, d_qk)
+    s = default_scale(d_qk, cosine) if scale is None else scale
+    return TemporalAttentionCall(
+        q, k, v, n_head, scale, cosine, normalize_qk, causal, dropout_p, d_qk, d_v, s, score_form(cosine, normalize_qk)
+    )
+
+
+def _bucket(call: TemporalAttentionCall) -> tuple[dict, dict]:
+    cosine = call.cosine
     flags = {
-        "dtype": q.dtype,
-        "causal": bool(kw.get("causal", False)),
+        "dtype": call.q.dtype,
+        "causal": bool(call.causal),
         "cosine": cosine,
-        "normalize_qk": bool(kw.get("normalize_qk", False)) and not cosine,
-        "dropout": float(kw.get("dropout_p", 0.0)) > 0,
+        "normalize_qk": bool(call.normalize_qk) and not cosine,
+        "dropout": float(call.dropout_p) > 0,
     }
-    return flags, {"B": v.shape[0], "T": v.shape[1], "heads": n_head, "D_qk": d_qk, "D_v": d_v}
+    v = call.v
+    return flags, {"B": v.shape[0], "T": v.shape[1], "heads": call.n_head, "D_qk": call.d_qk, "D_v": call.d_v}
 
 
 TEMPORAL_ATTENTION = Op("temporal_attention", temporal_attention_reference, _validate, bucket=_bucket)
@@ -159,13 +182,20 @@ public(TEMPORAL_ATTENTION, temporal_attention)
 # dropout seed (torch's CPU generator, no device sync) as a CPU tensor.
 
 
+def _score_code(score: str) -> int:
+    """The kernels' code of a score form (lazy: the kernels import triton)."""
+    from fm_engine.kernels.temporal_attention import SCORE_COSINE, SCORE_DOT, SCORE_STANDARDIZE
+
+    return {"dot": SCORE_DOT, "cosine": SCORE_COSINE, "standardize": SCORE_STANDARDIZE}[score]
+
+
 @torch.library.custom_op("fm_engine::temporal_attention_fwd", mutates_args=())
 def _fwd(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     n_head: int,
-    score: int,
+    score: str,
     causal: bool,
     scale: float,
     dropout_p: float,
@@ -174,7 +204,8 @@ def _fwd(
     from fm_engine.kernels._attention_dropout import draw_seed
 
     seed = draw_seed() if dropout_p > 0 else 0
-    o, sn, st = K.forward(q, k, v, n_head, score=score, causal=causal, scale=scale, dropout_p=dropout_p, seed=seed)
+    code = _score_code(score)
+    o, sn, st = K.forward(q, k, v, n_head, score=code, causal=causal, scale=scale, dropout_p=dropout_p, seed=seed)
     return o, sn, st, torch.tensor([seed], dtype=torch.int64)
 
 
@@ -201,7 +232,7 @@ def _bwd(
     st: torch.Tensor,
     seed: torch.Tensor,
     n_head: int,
-    score: int,
+    score: str,
     causal: bool,
     scale: float,
     dropout_p: float,
@@ -209,7 +240,7 @@ def _bwd(
     from fm_engine.kernels import temporal_attention as K
 
     return K.backward(
-        do, q, k, v, sn, st, n_head, score=score, causal=causal, scale=scale, dropout_p=dropout_p,
+        do, q, k, v, sn, st, n_head, score=_score_code(score), causal=causal, scale=scale, dropout_p=dropout_p,
         seed=int(seed.item()),
     )  # fmt: skip
 
@@ -240,32 +271,18 @@ def _backward(ctx, do, _dsn, _dst, _dseed):
 _fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _triton_temporal(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    n_head: int,
-    scale: float | None = None,
-    cosine: bool = False,
-    normalize_qk: bool = False,
-    causal: bool = False,
-    dropout_p: float = 0.0,
-) -> torch.Tensor:
-    d_qk, _ = head_dims(q, v, n_head)
-    s = default_scale(d_qk, cosine) if scale is None else scale
-    score = 1 if cosine else (2 if normalize_qk else 0)
+def _triton_temporal(call: TemporalAttentionCall) -> torch.Tensor:
     return _fwd(
-        q.contiguous(), k.contiguous(), v.contiguous(), n_head, score, bool(causal), float(s), float(dropout_p)
-    )[0]
+        call.q.contiguous(), call.k.contiguous(), call.v.contiguous(), call.n_head, call.score, bool(call.causal),
+        float(call.softmax_scale), float(call.dropout_p),
+    )[0]  # fmt: skip
 
 
 MAX_TRITON_FRAMES = 64  # the T x T scores of a head live in registers (kernels/temporal_attention.py)
 
 
-def _triton_temporal_supports(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, dropout_p: float = 0.0, **_: object
-) -> str | None:
+def _triton_temporal_supports(call: TemporalAttentionCall) -> str | None:
+    q, k, v, dropout_p = call.q, call.k, call.v, call.dropout_p
     reason = triton_device_ok(q, k, v)
     if reason is not None:
         return reason

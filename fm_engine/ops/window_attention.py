@@ -43,16 +43,18 @@ reference replays a given mask through ``dropout_mask``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from fm_engine.ops import _checks
-from fm_engine.ops._dispatch import Op, public, triton_available, triton_device_ok
+from fm_engine.ops._dispatch import Op, OpCall, public, triton_available, triton_device_ok
 
 MODES = ("local", "global")
+# The score forms by name (the kernels' SCORE_DOT, SCORE_COSINE, SCORE_STANDARDIZE; see :func:`score_form`).
+SCORES = ("dot", "cosine", "standardize")
 FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Groups of up to this many tokens keep their whole N x N score matrix in registers; larger ones run the long
 # kernels (blocked, online softmax), which hold whole head rows: head dims up to MAX_TRITON_HEAD there
@@ -74,7 +76,8 @@ def pair(name: str, x: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     return int(x[0]), int(x[1])
 
 
-class Geometry(NamedTuple):
+@dataclasses.dataclass(frozen=True)
+class Geometry:
     """How a frame is cut (v's patch pixels ph, pw; q/k's phq, pwq) and the attention sizes."""
 
     mode: str
@@ -90,6 +93,11 @@ class Geometry(NamedTuple):
     n_groups: int  # groups per frame
     hc_qk: int
     hc_v: int
+
+
+def score_form(cosine: bool, normalize_qk: bool) -> str:
+    """The score form of the flags, one of :data:`SCORES` (``cosine`` wins when both are set)."""
+    return "cosine" if cosine else ("standardize" if normalize_qk else "dot")
 
 
 def geometry(
@@ -237,13 +245,30 @@ def window_attention_reference(
     g = geometry(
         q, v, mode=mode, num_patches=num_patches, num_windows=num_windows, patch_size=patch_size, n_head=n_head
     )
+    s = default_scale(g.hc_qk, cosine) if scale is None else scale
+    return _reference(q, k, v, g, n_head, s, cosine, normalize_qk, rel_pos_bias, dropout_p, dropout_mask)
+
+
+def _reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: Geometry,
+    n_head: int,
+    s: float,
+    cosine: bool,
+    normalize_qk: bool,
+    rel_pos_bias: torch.Tensor | None,
+    dropout_p: float,
+    dropout_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """The reference on a resolved geometry ``g`` and scale ``s``."""
     B, T, C = v.shape[:3]
 
     def heads(x: torch.Tensor, ph: int, pw: int) -> torch.Tensor:
         t = to_tokens(x, g, ph, pw)  # B T G N D
         return t.reshape(*t.shape[:4], n_head, -1).transpose(3, 4)  # B T G heads N hc
 
-    s = default_scale(g.hc_qk, cosine) if scale is None else scale
     o = attend(
         heads(q, g.phq, g.pwq),
         heads(k, g.phq, g.pwq),
@@ -289,62 +314,86 @@ def check_flags(scale: float | None, cosine: bool, normalize_qk: bool, dropout_p
     _checks.probability("dropout_p", dropout_p)
 
 
-def _validate(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    mode: str = "local",
-    num_patches: int | tuple[int, int] | None = None,
-    num_windows: int | tuple[int, int] | None = None,
-    patch_size: int | tuple[int, int],
-    n_head: int,
-    scale: float | None = None,
-    cosine: bool = False,
-    normalize_qk: bool = False,
-    rel_pos_bias: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-) -> None:
-    check_qkv(q, k, v)
-    g = geometry(
-        q, v, mode=mode, num_patches=num_patches, num_windows=num_windows, patch_size=patch_size, n_head=n_head
-    )
-    check_flags(scale, cosine, normalize_qk, dropout_p, g.hc_qk)
-    if rel_pos_bias is not None:
-        _checks.tensor("rel_pos_bias", rel_pos_bias)
-        expected = (n_head, g.n_tokens, g.n_tokens)
-        if tuple(rel_pos_bias.shape) != expected:
-            raise ValueError(
-                f"rel_pos_bias: expected shape [n_head, N, N] = {list(expected)} for {g.n_tokens} tokens per "
-                f"{mode} group, got {list(rel_pos_bias.shape)}"
-            )
-        if rel_pos_bias.dtype != q.dtype:
-            raise ValueError(f"rel_pos_bias: dtype {rel_pos_bias.dtype} must equal q's dtype {q.dtype}")
-        _checks.same_device(q=q, rel_pos_bias=rel_pos_bias)
+@dataclasses.dataclass(frozen=True)
+class WindowAttentionCall(OpCall):
+    """A resolved :func:`window_attention` call: the arguments as the public function takes them (constructing
+    the record validates them, ValueError naming the argument) and what they resolve to, derived once."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    _: dataclasses.KW_ONLY
+    mode: str = "local"
+    num_patches: int | tuple[int, int] | None = None
+    num_windows: int | tuple[int, int] | None = None
+    patch_size: int | tuple[int, int]
+    n_head: int
+    scale: float | None = None
+    cosine: bool = False
+    normalize_qk: bool = False
+    rel_pos_bias: torch.Tensor | None = None
+    dropout_p: float = 0.0
+    # derived
+    geometry: Geometry = dataclasses.field(init=False, repr=False)
+    softmax_scale: float = dataclasses.field(init=False, repr=False)  # ``scale``, or its default
+    score: str = dataclasses.field(init=False, repr=False)  # one of SCORES
+
+    def __post_init__(self) -> None:
+        q, k, v, n_head = self.q, self.k, self.v, self.n_head
+        check_qkv(q, k, v)
+        g = geometry(
+            q, v, mode=self.mode, num_patches=self.num_patches, num_windows=self.num_windows,
+            patch_size=self.patch_size, n_head=n_head,
+        )  # fmt: skip
+        check_flags(self.scale, self.cosine, self.normalize_qk, self.dropout_p, g.hc_qk)
+        bias = self.rel_pos_bias
+        if bias is not None:
+            _checks.tensor("rel_pos_bias", bias)
+            expected = (n_head, g.n_tokens, g.n_tokens)
+            if tuple(bias.shape) != expected:
+                raise ValueError(
+                    f"rel_pos_bias: expected shape [n_head, N, N] = {list(expected)} for {g.n_tokens} tokens per "
+                    f"{self.mode} group, got {list(bias.shape)}"
+                )
+            if bias.dtype != q.dtype:
+                raise ValueError(f"rel_pos_bias: dtype {bias.dtype} must equal q's dtype {q.dtype}")
+            _checks.same_device(q=q, rel_pos_bias=bias)
+        object.__setattr__(self, "geometry", g)
+        object.__setattr__(
+            self, "softmax_scale", default_scale(g.hc_qk, self.cosine) if self.scale is None else self.scale
+        )
+        object.__setattr__(self, "score", score_form(self.cosine, self.normalize_qk))
 
 
-def _bucket(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mode: str = "local", **kw: Any) -> tuple[dict, dict]:
-    g = geometry(
-        q, v, mode=mode, num_patches=kw.get("num_patches"), num_windows=kw.get("num_windows"),
-        patch_size=kw["patch_size"], n_head=kw["n_head"],
-    )  # fmt: skip
-    cosine = bool(kw.get("cosine", False))
+def _bucket(call: WindowAttentionCall) -> tuple[dict, dict]:
+    g = call.geometry
+    cosine = bool(call.cosine)
     flags = {
-        "dtype": q.dtype,
-        "mode": mode,
+        "dtype": call.q.dtype,
+        "mode": call.mode,
         "hc_qk": g.hc_qk,
         "hc_v": g.hc_v,
         "tokens": g.n_tokens,
         "cosine": cosine,
-        "normalize_qk": bool(kw.get("normalize_qk", False)) and not cosine,
-        "bias": kw.get("rel_pos_bias") is not None,
-        "dropout": float(kw.get("dropout_p", 0.0)) > 0,
+        "normalize_qk": bool(call.normalize_qk) and not cosine,
+        "bias": call.rel_pos_bias is not None,
+        "dropout": float(call.dropout_p) > 0,
     }
-    B, T, C, H, W = v.shape
+    B, T, C, H, W = call.v.shape
     return flags, {"BT": B * T, "C": C, "HW": H * W}
 
 
-WINDOW_ATTENTION = Op("window_attention", window_attention_reference, _validate, bucket=_bucket)
+def _reference_call(call: WindowAttentionCall) -> torch.Tensor:
+    """The reference backend on the record (the geometry is the record's)."""
+    return _reference(
+        call.q, call.k, call.v, call.geometry, call.n_head, call.softmax_scale, call.cosine, call.normalize_qk,
+        call.rel_pos_bias, call.dropout_p, None,
+    )  # fmt: skip
+
+
+WINDOW_ATTENTION = Op(
+    "window_attention", window_attention_reference, WindowAttentionCall, bucket=_bucket, run_reference=_reference_call
+)
 
 
 def window_attention(
@@ -392,12 +441,45 @@ public(WINDOW_ATTENTION, window_attention)
 
 
 # --- Triton backend ----------------------------------------------------------------------------------
+#
+# The custom ops take the geometry as the list of sizes GEO_KEYS names (a schema holds no records) and the mode
+# and score form by name; their bodies, the boundary to the kernels, turn them into the kernels' arguments (the
+# sizes dict and the kernels' named codes, kernels/window_attention/_common.py).
 
-MODE_CODES = {"local": 0, "global": 1}
+GEO_KEYS = (
+    "T",
+    "C",
+    "Hq",
+    "Wq",
+    "H",
+    "W",
+    "N",
+    "n_groups",
+    "nWw",
+    "nPh",
+    "nPw",
+    "phq",
+    "pwq",
+    "ph",
+    "pw",
+    "n_head",
+    "D_QK",
+    "D_V",
+    "programs",
+)
 
 
-def score_code(cosine: bool, normalize_qk: bool) -> int:
-    return 1 if cosine else (2 if normalize_qk else 0)
+def _geo_dict(geo: list[int]) -> dict[str, int]:
+    return dict(zip(GEO_KEYS, geo, strict=True))
+
+
+def _kernel_codes(mode: str, score: str) -> tuple[int, int]:
+    """The kernels' codes of a mode and a score form (lazy: the kernels import triton)."""
+    from fm_engine.kernels.window_attention import MODE_GLOBAL, MODE_LOCAL, SCORE_COSINE, SCORE_DOT, SCORE_STANDARDIZE
+
+    modes = {"local": MODE_LOCAL, "global": MODE_GLOBAL}
+    scores = {"dot": SCORE_DOT, "cosine": SCORE_COSINE, "standardize": SCORE_STANDARDIZE}
+    return modes[mode], scores[score]
 
 
 # The forward draws the dropout seed from torch's CPU generator (so torch.manual_seed makes it reproducible;
@@ -409,8 +491,8 @@ def _fwd(
     v: torch.Tensor,
     bias: torch.Tensor | None,
     geo: list[int],
-    mode: int,
-    score: int,
+    mode: str,
+    score: str,
     scale: float,
     dropout_p: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -418,14 +500,15 @@ def _fwd(
     from fm_engine.kernels._attention_dropout import draw_seed
 
     seed = draw_seed() if dropout_p > 0 else 0
+    mode_code, score_code = _kernel_codes(mode, score)
     o, lse = K.forward(
         q,
         k,
         v,
         bias,
         _geo_dict(geo),
-        mode=mode,
-        score=score,
+        mode=mode_code,
+        score=score_code,
         scale=scale,
         dropout_p=dropout_p,
         seed=seed,
@@ -452,8 +535,8 @@ def _bwd(
     v: torch.Tensor,
     bias: torch.Tensor | None,
     geo: list[int],
-    mode: int,
-    score: int,
+    mode: str,
+    score: str,
     scale: float,
     seed: torch.Tensor,
     dropout_p: float,
@@ -462,8 +545,9 @@ def _bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from fm_engine.kernels import window_attention as K
 
+    mode_code, score_code = _kernel_codes(mode, score)
     dq, dk, dv, db = K.backward(
-        do, q, k, v, bias, _geo_dict(geo), mode=mode, score=score, scale=scale, dropout_p=dropout_p,
+        do, q, k, v, bias, _geo_dict(geo), mode=mode_code, score=score_code, scale=scale, dropout_p=dropout_p,
         seed=int(seed.item()), o=o, lse=lse,
     )  # fmt: skip
     return dq, dk, dv, (db if db is not None else q.new_empty(0))
@@ -500,88 +584,16 @@ def _backward(ctx, do, _dseed, _dlse):
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)
 
-GEO_KEYS = (
-    "T",
-    "C",
-    "Hq",
-    "Wq",
-    "H",
-    "W",
-    "N",
-    "n_groups",
-    "nWw",
-    "nPh",
-    "nPw",
-    "phq",
-    "pwq",
-    "ph",
-    "pw",
-    "n_head",
-    "D_QK",
-    "D_V",
-    "programs",
-)
 
-
-def _geo_dict(geo: list[int]) -> dict[str, int]:
-    return dict(zip(GEO_KEYS, geo, strict=True))
-
-
-def triton_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    bias: torch.Tensor | None,
-    geo: list[int],
-    *,
-    mode: str,
-    cosine: bool,
-    normalize_qk: bool,
-    scale: float,
-    dropout_p: float = 0.0,
-) -> torch.Tensor:
-    """Run the fused kernels (autograd-aware, torch.compile-able). Non-contiguous inputs are copied once."""
-    return _fwd(
-        q.contiguous(),
-        k.contiguous(),
-        v.contiguous(),
-        bias.contiguous() if bias is not None else None,
-        geo,
-        MODE_CODES[mode],
-        score_code(cosine, normalize_qk),
-        float(scale),
-        float(dropout_p),
-    )[0]
-
-
-def triton_common_supports(
-    tensors: list[torch.Tensor], dropout_p: float, n_tokens: int, per_item: int, head_dims: tuple[int, int]
-) -> str | None:
-    """Why the Triton kernels cannot run these inputs, or None."""
-    reason = triton_device_ok(*tensors)
-    if reason is not None:
-        return reason
-    if tensors[0].dtype not in FAST_DTYPES:
-        return f"dtype {tensors[0].dtype} (the Triton kernels take float32, float16, bfloat16)"
-    if (reason := _checks.dropout_capture(dropout_p, tensors[0])) is not None:
-        return reason
-    if n_tokens > MAX_REGISTER_TOKENS and max(head_dims) > MAX_TRITON_HEAD:
-        return (
-            f"{n_tokens} tokens per attention group with head dims {head_dims}: groups of more than "
-            f"{MAX_REGISTER_TOKENS} tokens take head dims up to {MAX_TRITON_HEAD}"
-        )
-    if per_item >= 2**31:
-        return "more than 2**31 elements per frame group (32-bit in-group offsets)"
-    return None
-
-
-def _triton_geometry(q: torch.Tensor, v: torch.Tensor, g: Geometry, n_head: int) -> list[int]:
-    B, T, C, H, W = v.shape
+def kernel_sizes(call: WindowAttentionCall) -> list[int]:
+    """The record's geometry as the kernels' sizes, in :data:`GEO_KEYS` order."""
+    g, n_head = call.geometry, call.n_head
+    B, T, C, H, W = call.v.shape
     return [
         T,
         C,
-        q.shape[3],
-        q.shape[4],
+        call.q.shape[3],
+        call.q.shape[4],
         H,
         W,
         g.n_tokens,
@@ -600,59 +612,43 @@ def _triton_geometry(q: torch.Tensor, v: torch.Tensor, g: Geometry, n_head: int)
     ]
 
 
-def _triton_window(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    mode: str = "local",
-    num_patches: int | tuple[int, int] | None = None,
-    num_windows: int | tuple[int, int] | None = None,
-    patch_size: int | tuple[int, int],
-    n_head: int,
-    scale: float | None = None,
-    cosine: bool = False,
-    normalize_qk: bool = False,
-    rel_pos_bias: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-) -> torch.Tensor:
-    g = geometry(
-        q, v, mode=mode, num_patches=num_patches, num_windows=num_windows, patch_size=patch_size, n_head=n_head
-    )
-    s = default_scale(g.hc_qk, cosine) if scale is None else scale
-    return triton_attention(
-        q,
-        k,
-        v,
-        rel_pos_bias,
-        _triton_geometry(q, v, g, n_head),
-        mode=mode,
-        cosine=cosine,
-        normalize_qk=normalize_qk,
-        scale=s,
-        dropout_p=dropout_p,
-    )
+def _triton_window(call: WindowAttentionCall) -> torch.Tensor:
+    """Run the fused kernels on a call (autograd-aware, torch.compile-able). Non-contiguous inputs are copied
+    once."""
+    bias = call.rel_pos_bias
+    return _fwd(
+        call.q.contiguous(),
+        call.k.contiguous(),
+        call.v.contiguous(),
+        bias.contiguous() if bias is not None else None,
+        kernel_sizes(call),
+        call.mode,
+        call.score,
+        float(call.softmax_scale),
+        float(call.dropout_p),
+    )[0]
 
 
-def _triton_window_supports(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    mode: str = "local",
-    num_patches: int | tuple[int, int] | None = None,
-    num_windows: int | tuple[int, int] | None = None,
-    patch_size: int | tuple[int, int],
-    n_head: int,
-    rel_pos_bias: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    **_: object,
-) -> str | None:
-    g = geometry(
-        q, v, mode=mode, num_patches=num_patches, num_windows=num_windows, patch_size=patch_size, n_head=n_head
-    )
-    tensors = [q, k, v] + ([rel_pos_bias] if rel_pos_bias is not None else [])
-    return triton_common_supports(tensors, dropout_p, g.n_tokens, v[0, 0].numel(), (g.hc_qk, g.hc_v))
+def _triton_window_supports(call: WindowAttentionCall) -> str | None:
+    """Why the Triton kernels cannot run this call, or None."""
+    g, dropout_p = call.geometry, call.dropout_p
+    tensors = [call.q, call.k, call.v] + ([call.rel_pos_bias] if call.rel_pos_bias is not None else [])
+    reason = triton_device_ok(*tensors)
+    if reason is not None:
+        return reason
+    if tensors[0].dtype not in FAST_DTYPES:
+        return f"dtype {tensors[0].dtype} (the Triton kernels take float32, float16, bfloat16)"
+    if (reason := _checks.dropout_capture(dropout_p, tensors[0])) is not None:
+        return reason
+    head_dims = (g.hc_qk, g.hc_v)
+    if g.n_tokens > MAX_REGISTER_TOKENS and max(head_dims) > MAX_TRITON_HEAD:
+        return (
+            f"{g.n_tokens} tokens per attention group with head dims {head_dims}: groups of more than "
+            f"{MAX_REGISTER_TOKENS} tokens take head dims up to {MAX_TRITON_HEAD}"
+        )
+    if call.v[0, 0].numel() >= 2**31:
+        return "more than 2**31 elements per frame group (32-bit in-group offsets)"
+    return None
 
 
 # the version covers every module of the kernel package and the shared kernel modules it uses

@@ -21,7 +21,7 @@ from fm_engine.models.registry import get_spec
 
 from . import breakdown, harness, models
 
-_NOT_CASE_MODULES = {"harness", "models", "breakdown", "suite", "pytest_progress", "__main__"}
+_NOT_CASE_MODULES = {"harness", "models", "breakdown", "suite", "pytest_progress", "kernel_report", "__main__"}
 
 
 def op_modules() -> dict[str, ModuleType]:

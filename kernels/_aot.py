@@ -34,8 +34,8 @@ Two depths:
   cases. Compilations are cached by Triton (``~/.triton/cache``, keyed by source, options and target), so
   a rerun after a change recompiles only the kernels whose source changed.
 
-``--report`` writes the kernel report instead (kernels/_report.py): the launches of the ops' benchmark cases with
-their runtime specialisation, compiled and checked against the report's rules.
+The kernel report (the launches of the ops' benchmark cases with their runtime specialisation, compiled and
+checked against its rules) is a program of its own above the ops: ``python3 -m fm_engine.benchmarks.kernel_report``.
 
 Also here: :func:`runtime_configs`, the config list for a kernel still on ``@triton.autotune`` (every config
 on a GPU, only the interpreter config under ``TRITON_INTERPRET=1``).
@@ -195,7 +195,7 @@ def register(
                         _CASES.append(AOTCase(label, fn, sig_s, {**cfg, **spec}, nw, ns, al, rep, arch, strict))
 
 
-# --- what the kernel report needs from the kernel modules (kernels/_report.py) -------------------------
+# --- what the kernel report needs from the kernel modules (benchmarks/kernel_report.py) --------------
 
 # SMs of the GPUs each architecture's figures are for: H100 / H200 (sm_90), A100 (sm_80).
 SMS = {80: 108, 90: 132}
@@ -400,22 +400,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shards", type=int, default=1)
     p.add_argument("--match", default="", help="only cases whose id contains this text")
     p.add_argument("--list", action="store_true", help="print the cases instead of compiling them")
-    p.add_argument(
-        "--report",
-        action="store_true",
-        help="write the kernel report of the ops' benchmark cases (kernels/_report.py) to --out and apply its rules",
-    )
-    p.add_argument("--out", default="benchmarks", help="with --report: folder of kernel_report.json / .md")
-    p.add_argument(
-        "--check", action="store_true", help="with --report: fail when the report in --out is out of date (no write)"
-    )
+    # the kernel report moved to its own command; these options only say where
+    for flag in ("--report", "--check"):
+        p.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--out", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.report or a.check or a.out is not None:
+        raise SystemExit(
+            "--report, --check, --out: the kernel report is its own command: "
+            "python3 -m fm_engine.benchmarks.kernel_report [--check] [--jobs N] [--out DIR]"
+        )
     if interpreting():
         raise SystemExit("the compile gate must run without TRITON_INTERPRET=1")
-    if a.report:
-        from fm_engine.kernels import _report
-
-        return _report.main(a)
     archs = a.arch or list(ARCHS)
     if a.jobs > 1:
         fwd = [f"--arch={x}" for x in archs] + (["--all"] if a.all else []) + (["--list"] if a.list else [])

@@ -1,4 +1,4 @@
-"""The kernel report (kernels/_report.py, ``python -m fm_engine.kernels._aot --report``): its rules on the
+"""The kernel report (benchmarks/kernel_report.py, ``python -m fm_engine.benchmarks.kernel_report``): its rules on the
 committed benchmarks/kernel_report.json, the readers of the compiled code, and the launch recording.
 
 Compiling the report's launches takes minutes, so the suite checks the committed report; CI's compile-gate
@@ -14,7 +14,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from fm_engine.kernels import _report
+from fm_engine.benchmarks import kernel_report as _report
 
 REPORT = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_report.json"
 
@@ -146,7 +146,7 @@ def test_recording_gives_the_runtime_specialisation_and_gpu_grids() -> None:
     script = textwrap.dedent(
         """
         import json
-        from fm_engine.kernels import _report
+        from fm_engine.benchmarks import kernel_report as _report
         launches = _report.record(90, match="relu2 49152x2048 bfloat16")
         print(json.dumps([[ln.kernel, ln.first_config, ln.grid, ln.config, ln.dtype,
                            sorted(str(k) for k in ln.attrs if ln.attrs[k])] for ln in launches]))
@@ -185,3 +185,11 @@ def test_compile_seconds_sums_each_distinct_compilation_once_per_op_and_arch() -
     facts = {"k1": {"compile_s": 1.5}, "k2": {"compile_s": 2.0}, "k3": {"compile_s": 0.25}, "k4": {"registers": 1}}
     got = _report.compile_seconds(launches, facts)  # type: ignore[arg-type]
     assert got == {("a", 90): (2, 3.5, 0), ("a", 80): (1, 0.25, 0), ("b", 90): (1, 0.0, 1)}
+
+
+def test_the_gate_points_to_the_report_command() -> None:
+    from fm_engine.kernels import _aot
+
+    for argv in (["--report"], ["--report", "--check"]):
+        with pytest.raises(SystemExit, match=r"python3 -m fm_engine\.benchmarks\.kernel_report"):
+            _aot.main(argv)

@@ -3,9 +3,9 @@
 Each of ``workers`` processes (what one DataLoader worker does) reads its share of the examples in a loop
 and times its stages after one untimed batch (reader set-up, intensity tables); the files are read once
 before timing, so the figures are for page-cached files. Batches are allocated in shared memory, as a
-DataLoader worker allocates them (its page faults are part of the ``read`` / ``collate`` time); a prepared
-dataset's worker refills its reused buffers, each handed back after its batch is collated, as the training
-loop hands a batch back after its step.
+DataLoader worker allocates them (its page faults are part of the ``read`` / ``collate`` time); a worker
+refills the dataset's reused buffers (prepared and DICOM alike), each handed back after its batch is collated,
+as the training loop hands a batch back after its step.
 
 * DICOM folder (``source = "dicom"``): ``read`` (open the file, parse the header, read the bytes),
   ``decode`` (pixel data -> stored values, intensity table), ``collate`` (the batch tensor);
